@@ -1,0 +1,1 @@
+"""The firetitan SDK clients: service, training, sampling, concurrency control."""

@@ -1,0 +1,1 @@
+"""The firetitan services: control plane, trainer workers and deployment workers."""
