@@ -9,6 +9,7 @@ long zero runs that a general-purpose compressor squeezes to almost nothing.
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 
 import numpy as np
@@ -121,6 +122,6 @@ def encode_raw(t: torch.Tensor, codec: str = DEFAULT_CODEC) -> bytes:
 
 def decode_raw(blob: bytes | memoryview, dtype: torch.dtype, shape: list[int], codec: str) -> torch.Tensor:
     itemsize = torch.empty((), dtype=dtype).element_size()
-    size = itemsize * int(np.prod(shape, dtype=np.int64)) if shape else itemsize
+    size = itemsize * math.prod(shape)
     planes = np.frombuffer(decompress(blob, codec, size), dtype=np.uint8)
     return tensor_from_bytes(_unshuffle(planes, itemsize), dtype, shape)

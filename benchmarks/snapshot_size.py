@@ -1,0 +1,147 @@
+"""Benchmark: sampler snapshot sizes (full base vs lossless delta) and save/load times on tiny-qwen3.
+
+For each weight dtype, learning rate and number of AdamW steps: save a base, train, save a delta
+against it, check the delta reproduces the weights bit for bit, and record both sizes, their ratio,
+and the save/apply times (median of a few repeats). Baselines in the same run: the base save/load
+itself, zlib instead of zstd, and the XOR compressed without the byte-plane shuffle.
+
+    .venv/bin/python benchmarks/snapshot_size.py [--model firetitan/tiny-qwen3] [--repeats 3]
+
+Writes benchmarks/results/snapshot_size.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from firetitan.checkpoints import SnapshotStore
+from firetitan.checkpoints import delta as dz
+from firetitan.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "snapshot_size.json"
+
+
+def _train(model: torch.nn.Module, lr: float, steps: int, seed: int = 0) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, model.config.vocab_size, (8, 64), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def _timed(fn: Any, repeats: int) -> tuple[Any, float]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def _unshuffled_size(new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> int:
+    total = 0
+    for key, t in new.items():
+        xor = dz.tensor_bytes(t) ^ dz.tensor_bytes(base[key])
+        if xor.any():
+            total += len(dz.compress(xor, "zstd"))
+    return total
+
+
+def run_case(model_name: str, dtype: torch.dtype, lr: float, steps: int, repeats: int, root: Path) -> dict[str, Any]:
+    model = load_model(model_name, dtype=dtype)
+    store = SnapshotStore(root / f"{dz.dtype_name(dtype)}-{lr:g}-{steps}")
+    base_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    counter = iter(range(1_000_000))
+
+    base, t_base_save = _timed(lambda: store.save_base(f"base-{next(counter)}", base_sd, model.config), repeats)
+    _, t_base_load = _timed(lambda: store.load_state_dict(base.identity), repeats)
+
+    _train(model, lr, steps)
+    new_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    changed = sum(int(not torch.equal(new_sd[k], base_sd[k])) for k in new_sd)
+    changed_elems = sum(int((new_sd[k] != base_sd[k]).sum()) for k in new_sd)
+    total_elems = sum(t.numel() for t in new_sd.values())
+
+    delta, t_delta_save = _timed(
+        lambda: store.save_delta(f"delta-{next(counter)}", new_sd, base.identity, base_state_dict=base_sd), repeats
+    )
+    applied, t_delta_apply = _timed(lambda: store.load_state_dict(delta.identity, base_sd), repeats)
+    exact = all(torch.equal(applied[k], new_sd[k]) for k in new_sd)
+    zlib_delta = store.save_delta(f"delta-zlib-{next(counter)}", new_sd, base.identity, base_state_dict=base_sd,
+                                  codec="zlib")
+    full_payload = base.files and (store.base_dir(base.identity) / "model.safetensors").stat().st_size
+    return {
+        "dtype": dz.dtype_name(dtype),
+        "lr": lr,
+        "steps": steps,
+        "tensors_changed": f"{changed}/{len(new_sd)}",
+        "elements_changed_fraction": round(changed_elems / total_elems, 4),
+        "base_weights_bytes": full_payload,
+        "delta_bytes": delta.size_bytes,
+        "delta_over_full": round(delta.size_bytes / full_payload, 4),
+        "delta_zlib_bytes": zlib_delta.size_bytes,
+        "delta_zlib_over_full": round(zlib_delta.size_bytes / full_payload, 4),
+        "xor_zstd_no_shuffle_over_full": round(_unshuffled_size(new_sd, base_sd) / full_payload, 4),
+        "bit_exact": exact,
+        "base_save_s": round(t_base_save, 4),
+        "base_load_s": round(t_base_load, 4),
+        "delta_save_s": round(t_delta_save, 4),
+        "delta_apply_s": round(t_delta_apply, 4),
+        "delta_save_over_base_save": round(t_delta_save / t_base_save, 3),
+        "delta_apply_over_base_load": round(t_delta_apply / t_base_load, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="firetitan/tiny-qwen3")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in (torch.float32, torch.bfloat16):
+            for lr in (1e-5, 1e-4):
+                for steps in (1, 10):
+                    row = run_case(args.model, dtype, lr, steps, args.repeats, Path(tmp))
+                    rows.append(row)
+                    print(json.dumps(row))
+    result = {
+        "benchmark": "snapshot_size",
+        "model": args.model,
+        "params": sum(p.numel() for p in load_model(args.model).parameters()),
+        "codec": dz.DEFAULT_CODEC,
+        "batch": "8x64 random tokens per step, AdamW(weight_decay=0.01)",
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
