@@ -1,0 +1,1 @@
+"""Deployment worker: a continuous-batching sampler with KV cache and weight hot-load."""

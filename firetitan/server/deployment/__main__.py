@@ -1,0 +1,55 @@
+"""`python -m firetitan.server.deployment`: start a deployment worker process (flags in docs/contracts.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from firetitan.server.common import add_common_args, serve_app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m firetitan.server.deployment", description=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--store-dir", type=Path, default=None, help="snapshot store to hot-load from (shared)")
+    parser.add_argument("--base-model", default="firetitan/tiny-qwen3", help="model served at startup")
+    parser.add_argument("--deployment-id", default="deployment")
+    parser.add_argument("--replica-index", type=int, default=0)
+    parser.add_argument("--max-running-seqs", type=int, default=64, help="decode batch limit")
+    parser.add_argument("--max-cached-tokens", type=int, default=65536,
+                        help="admission budget: sum of prompt + max_tokens over running requests")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed for requests without their own")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from firetitan.logging import configure_logging
+    from firetitan.server.deployment.app import DeploymentSettings, build_app
+
+    configure_logging(args.log_level, capture_stdlib=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        torch.set_num_interop_threads(max(1, min(args.threads, 2)))
+    settings = DeploymentSettings(base_model=args.base_model, deployment_id=args.deployment_id,
+                                  store_dir=args.store_dir, replica_index=args.replica_index,
+                                  max_running_seqs=args.max_running_seqs, max_cached_tokens=args.max_cached_tokens,
+                                  api_key=args.api_key, seed=args.seed)
+    asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
+    # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's
+    # module teardown, which takes seconds with torch + transformers loaded, so a stop is prompt.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""HTTP routes of the deployment worker: completions (Fireworks + OpenAI), hot-load, metrics, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from firetitan.checkpoints import SnapshotStore, validate_name
+from firetitan.errors import ConfigError, ConflictError, FiretitanError
+from firetitan.logging import get_logger
+from firetitan.server.common import json_response, make_app, parse_body
+from firetitan.server.deployment import metrics as prom
+from firetitan.server.deployment.completions import (
+    ChoiceState,
+    Limits,
+    Shaper,
+    metric_headers,
+    parse_completion,
+    usage,
+)
+from firetitan.server.deployment.engine import Engine, WeightSwap
+from firetitan.server.deployment.hotload import HotLoadState, LoadingState, SnapshotLoader
+from firetitan.server.deployment.request import EngineRequest, StepOutput
+from firetitan.server.deployment.schemas import CompletionBody, HotLoadBody
+
+log = get_logger("firetitan.deployment")
+
+# How often a request waiting on the engine checks that its client is still connected.
+_DISCONNECT_POLL_S = 0.5
+_ASYNC_SWAP_WAIT_S = 120.0
+
+
+@dataclass
+class DeploymentSettings:
+    base_model: str
+    deployment_id: str = "deployment"
+    store_dir: Path | None = None
+    replica_index: int = 0
+    max_running_seqs: int = 64
+    max_cached_tokens: int = 65536
+    api_key: str | None = None
+    seed: int = 0
+
+
+class DeploymentService:
+    """Owns the model, the engine thread and hot-load state; routes call into it."""
+
+    def __init__(self, settings: DeploymentSettings) -> None:
+        from firetitan.models import load_model, load_tokenizer
+
+        self.settings = settings
+        self.model = load_model(settings.base_model)
+        self.tokenizer = load_tokenizer(settings.base_model)
+        cfg = self.model.config
+        self.limits = Limits(vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings),
+                             max_cached_tokens=settings.max_cached_tokens)
+        if settings.max_cached_tokens < 2:
+            raise ConfigError("--max-cached-tokens must be at least 2", field="max_cached_tokens")
+        self.store = SnapshotStore(settings.store_dir) if settings.store_dir else None
+        startup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.loader = SnapshotLoader(self.store, startup, startup) if self.store else None
+        self.hot = HotLoadState(base_model=settings.base_model)
+        self._hot_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sinks: dict[str, _IndexedSink] = {}
+        self._token_text: dict[int, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.engine = Engine(self.model, self.tokenizer, emit=self._emit, policy_version=settings.base_model,
+                             max_running_seqs=settings.max_running_seqs,
+                             max_cached_tokens=settings.max_cached_tokens,
+                             eos_token_ids=self._eos_ids(), seed=settings.seed)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def start(self, _app: web.Application) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine.start()
+
+    async def close(self, _app: web.Application) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.engine.stop)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- engine bridge ----------------------------------------------------------------------------
+    def _emit(self, outputs: list[tuple[EngineRequest, StepOutput]]) -> None:
+        """Called on the engine thread once per step: hand every output to the event loop at once."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[tuple[EngineRequest, StepOutput]]) -> None:
+        for request, out in outputs:
+            sink = self._sinks.get(request.request_id)
+            if sink is not None:
+                sink.put_nowait(out)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    # ---- completions ------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await parse_body(request, CompletionBody)
+        parsed = parse_completion(body, lambda s: self.tokenizer.encode(s, add_special_tokens=False), self.limits)
+        base_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        created = int(time.time())
+        model_name = body.model or self.settings.deployment_id
+        queue: asyncio.Queue[tuple[int, StepOutput]] = asyncio.Queue()
+        choices: list[ChoiceState] = []
+        engine_reqs: list[EngineRequest] = []
+        for p, (prompt, opts) in enumerate(zip(parsed.prompts, parsed.options, strict=True)):
+            for j in range(parsed.n):
+                index = p * parsed.n + j
+                rid = f"{base_id}-{index}-{uuid.uuid4().hex[:8]}"
+                seeded = opts if opts.seed is None or j == 0 else _reseed(opts, opts.seed + j)
+                engine_reqs.append(EngineRequest(rid, prompt, seeded))
+                choices.append(ChoiceState(index, prompt))
+                self._sinks[rid] = _IndexedSink(queue, index)
+        shaper = Shaper(self.token_text, body.raw_output, parsed.want_logprobs, parsed.top_logprobs)
+        unfinished = {r.request_id for r in engine_reqs}
+        try:
+            for req in engine_reqs:
+                self.engine.submit(req, ignore_eos=body.ignore_eos)
+            if body.stream:
+                return await self._stream(request, body, queue, choices, engine_reqs, unfinished, shaper,
+                                          base_id, created, model_name)
+            while unfinished:
+                index, out = await self._next(request, queue)
+                choices[index].add(out)
+                if out.finish_reason is not None:
+                    unfinished.discard(engine_reqs[index].request_id)
+            return self._full_response(body, choices, shaper, base_id, created, model_name)
+        finally:
+            for req in engine_reqs:
+                self._sinks.pop(req.request_id, None)
+                if req.request_id in unfinished:
+                    self.engine.abort(req.request_id)  # client gone or handler failed: free slot and cache
+
+    async def _next(self, request: web.Request, queue: asyncio.Queue[tuple[int, StepOutput]]
+                    ) -> tuple[int, StepOutput]:
+        if not queue.empty():
+            return queue.get_nowait()
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+            except TimeoutError:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    raise _ClientGone() from None
+
+    def _full_response(self, body: CompletionBody, choices: list[ChoiceState], shaper: Shaper, base_id: str,
+                       created: int, model_name: str) -> web.Response:
+        failed = [c for c in choices if c.finish_reason in ("error", "abort")]
+        if failed:
+            message = failed[0].metrics.get("error", "the request was aborted by the engine")
+            return web.json_response({"error": {"type": "EngineError", "message": message, "field": None}},
+                                     status=500)
+        out_choices = [shaper.choice(c.index, c.prompt, c.tokens, c.text, c.finish_reason, 0) for c in choices]
+        perf = dict(choices[0].metrics)
+        payload: dict[str, Any] = {"id": f"cmpl-{base_id}", "object": "text_completion", "created": created,
+                                   "model": model_name, "choices": out_choices, "usage": usage(choices)}
+        if body.perf_metrics_in_response:
+            payload["perf_metrics"] = perf
+        return web.json_response(payload, headers=metric_headers(perf))
+
+    async def _stream(self, request: web.Request, body: CompletionBody,
+                      queue: asyncio.Queue[tuple[int, StepOutput]], choices: list[ChoiceState],
+                      engine_reqs: list[EngineRequest], unfinished: set[str], shaper: Shaper, base_id: str,
+                      created: int, model_name: str) -> web.StreamResponse:
+        # Start the response only when the first output exists, so the headers can carry the queueing
+        # figures (prefill-queue-duration, TTFT) that are known by then.
+        first = await self._next(request, queue)
+        if first[1].finish_reason in ("error", "abort"):
+            unfinished.discard(engine_reqs[first[0]].request_id)
+            message = first[1].metrics.get("error", "aborted") if first[1].metrics else "aborted"
+            return web.json_response({"error": {"type": "EngineError", "message": message, "field": None}},
+                                     status=500)
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                   **metric_headers(first[1].metrics or {})}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        pending = [first]
+        sent_prompt: set[int] = set()
+        try:
+            while True:
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
+                by_choice: dict[int, list[StepOutput]] = {}
+                for index, out in pending:
+                    by_choice.setdefault(index, []).append(out)
+                pending = []
+                chunk_choices = []
+                final_metrics = None
+                for index, outs in by_choice.items():
+                    state = choices[index]
+                    tokens = [t for o in outs for t in o.tokens]
+                    text = "".join(o.text for o in outs)
+                    offset = len(state.text)
+                    for o in outs:
+                        state.add(o)
+                    if state.finish_reason in ("error", "abort"):
+                        unfinished.discard(engine_reqs[index].request_id)
+                        err = {"error": {"message": state.metrics.get("error", "aborted"), "code": 500}}
+                        await response.write(f"event: error\ndata: {json.dumps(err)}\n\n".encode())
+                        return response
+                    prompt = None if index in sent_prompt else state.prompt
+                    sent_prompt.add(index)
+                    chunk_choices.append(shaper.choice(index, prompt, tokens, text, state.finish_reason, offset))
+                    if state.finish_reason is not None:
+                        unfinished.discard(engine_reqs[index].request_id)
+                        final_metrics = state.metrics
+                chunk: dict[str, Any] = {"id": f"cmpl-{base_id}", "object": "text_completion",
+                                         "created": created, "model": model_name, "choices": chunk_choices}
+                if not unfinished:
+                    chunk["usage"] = usage(choices)
+                    if body.perf_metrics_in_response:
+                        chunk["perf_metrics"] = final_metrics or choices[0].metrics
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                if not unfinished:
+                    await response.write(b"data: [DONE]\n\n")
+                    await response.write_eof()
+                    return response
+                pending.append(await self._next(request, queue))
+        except (ConnectionResetError, _ClientGone):
+            raise _ClientGone() from None
+
+    # ---- hot-load ---------------------------------------------------------------------------------
+    def hot_load_status(self) -> dict[str, Any]:
+        hot = self.hot
+        ready = hot.loading.stage not in ("loading", "swapping")
+        replica = {"replica_index": self.settings.replica_index, "readiness": ready,
+                   "current_snapshot_identity": hot.current_identity,
+                   "base_snapshot_identity": hot.base_identity,
+                   "policy_version": self.engine.policy_version,
+                   "loading_state": hot.loading.to_dict(), "loaded_adapters": hot.loaded_adapters}
+        return {"deployment_id": self.settings.deployment_id, "base_model": self.settings.base_model,
+                "readiness": ready, "current_snapshot_identity": hot.current_identity,
+                "policy_version": self.engine.policy_version, "loading_state": hot.loading.to_dict(),
+                "replicas": [replica], "history": hot.history[-20:]}
+
+    async def hot_load(self, request: web.Request) -> web.Response:
+        body = await parse_body(request, HotLoadBody)
+        identity = validate_name(body.identity, field="identity")
+        if self.loader is None:
+            raise ConflictError("this deployment was started without --store-dir; it cannot hot-load",
+                                field="identity")
+        previous = body.incremental_snapshot_metadata.previous_snapshot_identity \
+            if body.incremental_snapshot_metadata else None
+        await self._hot_lock.acquire()
+        released = False
+        try:
+            self.hot.loading = LoadingState("loading", identity, body.mode, started_at=time.time())
+            try:
+                await asyncio.to_thread(self.loader.check_chain, identity, previous, self.hot)
+                prepared = await asyncio.to_thread(self.loader.prepare, identity, self.hot)
+            except FiretitanError as exc:
+                self._record_error(identity, exc)
+                raise
+            self.hot.loading.stage = "swapping"
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[BaseException | None] = loop.create_future()
+
+            def on_done(error: BaseException | None) -> None:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
+
+            self.engine.swap_weights(WeightSwap(prepared.state_dict, identity, body.mode, on_done))
+            task = self._spawn(self._complete_swap(done, prepared))
+            released = True  # the swap task releases the lock once the engine has swapped
+            if body.mode == "ASYNC":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), _ASYNC_SWAP_WAIT_S)
+                if self.hot.loading.stage == "error" and self.hot.loading.identity == identity:
+                    raise ConflictError(f"hot-load of {identity!r} failed: {self.hot.loading.error}",
+                                        field="identity")
+            return json_response({"identity": identity, "mode": body.mode, **self.hot_load_status()})
+        finally:
+            if not released:
+                self._hot_lock.release()
+
+    async def _complete_swap(self, done: asyncio.Future[BaseException | None], prepared: Any) -> None:
+        try:
+            error = await done
+            if error is not None:
+                self._record_error(prepared.identity, error)
+                return
+            hot = self.hot
+            hot.current_identity = prepared.identity
+            if prepared.kind == "base":
+                hot.base_identity, hot.base_state_dict = prepared.identity, prepared.state_dict
+            hot.loaded_adapters = ([{"identity": prepared.identity, "status": "loaded"}]
+                                   if prepared.kind == "lora" else [])
+            hot.loading.stage, hot.loading.finished_at = "done", time.time()
+            hot.history.append({"identity": prepared.identity, "kind": prepared.kind, "status": "loaded",
+                                "at": hot.loading.finished_at})
+            log.info("hot_loaded", identity=prepared.identity, kind=prepared.kind,
+                     deployment_id=self.settings.deployment_id)
+        finally:
+            self._hot_lock.release()
+
+    def _record_error(self, identity: str, exc: BaseException) -> None:
+        message = getattr(exc, "message", None) or str(exc)
+        self.hot.loading.stage, self.hot.loading.error = "error", message
+        self.hot.loading.finished_at = time.time()
+        self.hot.history.append({"identity": identity, "status": "error", "error": message,
+                                 "at": self.hot.loading.finished_at})
+        log.warning("hot_load_refused", identity=identity, error=message,
+                    serving=self.engine.policy_version)
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected; the handler's cleanup aborts its engine requests."""
+
+
+class _IndexedSink:
+    """Tags a request's outputs with its choice index on a queue shared by the request's choices."""
+
+    def __init__(self, queue: asyncio.Queue[tuple[int, StepOutput]], index: int) -> None:
+        self.queue, self.index = queue, index
+
+    def put_nowait(self, out: StepOutput) -> None:
+        self.queue.put_nowait((self.index, out))
+
+
+def _reseed(opts: Any, seed: int) -> Any:
+    from dataclasses import replace
+
+    return replace(opts, seed=seed)
+
+
+@web.middleware
+async def _client_gone_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _ClientGone:
+        # Nobody is listening; the response object is never sent.
+        return web.Response(status=499)
+
+
+def build_app(settings: DeploymentSettings) -> web.Application:
+    service = DeploymentService(settings)
+    app = make_app(settings.api_key)
+    app.middlewares.append(_client_gone_middleware)
+    app["service"] = service
+    app.on_startup.append(service.start)
+    app.on_cleanup.append(service.close)
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "deployment_id": settings.deployment_id,
+                                  "policy_version": service.engine.policy_version,
+                                  "current_snapshot_identity": service.hot.current_identity})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        text = prom.render(service.engine, settings.deployment_id, service.hot.current_identity)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type": "version=0.0.4"})
+
+    async def hot_load_get(_request: web.Request) -> web.Response:
+        return json_response(service.hot_load_status())
+
+    app.router.add_post("/inference/v1/completions", service.completions)
+    app.router.add_post("/v1/completions", service.completions)
+    app.router.add_post("/hot_load/v1/models/hot_load", service.hot_load)
+    app.router.add_get("/hot_load/v1/models/hot_load", hot_load_get)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    torch.set_grad_enabled(False)
+    return app

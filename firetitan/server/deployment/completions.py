@@ -1,0 +1,169 @@
+"""Completion request validation and Fireworks/OpenAI response shaping (no HTTP, no engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from firetitan.errors import InvalidRequestError
+from firetitan.server.deployment.request import SamplingOptions, StepOutput, TokenOut
+from firetitan.server.deployment.schemas import CompletionBody
+
+# perf_metrics keys that also travel as `fireworks-<key>` response headers.
+HEADER_KEYS = ("prefill-queue-duration", "generation-queue-duration", "server-time-to-first-token",
+               "num-concurrent-requests", "prompt-tokens", "cached-prompt-tokens", "server-processing-time",
+               "prefill-duration", "generation-duration")
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_positions: int
+    max_cached_tokens: int
+
+
+@dataclass
+class ParsedCompletion:
+    prompts: list[list[int]]
+    options: list[SamplingOptions]  # one per prompt (max_tokens clamped to fit the context)
+    n: int
+    want_logprobs: bool
+    top_logprobs: int
+
+
+def _token_list(value: Any, where: str, vocab: int) -> list[int]:
+    if not value:
+        raise InvalidRequestError(f"{where} is empty; give at least one token", field="prompt")
+    out = []
+    for i, tok in enumerate(value):
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise InvalidRequestError(f"{where}[{i}] = {tok!r} is not an integer token id", field="prompt")
+        if not 0 <= tok < vocab:
+            raise InvalidRequestError(f"{where}[{i}] = {tok} is outside the vocabulary [0, {vocab})", field="prompt")
+        out.append(tok)
+    return out
+
+
+def parse_prompts(prompt: Any, encode: Callable[[str], list[int]], vocab: int) -> list[list[int]]:
+    """Token ids, text, or a list of either → one token list per prompt."""
+    if isinstance(prompt, str):
+        return [_token_list(encode(prompt), "prompt (tokenized)", vocab)]
+    if not isinstance(prompt, list) or not prompt:
+        raise InvalidRequestError("prompt must be a non-empty list of token ids, a string, or a list of those",
+                                  field="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [_token_list(encode(p), f"prompt[{i}] (tokenized)", vocab) for i, p in enumerate(prompt)]
+    if all(isinstance(p, list) for p in prompt):
+        return [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
+    return [_token_list(prompt, "prompt", vocab)]
+
+
+def parse_completion(body: CompletionBody, encode: Callable[[str], list[int]], limits: Limits) -> ParsedCompletion:
+    if body.echo:
+        raise InvalidRequestError("echo is not supported by this deployment", field="echo")
+    prompts = parse_prompts(body.prompt, encode, limits.vocab_size)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    stop_ids = frozenset(body.stop_token_ids or ())
+    if any(not 0 <= t < limits.vocab_size for t in stop_ids):
+        raise InvalidRequestError(f"stop_token_ids must lie in [0, {limits.vocab_size})", field="stop_token_ids")
+    logprobs = body.logprobs
+    # logprobs=0 (OpenAI legacy) still asks for the chosen tokens' logprobs; False/None does not.
+    want = logprobs is not None and logprobs is not False
+    top = body.top_logprobs or 0
+    if isinstance(logprobs, int) and not isinstance(logprobs, bool):
+        if not 0 <= logprobs <= 20:
+            raise InvalidRequestError(f"logprobs = {logprobs} must be true/false or an int in [0, 20]",
+                                      field="logprobs")
+        top = max(top, logprobs)
+    options = []
+    for i, ids in enumerate(prompts):
+        room = min(limits.max_positions, limits.max_cached_tokens) - len(ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"prompt{'' if len(prompts) == 1 else f'[{i}]'} has {len(ids)} tokens; the context holds "
+                f"{min(limits.max_positions, limits.max_cached_tokens)} (prompt + at least one new token)",
+                field="prompt")
+        options.append(SamplingOptions(
+            max_tokens=min(body.max_tokens or 16, room),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),
+            stop=stop, stop_token_ids=stop_ids, seed=body.seed, top_logprobs=top))
+    return ParsedCompletion(prompts, options, body.n, want, top)
+
+
+@dataclass
+class ChoiceState:
+    """Accumulates one choice's outputs (for non-streamed bodies and final usage)."""
+
+    index: int
+    prompt: list[int]
+    tokens: list[TokenOut] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    text_offset: int = 0
+
+    def add(self, out: StepOutput) -> None:
+        self.tokens.extend(out.tokens)
+        self.text += out.text
+        if out.metrics:
+            self.metrics.update(out.metrics)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+
+
+class Shaper:
+    """Builds choice dicts in the Fireworks shape (`logprobs.content`) plus OpenAI legacy logprob lists."""
+
+    def __init__(self, token_text: Callable[[int], str], raw_output: bool, want_logprobs: bool,
+                 top_logprobs: int) -> None:
+        self.token_text = token_text
+        self.raw_output = raw_output
+        self.want_logprobs = want_logprobs
+        self.top = top_logprobs
+
+    def _logprobs(self, tokens: list[TokenOut], offset: int) -> dict[str, Any]:
+        content, texts, offsets, legacy_top = [], [], [], []
+        for tok in tokens:
+            text = self.token_text(tok.token_id)
+            entry: dict[str, Any] = {"token": text, "token_id": tok.token_id, "bytes": list(text.encode()),
+                                     "logprob": tok.logprob, "sampling_logprob": tok.sampling_logprob,
+                                     "policy_version": tok.policy_version}
+            if self.top:
+                alts = tok.top or []
+                entry["top_logprobs"] = [{"token": self.token_text(t), "token_id": t, "logprob": lp}
+                                         for t, lp in alts]
+                legacy_top.append({self.token_text(t): lp for t, lp in alts})
+            content.append(entry)
+            texts.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {"content": content, "tokens": texts, "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": legacy_top if self.top else None, "text_offset": offsets}
+
+    def choice(self, index: int, prompt: list[int] | None, tokens: list[TokenOut], text: str,
+               finish_reason: str | None, text_offset: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": index, "text": text, "finish_reason": finish_reason,
+                               "logprobs": self._logprobs(tokens, text_offset) if self.want_logprobs else None}
+        if tokens:
+            out["policy_version"] = tokens[-1].policy_version
+        if self.raw_output:
+            raw: dict[str, Any] = {"completion_token_ids": [t.token_id for t in tokens],
+                                   "policy_versions": [t.policy_version for t in tokens]}
+            if prompt is not None:
+                raw["prompt_token_ids"] = prompt
+            out["raw_output"] = raw
+        return out
+
+
+def usage(choices: list[ChoiceState]) -> dict[str, int]:
+    # The n choices of one prompt share that prompt (same list object), so count it once.
+    prompt = sum({id(c.prompt): len(c.prompt) for c in choices}.values())
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def metric_headers(metrics: dict[str, Any]) -> dict[str, str]:
+    return {f"fireworks-{k}": str(metrics[k]) for k in HEADER_KEYS if k in metrics}

@@ -1,0 +1,124 @@
+"""Model runner: batched prefill and decode of a Qwen3-style transformers model over a slot KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from firetitan.errors import ConfigError
+from firetitan.server.deployment.kv_cache import SlotKVCache
+
+
+class ModelRunner:
+    """Computes logits; decides nothing.
+
+    Runs the model's own modules (embeddings, norms, projections, rotary embedding, MLP, lm_head) with
+    our attention over `SlotKVCache`, so hot-loaded weights (copied into those modules) are used as is.
+    Supports Qwen2/Qwen3/Llama-shaped decoders with full attention.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_slots: int) -> None:
+        cfg = model.config
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ConfigError("only full-attention models are supported by the deployment engine",
+                              field="base_model")
+        self.model = model
+        self.config = cfg
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = int(cfg.max_position_embeddings)
+        self.vocab_size = int(cfg.vocab_size)
+        self.dtype = next(model.parameters()).dtype
+        self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
+                                 max_capacity=self.max_positions)
+
+    def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D]."""
+        attn = layer.self_attn
+        bsz, seq, _ = hidden.shape
+        shape = (bsz, seq, -1, self.head_dim)
+        q = attn.q_proj(hidden).view(shape)
+        k = attn.k_proj(hidden).view(shape)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _layer_tail(self, layer: torch.nn.Module, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        bsz, seq = attn_out.shape[0], attn_out.shape[2]
+        attn_out = attn_out.transpose(1, 2).reshape(bsz, seq, -1)
+        hidden = residual + layer.self_attn.o_proj(attn_out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(hidden)).float()
+
+    @torch.no_grad()
+    def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V].
+
+        Prompts are right-padded to the longest: with a causal mask the padding sits after every real
+        token, so it never changes them; its keys are written past each sequence's length and are
+        masked out (then overwritten) by decode.
+        """
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        self.cache.ensure_capacity(longest + 1)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        positions = torch.arange(longest).unsqueeze(0).expand(len(prompts), -1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        first, end = slots.start, slots.stop
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            self.cache.k[index][first:end, :, :longest] = k
+            self.cache.v[index][first:end, :, :longest] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        for slot, length in zip(slots, lengths, strict=True):
+            self.cache.lengths[slot] = length
+        last = torch.tensor(lengths) - 1
+        return self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1)
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One step for the sequences in slots 0..B-1 (B = len(tokens)); returns logits [B, V].
+
+        Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
+        """
+        bsz = len(tokens)
+        cache = self.cache
+        pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long)
+        span = int(pos.max()) + 1
+        cache.ensure_capacity(span)
+        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, pos.unsqueeze(1))
+        rows = torch.arange(bsz)
+        mask = (torch.arange(span).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            cache.k[index][rows, :, pos] = k[:, :, 0]
+            cache.v[index][rows, :, pos] = v[:, :, 0]
+            keys = cache.k[index][:bsz, :, :span]
+            values = cache.v[index][:bsz, :, :span]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        for slot in range(bsz):
+            cache.lengths[slot] += 1
+        return self._logits(hidden).squeeze(1)

@@ -1,0 +1,90 @@
+"""Slot-based contiguous KV cache: one row per running sequence, kept compact so a decode batch is a view."""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    """Keys and values for up to `num_slots` sequences, each up to `capacity` positions.
+
+    Per layer the tensors are [num_slots, kv_heads, capacity, head_dim]. Live sequences always occupy
+    slots 0..active-1: freeing a slot moves the last live sequence into the hole, so the decode batch
+    is `k[:active]` with no gather. Capacity grows by doubling on demand (never past `max_capacity`).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 max_capacity: int, initial_capacity: int = 256) -> None:
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.max_capacity = max_capacity
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lengths: list[int] = [0] * num_slots
+        self.active = 0
+        self._initial = min(initial_capacity, max_capacity)
+
+    @property
+    def used_tokens(self) -> int:
+        """Positions written for live sequences (what /metrics reports as cached tokens)."""
+        return sum(self.lengths[: self.active])
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Make room for `positions` per slot, keeping what is stored."""
+        if positions <= self.capacity:
+            return
+        if positions > self.max_capacity:
+            raise ValueError(f"sequence of {positions} positions exceeds the cache limit {self.max_capacity}")
+        new_cap = max(self._initial, self.capacity or 1)
+        while new_cap < positions:
+            new_cap *= 2
+        new_cap = min(new_cap, self.max_capacity)
+        shape = (self.num_slots, self.kv_heads, new_cap, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        if self.capacity and self.active:
+            for layer in range(self.num_layers):
+                new_k[layer][: self.active, :, : self.capacity] = self.k[layer][: self.active]
+                new_v[layer][: self.active, :, : self.capacity] = self.v[layer][: self.active]
+        self.k, self.v, self.capacity = new_k, new_v, new_cap
+
+    def allocate(self, count: int) -> range:
+        """Reserve `count` fresh slots at the end of the live range."""
+        if self.active + count > self.num_slots:
+            raise ValueError(f"no free KV slots: {self.active} live + {count} > {self.num_slots}")
+        start = self.active
+        self.active += count
+        for slot in range(start, self.active):
+            self.lengths[slot] = 0
+        return range(start, self.active)
+
+    def copy_prefix(self, src: int, dst: int, positions: int) -> None:
+        """Give slot `dst` the first `positions` keys/values of slot `src` (an identical prompt)."""
+        for layer in range(self.num_layers):
+            self.k[layer][dst, :, :positions] = self.k[layer][src, :, :positions]
+            self.v[layer][dst, :, :positions] = self.v[layer][src, :, :positions]
+        self.lengths[dst] = positions
+
+    def free(self, slot: int) -> int | None:
+        """Release `slot`; returns the slot whose sequence moved into it (or None when it was last)."""
+        last = self.active - 1
+        moved: int | None = None
+        if slot != last:
+            for layer in range(self.num_layers):
+                n = self.lengths[last]
+                self.k[layer][slot, :, :n] = self.k[layer][last, :, :n]
+                self.v[layer][slot, :, :n] = self.v[layer][last, :, :n]
+            self.lengths[slot] = self.lengths[last]
+            moved = last
+        self.lengths[last] = 0
+        self.active = last
+        return moved
+
+    def reset(self) -> None:
+        """Drop every sequence and the storage (used only when nothing is running)."""
+        self.k, self.v, self.capacity, self.active = [], [], 0, 0
+        self.lengths = [0] * self.num_slots

@@ -1,0 +1,130 @@
+"""Sampling math, detokenization/stop strings and scheduler admission, tested directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from firetitan.server.deployment.detokenize import IncrementalText
+from firetitan.server.deployment.engine_scheduler import Scheduler
+from firetitan.server.deployment.request import EngineRequest, RequestState, SamplingOptions
+from firetitan.server.deployment.sampling import sample, sampling_log_probs
+
+
+def _lp(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    return sampling_log_probs(torch.tensor([logits]), torch.tensor([temperature]), torch.tensor([top_k]),
+                              torch.tensor([top_p]))[0]
+
+
+def test_temperature_only_is_tempered_softmax() -> None:
+    logits = [2.0, 1.0, 0.0, -1.0]
+    got = _lp(logits, temperature=0.5)
+    want = torch.log_softmax(torch.tensor(logits) / 0.5, dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_top_k_keeps_k_most_likely_and_renormalises() -> None:
+    got = _lp([3.0, 1.0, 2.0, 0.0], top_k=2)
+    z = math.log(math.exp(3.0) + math.exp(2.0))
+    assert got[0].item() == pytest.approx(3.0 - z, abs=1e-6)
+    assert got[2].item() == pytest.approx(2.0 - z, abs=1e-6)
+    assert torch.isinf(got[1]) and torch.isinf(got[3])
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    got = _lp(probs.log().tolist(), top_p=0.75)  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75 → keep two
+    assert got[0].exp().item() == pytest.approx(0.5 / 0.8, abs=1e-6)
+    assert got[1].exp().item() == pytest.approx(0.3 / 0.8, abs=1e-6)
+    assert torch.isinf(got[2]) and torch.isinf(got[3])
+    # p = 0.5 exactly reached by the first token: only it survives.
+    assert _lp(probs.log().tolist(), top_p=0.5)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sample_reports_raw_and_sampling_logprobs_of_the_drawn_token() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    res = sample(logits, [1.0, 0.7, 0.0], [0, 5, 0], [1.0, 0.9, 1.0], [None, None, None], torch.Generator().manual_seed(1))
+    raw = torch.log_softmax(logits, dim=-1)
+    for row in range(3):
+        assert res.logprobs[row].item() == pytest.approx(raw[row, res.tokens[row]].item(), abs=1e-6)
+    assert res.sampling_logprobs[0].item() == pytest.approx(res.logprobs[0].item(), abs=1e-6)
+    q = sampling_log_probs(logits[1:2], torch.tensor([0.7]), torch.tensor([5]), torch.tensor([0.9]))[0]
+    assert res.sampling_logprobs[1].item() == pytest.approx(q[res.tokens[1]].item(), abs=1e-6)
+    assert torch.isfinite(q[res.tokens[1]])  # never draws a filtered-out token
+    assert res.tokens[2].item() == int(torch.argmax(logits[2]))  # temperature 0 is greedy
+    assert res.sampling_logprobs[2].item() == 0.0
+
+
+def test_seeded_rows_are_reproducible_whatever_shares_the_batch() -> None:
+    logits = torch.randn(4, 100)
+    a = sample(logits, [1.0] * 4, [0] * 4, [1.0] * 4, [torch.Generator().manual_seed(7), None, None, None])
+    b = sample(logits[[0, 3]], [1.0] * 2, [0] * 2, [1.0] * 2, [torch.Generator().manual_seed(7), None])
+    assert a.tokens[0].item() == b.tokens[0].item()
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)]]).expand(4000, 2)
+    res = sample(logits, [1.0] * 4000, [0] * 4000, [1.0] * 4000, [None] * 4000, torch.Generator().manual_seed(0))
+    assert res.tokens.float().mean().item() == pytest.approx(0.75, abs=0.03)
+
+
+class _CharTokenizer:
+    """Token id = character code; enough to exercise incremental text without a real tokenizer."""
+
+    def decode(self, ids: list[int], **_kw: object) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_string_cuts_text_and_holds_back_possible_prefixes() -> None:
+    text = IncrementalText(_CharTokenizer(), ("END",))
+    ids: list[int] = []
+    deltas = []
+    for ch in "abcEN":
+        ids.append(ord(ch))
+        deltas.append(text.update(ids))
+    assert "".join(deltas) == "abc"  # "EN" may still become "END"
+    ids.append(ord("D"))
+    assert text.update(ids) == ""
+    assert text.stopped and text.emitted == "abc"
+
+
+def test_text_without_stop_is_released_at_the_end() -> None:
+    text = IncrementalText(_CharTokenizer(), ("xyz",))
+    ids = [ord(c) for c in "hello x"]
+    first = text.update(ids)
+    assert first == "hello "
+    assert text.update(ids, final=True) == "x"
+
+
+def _req(rid: str, prompt_len: int, max_tokens: int) -> EngineRequest:
+    return EngineRequest(rid, list(range(prompt_len)), SamplingOptions(max_tokens=max_tokens))
+
+
+def test_scheduler_admits_under_both_limits_in_fifo_order() -> None:
+    sched = Scheduler(max_running_seqs=2, max_cached_tokens=100)
+    reqs = [_req("a", 10, 20), _req("b", 10, 61), _req("c", 5, 5)]
+    for r in reqs:
+        sched.add(r)
+    first = sched.schedule()
+    assert [r.request_id for r in first.admitted] == ["a"]  # b would need 30 + 71 > 100
+    sched.start_running(first.admitted)
+    assert sched.schedule().admitted == []  # FIFO: c waits behind b
+    sched.finish(reqs[0], RequestState.FINISHED, "stop")
+    second = sched.schedule()
+    assert [r.request_id for r in second.admitted] == ["b", "c"]
+    sched.start_running(second.admitted)
+    assert sched.reserved_tokens == 81 and reqs[0].state is RequestState.FINISHED
+    sched.admitting = False
+    sched.add(_req("d", 1, 1))
+    assert sched.schedule().admitted == []
+
+
+def test_request_state_machine_rejects_illegal_transitions() -> None:
+    req = _req("x", 3, 3)
+    req.advance(RequestState.RUNNING)
+    req.advance(RequestState.FINISHED)
+    with pytest.raises(RuntimeError):
+        req.advance(RequestState.RUNNING)
