@@ -1,0 +1,483 @@
+"""`TrainingClient`: drives one model on a trainer worker over HTTP (Tinker-style, futures, seq ordering).
+
+Every operation gets the next `seq_id` when it is *called*, is submitted in that order (a turn gate),
+executes on the trainer in that order, and returns an `APIFuture` at once. So
+`fb = tc.forward_backward(...); opt = tc.optim_step(...)` followed by `fb.result(); opt.result()`
+gives exactly what awaiting each call in turn gives. `foo_async(...)` is a coroutine that returns
+the result of `foo(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pydantic
+import torch
+
+from firetitan.checkpoints.identity import new_client_suffix
+from firetitan.client.http import HttpClient
+from firetitan.errors import FiretitanError, InvalidRequestError
+from firetitan.futures import (
+    APIFuture,
+    add_shutdown_hook,
+    failed,
+    get_background_loop,
+    run_coroutine,
+    run_sync,
+)
+from firetitan.logging import get_logger
+from firetitan.types import (
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadWeightsResponse,
+    LoraConfig,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    TensorData,
+    coerce_adam_params,
+    coerce_datum,
+)
+
+log = get_logger("firetitan.client.training")
+
+CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
+API = "/api/v1"
+
+
+class TrainerInfo(GetInfoResponse):
+    """`get_info()` result: Tinker's fields plus the trainer's counters."""
+
+    lora_alpha: float | None = None
+    num_params: int | None = None
+    num_trainable_params: int | None = None
+    step: int = 0
+    policy_version: int = 0
+    forward_only: bool = False
+    vocab_size: int | None = None
+    last_base_snapshot: str | None = None
+
+
+class SamplerSnapshot(SaveWeightsForSamplerResponse):
+    """`save_weights_for_sampler()` result; `path` is the public snapshot identity."""
+
+    type: str = "save_weights_for_sampler"
+    checkpoint_type: str | None = None
+    previous_snapshot_identity: str | None = None
+    size_bytes: int | None = None
+    full_size_bytes: int | None = None
+    checksum: str | None = None
+    step: int | None = None
+    policy_version: int | None = None
+
+
+class _TurnGate:
+    """Lets submissions through in seq order. A seq that is never submitted must still be finished."""
+
+    def __init__(self, first: int) -> None:
+        self._done = first - 1
+        self._finished: set[int] = set()
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+
+    async def wait(self, seq: int) -> None:
+        if seq - 1 <= self._done:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[seq] = fut
+        try:
+            await fut
+        finally:
+            self._waiters.pop(seq, None)
+
+    def passed(self, seq: int) -> bool:
+        return seq <= self._done or seq in self._finished
+
+    def finish(self, seq: int) -> None:
+        if self.passed(seq):
+            return
+        self._finished.add(seq)
+        while self._done + 1 in self._finished:
+            self._done += 1
+            self._finished.discard(self._done)
+        waiter = self._waiters.get(self._done + 1)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _invalid(exc: pydantic.ValidationError, prefix: str) -> InvalidRequestError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    field = f"{prefix}.{loc}" if loc else prefix
+    return InvalidRequestError(f"{field}: {first.get('msg', exc)}", field=field)
+
+
+def _wire_data(data: Sequence[Any]) -> tuple[list[Datum], list[dict[str, Any]]]:
+    datums: list[Datum] = []
+    for i, d in enumerate(data):
+        try:
+            datums.append(coerce_datum(d))
+        except pydantic.ValidationError as exc:
+            raise _invalid(exc, f"data[{i}]") from None
+    return datums, [d.to_wire(compact=True) for d in datums]
+
+
+class TrainingClient:
+    """One model on a trainer worker. Thread-safe; results come back as `APIFuture`s."""
+
+    def __init__(self, base_url: str, model_id: str, api_key: str | None = None, *,
+                 timeout: float = 60.0, poll_seconds: float = 25.0, session_id: str | None = None,
+                 tokenizer_model: str | None = None, http: HttpClient | None = None) -> None:
+        self.base_url = base_url
+        self.model_id = model_id
+        self.http = http or HttpClient(base_url, api_key, timeout=timeout)
+        self.poll_seconds = poll_seconds
+        # Per-client id: suffixes snapshot names and keys this client's seq_id sequence on the server.
+        self.session_id = session_id or new_client_suffix()
+        self.tokenizer_model = tokenizer_model
+        self._seq_lock = threading.Lock()
+        self._next_seq = 1
+        self._gate = _TurnGate(first=1)
+        self._releases: set[asyncio.Task[Any]] = set()
+        self._info: TrainerInfo | None = None
+        self._tokenizer: Any = None
+        self._closed = False
+        add_shutdown_hook(self.http.close)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    async def create_async(cls, base_url: str, base_model: str | None = None, *, lora_rank: int = 0,
+                           lora_config: LoraConfig | Mapping[str, Any] | None = None,
+                           model_id: str | None = None, seed: int | None = None,
+                           forward_only: bool = False, api_key: str | None = None,
+                           **kwargs: Any) -> TrainingClient:
+        """Create a model on the trainer (`create_model`) and return a client for it.
+
+        `forward_only=True` makes a reference model: forward passes only, no optimizer.
+        """
+        body = {"base_model": base_model, "model_id": model_id, "seed": seed, "forward_only": forward_only}
+        return await run_coroutine(cls._create(base_url, body, lora_rank, lora_config, api_key, kwargs))
+
+    @classmethod
+    def create(cls, base_url: str, base_model: str | None = None, **kwargs: Any) -> TrainingClient:
+        """Blocking form of `create_async`."""
+        return run_sync(cls.create_async(base_url, base_model, **kwargs))
+
+    @classmethod
+    async def _create(cls, base_url: str, body: dict[str, Any], lora_rank: int,
+                      lora_config: LoraConfig | Mapping[str, Any] | None, api_key: str | None,
+                      kwargs: dict[str, Any]) -> TrainingClient:
+        if lora_config is None and lora_rank > 0:
+            lora_config = LoraConfig(rank=lora_rank)
+        if lora_config is not None:
+            body["lora_config"] = LoraConfig.model_validate(lora_config).model_dump(exclude_none=True)
+        tokenizer_model = kwargs.pop("tokenizer_model", None) or body["base_model"]
+        client = cls(base_url, "", api_key, tokenizer_model=tokenizer_model, **kwargs)
+        accepted = await client.http.request_json("POST", f"{API}/create_model", json=body)
+        client.model_id = accepted["model_id"]
+        client._info = TrainerInfo.model_validate(await client._result(accepted["request_id"]))
+        return client
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _reserve(self, n: int = 1) -> int:
+        with self._seq_lock:
+            if self._closed:
+                raise RuntimeError("TrainingClient is closed")
+            seq = self._next_seq
+            self._next_seq += n
+            return seq
+
+    async def _submit(self, endpoint: str, body: dict[str, Any], seq: int) -> str:
+        """POST in seq order; returns the request id. A seq that never reaches the server is released."""
+        reached = False
+        try:
+            await self._gate.wait(seq)
+            accepted = await self.http.request_json(
+                "POST", f"{API}/{endpoint}",
+                json={**body, "model_id": self.model_id, "seq_id": seq, "session_id": self.session_id})
+            reached = True
+            return str(accepted["request_id"])
+        except FiretitanError as exc:
+            # A 4xx means the server saw the request and consumed its seq_id when rejecting it.
+            reached = reached or 400 <= exc.status_code < 500
+            raise
+        finally:
+            if not reached:
+                self._release(seq)
+            self._gate.finish(seq)
+
+    def _release(self, seq: int) -> None:
+        """Tell the server `seq` will never come, so later submissions are not held back (best effort)."""
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await self.http.request_json("POST", f"{API}/release_seq", retry=False, timeout=10.0, json={
+                    "model_id": self.model_id, "seq_id": seq, "session_id": self.session_id})
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _result(self, request_id: str) -> dict[str, Any]:
+        """Long-poll `retrieve_future` until the result (or its typed error) arrives."""
+        while True:
+            body = await self.http.request_json(
+                "POST", f"{API}/retrieve_future", json={"request_id": request_id, "timeout": self.poll_seconds},
+                timeout=self.poll_seconds + 30.0)
+            if isinstance(body, dict) and body.get("type") == "try_again":
+                continue
+            return body
+
+    async def _call(self, endpoint: str, body: dict[str, Any], seq: int) -> dict[str, Any]:
+        return await self._result(await self._submit(endpoint, body, seq))
+
+    def _op(self, endpoint: str, body: dict[str, Any], parse: Callable[[dict[str, Any]], Any]) -> APIFuture[Any]:
+        seq = self._reserve()
+
+        async def run() -> Any:
+            return parse(await self._call(endpoint, body, seq))
+
+        return self._guard(run_coroutine(run()), seq)
+
+    def _guard(self, fut: APIFuture[Any], *seqs: int) -> APIFuture[Any]:
+        """If `fut` is cancelled before its coroutine ran, its seq_ids must still be given up."""
+        loop = get_background_loop()
+
+        def on_done(f: APIFuture[Any]) -> None:
+            if f.cancelled():
+                loop.call_soon_threadsafe(self._abandon, seqs)
+
+        fut.add_done_callback(on_done)
+        return fut
+
+    def _abandon(self, seqs: tuple[int, ...]) -> None:
+        for seq in seqs:
+            if not self._gate.passed(seq):
+                self._release(seq)
+                self._gate.finish(seq)
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy",
+                loss_fn_config: Mapping[str, float | str] | None = None, *,
+                disable_adapter: bool = False) -> APIFuture[ForwardBackwardOutput]:
+        """Per-datum target-token logprobs (untempered) and the loss metrics; no gradients.
+
+        `disable_adapter=True` runs a LoRA model with its adapters off (a reference policy).
+        """
+        try:
+            _, wire = _wire_data(data)
+        except InvalidRequestError as exc:
+            return failed(exc)
+        body = {"forward_input": {"data": wire, "loss_fn": loss_fn, "loss_fn_config": _config(loss_fn_config)},
+                "disable_adapter": disable_adapter}
+        return self._op("forward", body, ForwardBackwardOutput.model_validate)
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
+        return await self.forward(*args, **kwargs)
+
+    def forward_backward(self, data: Sequence[Any], loss_fn: str,
+                         loss_fn_config: Mapping[str, float | str] | None = None) -> APIFuture[ForwardBackwardOutput]:
+        """Forward, built-in loss, backward; gradients accumulate on the trainer until `optim_step`."""
+        try:
+            _, wire = _wire_data(data)
+        except InvalidRequestError as exc:
+            return failed(exc)
+        body = {"forward_backward_input": {"data": wire, "loss_fn": loss_fn,
+                                           "loss_fn_config": _config(loss_fn_config)}}
+        return self._op("forward_backward", body, ForwardBackwardOutput.model_validate)
+
+    async def forward_backward_async(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
+        return await self.forward_backward(*args, **kwargs)
+
+    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:
+        """Any differentiable loss of the per-token logprobs, computed here with torch autograd.
+
+        A forward pass fetches the logprobs; `loss_fn(data, logprobs)` runs locally on leaf tensors
+        with `requires_grad`; then one `cross_entropy` forward_backward with
+        `weights = -dLoss/dlogprob` puts exactly that gradient on the model (CE is `sum(-lp * w)`).
+        `metrics["loss:sum"]` is the custom loss, `surrogate_loss:sum` the CE value; the user's
+        metrics are merged in. Two seq_ids are reserved now, so later calls stay ordered after it.
+        """
+        try:
+            datums, _ = _wire_data(data)
+            fwd_wire = [_ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
+        except InvalidRequestError as exc:
+            return failed(exc)
+        seq = self._reserve(2)
+        return self._guard(run_coroutine(self._custom(seq, datums, fwd_wire, loss_fn)), seq, seq + 1)
+
+    async def forward_backward_custom_async(self, data: Sequence[Any], loss_fn: CustomLossFn) -> ForwardBackwardOutput:
+        return await self.forward_backward_custom(data, loss_fn)
+
+    async def _custom(self, seq: int, datums: list[Datum], fwd_wire: list[dict[str, Any]],
+                      loss_fn: CustomLossFn) -> ForwardBackwardOutput:
+        second_started = False
+        try:
+            fwd = ForwardBackwardOutput.model_validate(
+                await self._call("forward", {"forward_input": {"data": fwd_wire, "loss_fn": "cross_entropy"}}, seq))
+            value, user_metrics, grads = await asyncio.to_thread(_linearize, loss_fn, datums, fwd)
+            bwd_wire = [_ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
+            second_started = True
+            out = ForwardBackwardOutput.model_validate(await self._call(
+                "forward_backward", {"forward_backward_input": {"data": bwd_wire, "loss_fn": "cross_entropy"}},
+                seq + 1))
+        finally:
+            if not second_started and not self._gate.passed(seq + 1):
+                self._release(seq + 1)
+                self._gate.finish(seq + 1)
+        metrics = dict(out.metrics)
+        metrics["surrogate_loss:sum"] = metrics.pop("loss:sum", 0.0)
+        metrics["loss:sum"] = value
+        metrics.update(user_metrics)
+        return ForwardBackwardOutput(loss_fn_output_type=out.loss_fn_output_type,
+                                     loss_fn_outputs=out.loss_fn_outputs, metrics=metrics)
+
+    # ------------------------------------------------------------------ optimizer
+
+    def optim_step(self, adam_params: Any = None) -> APIFuture[OptimStepResponse]:
+        """One AdamW step with exactly these hyperparameters (they may change every step).
+
+        `grad_clip_norm > 0` clips the global gradient norm first; `metrics["grad_norm"]` is the
+        norm before clipping. Accepts our `AdamParams`, `tinker.AdamParams` or a dict.
+        """
+        try:
+            params = coerce_adam_params(adam_params)
+        except pydantic.ValidationError as exc:
+            return failed(_invalid(exc, "adam_params"))
+        body = {"adam_params": params.model_dump(mode="json", exclude_none=True)}
+        return self._op("optim_step", body, OptimStepResponse.model_validate)
+
+    async def optim_step_async(self, adam_params: Any = None) -> OptimStepResponse:
+        return await self.optim_step(adam_params)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_weights_for_sampler(self, name: str, checkpoint_type: str | None = None,
+                                 ttl_seconds: int | None = None) -> APIFuture[SamplerSnapshot]:
+        """A sampler snapshot named `<name>-<session_id>`; `.path` is its public identity.
+
+        Full-parameter: a `base` first, then `delta`s against it; LoRA: a PEFT adapter.
+        `checkpoint_type` ("base" | "delta") overrides the automatic choice.
+        """
+        body = {"path": name, "client_suffix": self.session_id, "checkpoint_type": checkpoint_type}
+        return self._op("save_weights_for_sampler", body, SamplerSnapshot.model_validate)
+
+    async def save_weights_for_sampler_async(self, name: str, checkpoint_type: str | None = None,
+                                             ttl_seconds: int | None = None) -> SamplerSnapshot:
+        return await self.save_weights_for_sampler(name, checkpoint_type, ttl_seconds)
+
+    def save_state(self, name: str, overwrite: bool = False) -> APIFuture[SaveWeightsResponse]:
+        """Weights and optimizer state (DCP) for exact resume; `.path` loads with `load_state*`."""
+        return self._op("save_weights", {"path": name, "overwrite": overwrite}, SaveWeightsResponse.model_validate)
+
+    async def save_state_async(self, name: str, overwrite: bool = False) -> SaveWeightsResponse:
+        return await self.save_state(name, overwrite)
+
+    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load weights from a train state; the optimizer starts fresh."""
+        return self._op("load_weights", {"path": path, "optimizer": False}, LoadWeightsResponse.model_validate)
+
+    async def load_state_async(self, path: str) -> LoadWeightsResponse:
+        return await self.load_state(path)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load weights and optimizer state: training continues exactly as if never interrupted."""
+        return self._op("load_weights", {"path": path, "optimizer": True}, LoadWeightsResponse.model_validate)
+
+    async def load_state_with_optimizer_async(self, path: str) -> LoadWeightsResponse:
+        return await self.load_state_with_optimizer(path)
+
+    # ------------------------------------------------------------------ info
+
+    def get_info(self) -> APIFuture[TrainerInfo]:
+        """Model name, LoRA rank, parameter counts, step and policy version (fresh from the trainer)."""
+
+        async def run() -> TrainerInfo:
+            body = await self.http.request_json("POST", f"{API}/get_info", json={"model_id": self.model_id})
+            self._info = TrainerInfo.model_validate(body)
+            return self._info
+
+        return run_coroutine(run())
+
+    async def get_info_async(self) -> TrainerInfo:
+        return await self.get_info()
+
+    def get_tokenizer(self) -> Any:
+        """The model's tokenizer (`firetitan.models.load_tokenizer`), cached."""
+        if self._tokenizer is None:
+            from firetitan.models import load_tokenizer
+
+            name = self.tokenizer_model
+            if name is None:
+                info = self._info or self.get_info().result()
+                name = info.model_name
+            self._tokenizer = load_tokenizer(name)
+        return self._tokenizer
+
+    def unload_model(self) -> APIFuture[dict[str, Any]]:
+        """Drop the model from the trainer (frees its memory)."""
+        return run_coroutine(self.http.request_json("POST", f"{API}/unload_model", json={"model_id": self.model_id}))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def list_checkpoints(self) -> APIFuture[list[str]]:
+        """Names of the train states (`save_state`) in the trainer's state directory, oldest first."""
+
+        async def run() -> list[str]:
+            body = await self.http.request_json("POST", f"{API}/list_checkpoints", json={"model_id": self.model_id})
+            return list(body["checkpoints"])
+
+        return run_coroutine(run())
+
+    async def _shutdown(self) -> None:
+        if self._releases:  # let in-flight seq releases reach the server (each is bounded by 10 s)
+            await asyncio.wait(list(self._releases), timeout=10.0)
+        await self.http.close()
+
+    async def close_async(self) -> None:
+        """Close the HTTP session (the model stays on the trainer). Idempotent."""
+        self._closed = True
+        await run_coroutine(self._shutdown())
+
+    def close(self) -> None:
+        self._closed = True
+        run_sync(self._shutdown(), timeout=15)
+
+    def __repr__(self) -> str:
+        return f"TrainingClient(base_url={self.base_url!r}, model_id={self.model_id!r})"
+
+
+def _config(config: Mapping[str, float | str] | None) -> dict[str, float | str] | None:
+    return None if config is None else dict(config)
+
+
+def _ce_datum(d: Datum, weights: torch.Tensor | None, i: int) -> Datum:
+    """The datum reduced to what a cross-entropy pass needs; weights default to zeros (no gradient)."""
+    target = d.loss_fn_inputs.get("target_tokens")
+    if target is None:
+        field = f"data[{i}].loss_fn_inputs.target_tokens"
+        raise InvalidRequestError(f"{field}: required by forward_backward_custom", field=field)
+    if weights is None:
+        weights = torch.zeros(target.shape or [target.size], dtype=torch.float32)
+    return Datum(model_input=d.model_input,
+                 loss_fn_inputs={"target_tokens": target, "weights": TensorData.from_torch(weights.detach())})
+
+
+def _linearize(loss_fn: CustomLossFn, datums: list[Datum],
+               fwd: ForwardBackwardOutput) -> tuple[float, dict[str, float], list[torch.Tensor]]:
+    """Run the user's loss on leaf logprob tensors; return its value, metrics and d(loss)/d(logprobs)."""
+    leaves = [out["logprobs"].to_torch().clone().requires_grad_(True) for out in fwd.loss_fn_outputs]
+    loss, metrics = loss_fn(datums, leaves)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise InvalidRequestError("loss_fn must return (scalar tensor, metrics dict)", field="loss_fn")
+    loss.backward()
+    grads = [lp.grad if lp.grad is not None else torch.zeros_like(lp) for lp in leaves]
+    clean = {str(k): float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in (metrics or {}).items()}
+    return float(loss.detach()), clean, grads

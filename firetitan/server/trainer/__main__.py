@@ -1,0 +1,45 @@
+"""`python -m firetitan.server.trainer`: start a trainer worker process (flags in docs/contracts.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from firetitan.server.common import add_common_args, serve_app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m firetitan.server.trainer", description=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--store-dir", type=Path, required=True, help="sampler snapshot store (shared)")
+    parser.add_argument("--state-dir", type=Path, required=True, help="where train states (DCP) are written")
+    parser.add_argument("--base-model", default=None, help="preload this model at startup")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank of the preloaded model (0 = full)")
+    parser.add_argument("--job-id", default=None, help="model id of the preloaded model")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="reference mode: forward passes only; optim/save requests are refused")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from firetitan.logging import configure_logging
+    from firetitan.server.trainer.app import TrainerSettings, build_app
+
+    configure_logging(args.log_level)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        torch.set_num_interop_threads(max(1, min(args.threads, 2)))
+    settings = TrainerSettings(store_dir=args.store_dir, state_dir=args.state_dir, base_model=args.base_model,
+                               lora_rank=args.lora_rank, job_id=args.job_id, forward_only=args.forward_only,
+                               api_key=args.api_key)
+    asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Validate a list of datums for one loss and pack them into padded tensors for a single forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from firetitan.errors import InvalidRequestError
+from firetitan.losses import check_inputs, get_loss, resolve_config
+from firetitan.types import Datum
+
+
+@dataclass
+class PreparedBatch:
+    """Right-padded inputs plus per-datum targets and loss inputs (already validated)."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor | None  # None when no datum is padded
+    lengths: list[int]
+    targets: list[torch.Tensor]  # [N] or [N, K] int64, N = lengths[i]
+    inputs: list[dict[str, torch.Tensor]]  # float32, shaped like targets
+    loss_fn: str
+    loss_fn_config: dict[str, float]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, field: str) -> None:
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InvalidRequestError(
+            f"{field}: token id {bad} is outside the vocabulary [0, {vocab_size})", field=field
+        )
+
+
+def prepare_batch(data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float | str] | None,
+                  vocab_size: int, pad_id: int = 0) -> PreparedBatch:
+    """Check every datum against `loss_fn` and the vocabulary; raise InvalidRequestError naming the field."""
+    get_loss(loss_fn)
+    config = resolve_config(loss_fn, loss_fn_config)
+    rows: list[list[int]] = []
+    targets: list[torch.Tensor] = []
+    inputs: list[dict[str, torch.Tensor]] = []
+    for i, datum in enumerate(data):
+        where = f"data[{i}]"
+        tokens = datum.model_input.to_ints()
+        n = len(tokens)
+        if n == 0:
+            raise InvalidRequestError(f"{where}.model_input: has no tokens", field=f"{where}.model_input")
+        ids = torch.tensor(tokens, dtype=torch.int64)
+        _check_ids(ids, vocab_size, f"{where}.model_input")
+        check_inputs(loss_fn, set(datum.loss_fn_inputs), where=f"{where}.loss_fn_inputs")
+        tt_field = f"{where}.loss_fn_inputs.target_tokens"
+        tt = datum.loss_fn_inputs["target_tokens"]
+        target = tt.to_torch()
+        if target.dtype.is_floating_point:
+            if not torch.equal(target, target.round()):
+                raise InvalidRequestError(f"{tt_field}: token ids must be integers", field=tt_field)
+        target = target.to(torch.int64)
+        if target.dim() not in (1, 2) or target.shape[0] != n:
+            raise InvalidRequestError(
+                f"{tt_field}: shape {list(target.shape)} does not match model_input length {n} "
+                f"(expected [{n}] or [{n}, K])",
+                field=tt_field,
+            )
+        _check_ids(target, vocab_size, tt_field)
+        extra: dict[str, torch.Tensor] = {}
+        for key, td in datum.loss_fn_inputs.items():
+            if key == "target_tokens":
+                continue
+            value = td.to_torch().to(torch.float32)
+            if value.shape != target.shape:
+                field = f"{where}.loss_fn_inputs.{key}"
+                raise InvalidRequestError(
+                    f"{field}: shape {list(value.shape)} differs from target_tokens {list(target.shape)}",
+                    field=field,
+                )
+            if not torch.isfinite(value).all():
+                field = f"{where}.loss_fn_inputs.{key}"
+                raise InvalidRequestError(f"{field}: contains NaN or infinity", field=field)
+            extra[key] = value
+        rows.append(tokens)
+        targets.append(target)
+        inputs.append(extra)
+    lengths = [len(r) for r in rows]
+    width = max(lengths, default=0)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    mask = None
+    if any(n != width for n in lengths):
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+    return PreparedBatch(input_ids, mask, lengths, targets, inputs, loss_fn, config)
+
+
+def gather_logprobs(logits: torch.Tensor, batch: PreparedBatch) -> list[torch.Tensor]:
+    """Per datum, the untempered log-probability of each target token (shape of its targets)."""
+    out: list[torch.Tensor] = []
+    for i, (n, target) in enumerate(zip(batch.lengths, batch.targets, strict=True)):
+        logp = torch.log_softmax(logits[i, :n].float(), dim=-1)  # [n, V]
+        idx = target.view(n, -1)
+        out.append(logp.gather(-1, idx).view(target.shape))
+    return out

@@ -1,0 +1,272 @@
+"""One trainable model and its AdamW optimizer: forward, backward, steps, snapshots, train state.
+
+Knows nothing of HTTP. Every public method blocks (torch work) and is meant to run in a worker
+thread, one call at a time per engine (the request queue guarantees that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from firetitan.checkpoints import SnapshotStore, TrainStateStore
+from firetitan.errors import InvalidRequestError
+from firetitan.logging import get_logger
+from firetitan.losses import compute_loss
+from firetitan.models import load_model, load_tokenizer
+from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
+from firetitan.types import AdamParams, LoraConfig, TensorData
+
+log = get_logger("firetitan.server.trainer")
+
+# Per-datum tensors at least this large travel as base64 bytes instead of JSON float lists.
+COMPACT_MIN_ELEMENTS = 64
+
+_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+_UNEMBED_MODULES = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: base model, LoRA (None = full-parameter), reference-only mode, init seed."""
+
+    base_model: str
+    lora: LoraConfig | None = None
+    forward_only: bool = False
+    seed: int | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+    def as_extra(self) -> dict[str, Any]:
+        return {"base_model": self.base_model,
+                "lora": None if self.lora is None else self.lora.model_dump(mode="json")}
+
+
+def lora_target_modules(lora: LoraConfig) -> list[str]:
+    targets: list[str] = []
+    if lora.train_attn:
+        targets += _ATTN_MODULES
+    if lora.train_mlp:
+        targets += _MLP_MODULES
+    if lora.train_unembed:
+        targets += _UNEMBED_MODULES
+    if not targets:
+        raise InvalidRequestError("lora_config: at least one of train_attn, train_mlp, train_unembed must be true",
+                                  field="lora_config")
+    return targets
+
+
+class TrainerEngine:
+    """Holds the model (a peft model under LoRA), the optimizer, the step count and the snapshot chain."""
+
+    def __init__(self, model_id: str, spec: ModelSpec, *, store: SnapshotStore | None,
+                 states: TrainStateStore | None) -> None:
+        self.model_id = model_id
+        self.spec = spec
+        self.store = store
+        self.states = states
+        started = time.monotonic()
+        model = load_model(spec.base_model, seed=spec.seed)
+        self.config = model.config
+        self.vocab_size = int(model.config.vocab_size)
+        self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
+        if spec.lora is not None:
+            model = self._wrap_lora(model, spec.lora)
+        self.model = model.eval()  # no dropout: training forward == reference forward
+        if spec.forward_only:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = None if spec.forward_only else self._new_optimizer()
+        self.step = 0
+        self.policy_version = 0
+        self.pending_backward = 0  # forward_backward calls since the last optim_step
+        self._base_identity: str | None = None
+        self._base_state: dict[str, torch.Tensor] | None = None
+        self._tokenizer: Any = None
+        log.info("model_loaded", model_id=model_id, base_model=spec.base_model, lora=spec.is_lora,
+                 params=self.num_params, trainable=self.num_trainable,
+                 seconds=round(time.monotonic() - started, 3))
+
+    # -- construction
+    def _wrap_lora(self, model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=lora_target_modules(lora), task_type="CAUSAL_LM")
+        # Adapter init draws from the global RNG; fork it so the seed fixes the adapter exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if lora.seed is None else lora.seed)
+            peft_model = get_peft_model(model, cfg)
+        peft_model.peft_config["default"].base_model_name_or_path = self.spec.base_model
+        return peft_model
+
+    def _new_optimizer(self) -> torch.optim.AdamW:
+        # Hyperparameters are overwritten from AdamParams at every step; these are Tinker's defaults.
+        return torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # -- forward / backward
+    def forward(self, batch: PreparedBatch, *, backward: bool, disable_adapter: bool = False) -> dict[str, Any]:
+        """Target-token logprobs (never tempered) and the loss; with `backward`, gradients accumulate."""
+        if not batch.lengths:
+            return _fb_body([], {"loss:sum": 0.0})
+        grad_mode = torch.enable_grad() if backward else torch.no_grad()
+        with self._adapter(disable_adapter), grad_mode:
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            lps = gather_logprobs(out.logits, batch)
+            flat_lp = torch.cat([lp.reshape(-1) for lp in lps])
+            flat_inputs = {"target_tokens": torch.cat([t.reshape(-1) for t in batch.targets])}
+            for key in batch.inputs[0]:
+                flat_inputs[key] = torch.cat([inp[key].reshape(-1) for inp in batch.inputs])
+            loss, metrics = compute_loss(batch.loss_fn, flat_lp, flat_inputs, batch.loss_fn_config)
+            if backward:
+                loss.backward()
+                self.pending_backward += 1
+        if not math.isfinite(metrics["loss:sum"]):
+            log.warning("non_finite_loss", model_id=self.model_id, loss_fn=batch.loss_fn)
+        return _fb_body([lp.detach() for lp in lps], metrics)
+
+    @contextlib.contextmanager
+    def _adapter(self, disable: bool) -> Iterator[None]:
+        if not disable:
+            yield
+            return
+        if not self.spec.is_lora:
+            raise InvalidRequestError("disable_adapter: the model is full-parameter; it has no adapter",
+                                      field="disable_adapter")
+        with self.model.disable_adapter():
+            yield
+
+    # -- optimizer
+    def optim_step(self, params: AdamParams) -> dict[str, Any]:
+        """One AdamW step with exactly `params`, then clear the gradients."""
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = params.learning_rate
+            group["betas"] = (params.beta1, params.beta2)
+            group["eps"] = params.eps
+            group["weight_decay"] = params.weight_decay
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if params.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(self.params, params.grad_clip_norm,
+                                                 torch.tensor(grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.policy_version += 1
+        accumulated, self.pending_backward = self.pending_backward, 0
+        return {"metrics": {"grad_norm": grad_norm, "learning_rate": params.learning_rate,
+                            "step": float(self.step), "accumulated_backwards": float(accumulated)},
+                "step": self.step, "policy_version": self.policy_version}
+
+    # -- sampler snapshots
+    def save_for_sampler(self, name: str, client_suffix: str | None, checkpoint_type: str | None) -> dict[str, Any]:
+        """LoRA: a PEFT adapter. Full-parameter: a `base` first, then `delta`s against that base."""
+        assert self.store is not None
+        if self.spec.is_lora:
+            manifest = self.store.save_lora(name, self.model, base_model=self.spec.base_model,
+                                            client_suffix=client_suffix)
+        else:
+            kind = checkpoint_type or ("delta" if self._base_identity else "base")
+            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+            if kind == "delta":
+                if self._base_identity is None:
+                    raise InvalidRequestError(
+                        "checkpoint_type: 'delta' needs an earlier base snapshot from this model; save a base first",
+                        field="checkpoint_type")
+                manifest = self.store.save_delta(name, state, self._base_identity,
+                                                 base_state_dict=self._base_state, client_suffix=client_suffix)
+            else:
+                manifest = self.store.save_base(name, state, self.config, tokenizer=self._get_tokenizer(),
+                                                base_model=self.spec.base_model, client_suffix=client_suffix)
+                self._base_identity = manifest.identity
+                # Kept so later deltas need not read the base back from disk.
+                self._base_state = {k: v.clone() for k, v in state.items()}
+        return {"path": manifest.identity, "type": "save_weights_for_sampler", "checkpoint_type": manifest.kind,
+                "previous_snapshot_identity": manifest.previous_snapshot_identity,
+                "size_bytes": manifest.size_bytes, "full_size_bytes": manifest.full_size_bytes,
+                "checksum": manifest.checksum, "step": self.step, "policy_version": self.policy_version}
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = load_tokenizer(self.spec.base_model)
+            except Exception:  # a model directory without tokenizer files still snapshots fine
+                log.warning("no_tokenizer_for_snapshot", base_model=self.spec.base_model)
+                self._tokenizer = False
+        return self._tokenizer or None
+
+    # -- train state
+    def save_state(self, name: str, overwrite: bool) -> dict[str, Any]:
+        assert self.states is not None
+        extra = {**self.spec.as_extra(), "policy_version": self.policy_version}
+        self.states.save(name, self.model, self.optimizer, self.step, extra, overwrite=overwrite)
+        return {"path": name, "type": "save_weights", "step": self.step}
+
+    def load_state(self, path: str, with_optimizer: bool) -> dict[str, Any]:
+        """Restore weights (and optimizer state, or a fresh optimizer when `with_optimizer` is False)."""
+        assert self.states is not None
+        info = self.states.info(path)
+        saved_base = info.extra.get("base_model")
+        if saved_base is not None and saved_base != self.spec.base_model:
+            raise InvalidRequestError(
+                f"path: train state was saved from base model {saved_base!r}, this model is "
+                f"{self.spec.base_model!r}", field="path")
+        self.model.zero_grad(set_to_none=True)
+        # A fresh optimizer either way: weights-only loads reset Adam's moments (Tinker's load_state).
+        optimizer = None if self.spec.forward_only else self._new_optimizer()
+        step, _extra = self.states.load(path, self.model, optimizer if with_optimizer else None)
+        self.optimizer = optimizer
+        self.step = step
+        self.pending_backward = 0
+        self.policy_version += 1
+        return {"path": path, "type": "load_weights", "model_id": self.model_id, "step": step,
+                "optimizer_loaded": with_optimizer}
+
+    # -- info
+    def info(self) -> dict[str, Any]:
+        lora = self.spec.lora
+        return {
+            "model_id": self.model_id,
+            "model_name": self.spec.base_model,
+            "model_data": {"arch": type(self.model.get_base_model() if lora else self.model).__name__,
+                           "model_name": self.spec.base_model, "tokenizer_id": self.spec.base_model},
+            "is_lora": lora is not None,
+            "lora_rank": lora.rank if lora else None,
+            "lora_alpha": lora.effective_alpha if lora else None,
+            "optimizer_config": None if self.optimizer is None else {"type": "adamw"},
+            "num_params": self.num_params,
+            "num_trainable_params": self.num_trainable,
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "forward_only": self.spec.forward_only,
+            "vocab_size": self.vocab_size,
+            "last_base_snapshot": self._base_identity,
+        }
+
+
+def _fb_body(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, Any]:
+    outputs = []
+    for lp in logprobs:
+        td = TensorData.from_torch(lp)
+        outputs.append({"logprobs": td.to_wire(compact=td.size >= COMPACT_MIN_ELEMENTS)})
+    return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": outputs, "metrics": metrics}

@@ -1,0 +1,220 @@
+"""Request futures (long-polled results with bounded retention) and per-model `seq_id` ordering.
+
+A submission becomes a `Job` holding a blocking function. Each model has one `RequestQueue` whose
+single worker task runs jobs one at a time, in `seq_id` order per client session, with the torch
+work in a thread (`anyio.to_thread`) so the event loop stays free for health checks and long polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from firetitan.errors import ConflictError, FiretitanError, NotFoundError
+from firetitan.logging import get_logger
+
+log = get_logger("firetitan.server.trainer")
+
+
+@dataclass
+class FutureRecord:
+    """One submission's outcome: pending until `done` is set, then a JSON body and its HTTP status."""
+
+    request_id: str
+    kind: str
+    model_id: str
+    created: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    status: int = 200
+    body: dict[str, Any] | None = None
+
+    def finish(self, status: int, body: dict[str, Any]) -> None:
+        self.status, self.body = status, body
+        self.done.set()
+
+
+class FutureStore:
+    """Every future of this worker, by request id. Finished ones are kept (newest `retention`) so a
+    client that reconnects can retrieve a result again; pending ones are never evicted."""
+
+    def __init__(self, retention: int = 4096) -> None:
+        self.retention = retention
+        self._records: OrderedDict[str, FutureRecord] = OrderedDict()
+        self._counter = itertools.count(1)
+        self._prefix = secrets.token_hex(3)
+
+    def new(self, kind: str, model_id: str) -> FutureRecord:
+        rid = f"{self._prefix}-{next(self._counter)}"
+        rec = FutureRecord(request_id=rid, kind=kind, model_id=model_id)
+        self._records[rid] = rec
+        self._evict()
+        return rec
+
+    def get(self, request_id: str) -> FutureRecord:
+        rec = self._records.get(request_id)
+        if rec is None:
+            raise NotFoundError(f"request_id {request_id!r} is unknown or its result has expired",
+                                field="request_id")
+        return rec
+
+    def _evict(self) -> None:
+        excess = len(self._records) - self.retention
+        if excess <= 0:
+            return
+        for rid in [rid for rid, rec in self._records.items() if rec.done.is_set()][:excess]:
+            del self._records[rid]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+@dataclass
+class Job:
+    record: FutureRecord
+    fn: Callable[[], dict[str, Any]]
+
+
+_SKIPPED = object()  # placeholder for a seq_id that was rejected or released: nothing to run
+
+
+@dataclass
+class _Session:
+    next_seq: int
+    pending: dict[int, Job | object] = field(default_factory=dict)
+    # (seq_id -> request_id) of recent submissions, so a retried submit gets the same future back.
+    seen: OrderedDict[int, str] = field(default_factory=OrderedDict)
+
+
+class RequestQueue:
+    """Runs one model's jobs strictly one at a time: in `seq_id` order within a client session,
+    arrival order across sessions and for submissions without a `seq_id`."""
+
+    def __init__(self, futures: FutureStore, model_id: str) -> None:
+        self.futures = futures
+        self.model_id = model_id
+        self._ready: asyncio.Queue[Job] = asyncio.Queue()
+        self._sessions: dict[str, _Session] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.busy = False
+
+    # -- submission
+    def lookup(self, session: str | None, seq_id: int | None) -> str | None:
+        """The request id already given to this (session, seq_id), for idempotent retries."""
+        if seq_id is None:
+            return None
+        sess = self._sessions.get(session or "")
+        return None if sess is None else sess.seen.get(seq_id)
+
+    def submit(self, kind: str, fn: Callable[[], dict[str, Any]], *, session: str | None,
+               seq_id: int | None) -> FutureRecord:
+        """Queue `fn`; returns its future record at once."""
+        known = self.lookup(session, seq_id)
+        if known is not None:
+            return self.futures.get(known)
+        rec = self.futures.new(kind, self.model_id)
+        job = Job(rec, fn)
+        if seq_id is None:
+            self._ready.put_nowait(job)
+            return rec
+        sess = self._claim(session, seq_id)
+        sess.pending[seq_id] = job
+        sess.seen[seq_id] = rec.request_id
+        while len(sess.seen) > 4096:
+            sess.seen.popitem(last=False)
+        self._drain(sess)
+        return rec
+
+    def release(self, session: str | None, seq_id: int | None) -> None:
+        """Mark `seq_id` as consumed without work (it was rejected, or the client gave it up)."""
+        if seq_id is None or self.lookup(session, seq_id) is not None:
+            return
+        sess = self._sessions.get(session or "")
+        if sess is not None and (seq_id < sess.next_seq or seq_id in sess.pending):
+            return
+        sess = self._claim(session, seq_id)
+        sess.pending[seq_id] = _SKIPPED
+        self._drain(sess)
+
+    def _claim(self, session: str | None, seq_id: int) -> _Session:
+        key = session or ""
+        sess = self._sessions.get(key)
+        if sess is None:
+            # A new session starts at its first seq_id (Tinker starts at 1, create-via-load at 0).
+            sess = self._sessions[key] = _Session(next_seq=seq_id)
+        if seq_id < sess.next_seq or seq_id in sess.pending:
+            raise ConflictError(
+                f"seq_id {seq_id} was already used in this session (next expected {sess.next_seq})",
+                field="seq_id",
+            )
+        return sess
+
+    def _drain(self, sess: _Session) -> None:
+        while sess.next_seq in sess.pending:
+            item = sess.pending.pop(sess.next_seq)
+            if isinstance(item, Job):
+                self._ready.put_nowait(item)
+            sess.next_seq += 1
+
+    def waiting(self) -> int:
+        """Jobs queued or held back by a gap in seq_ids."""
+        held = sum(len(s.pending) for s in self._sessions.values())
+        return self._ready.qsize() + held
+
+    # -- execution
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"queue-{self.model_id}")
+
+    async def close(self) -> None:
+        """Stop the worker task; jobs not yet run finish with a 404 (the model is gone)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        gone = NotFoundError(f"model_id {self.model_id!r} was unloaded", field="model_id")
+        pending: list[Job] = []
+        while not self._ready.empty():
+            pending.append(self._ready.get_nowait())
+        for sess in self._sessions.values():
+            pending.extend(j for j in sess.pending.values() if isinstance(j, Job))
+            sess.pending.clear()
+        for job in pending:
+            job.record.finish(gone.status_code, gone.to_body())
+
+    async def _run(self) -> None:
+        while True:
+            job = await self._ready.get()
+            self.busy = True
+            try:
+                await self._execute(job)
+            finally:
+                self.busy = False
+
+    async def _execute(self, job: Job) -> None:
+        rec = job.record
+        started = time.monotonic()
+        try:
+            # Not abandoned on cancel: torch work in flight finishes before the model can be dropped.
+            body = await anyio.to_thread.run_sync(job.fn)
+        except asyncio.CancelledError:
+            gone = NotFoundError(f"model_id {self.model_id!r} was unloaded", field="model_id")
+            rec.finish(gone.status_code, gone.to_body())
+            raise
+        except FiretitanError as exc:
+            rec.finish(exc.status_code, exc.to_body())
+        except Exception as exc:  # a failing job must not stop the queue
+            log.exception("job_failed", kind=rec.kind, model_id=self.model_id, request_id=rec.request_id)
+            rec.finish(500, {"error": {"type": "InternalError", "message": f"{type(exc).__name__}: {exc}",
+                                       "field": None}})
+        else:
+            rec.finish(200, body)
+        log.debug("job_done", kind=rec.kind, request_id=rec.request_id, status=rec.status,
+                  seconds=round(time.monotonic() - started, 4))
