@@ -1,0 +1,1 @@
+"""Sampling benchmarks: RL-shaped load, the simulated deployment, the harness and its plots."""

@@ -1,0 +1,507 @@
+"""Concurrency controllers that gate sampling requests: a fixed limit and an adaptive prefill-queue AIMD.
+
+Both share one admission gate that works from any number of event loops and threads: a lock, a
+count of requests in flight and a FIFO of waiter futures, each woken on its own loop with
+`call_soon_threadsafe`. An `asyncio.Semaphore` would bind to the first loop that used it, and the
+SDK's samplers are used from the background loop and from `asyncio.run` in user code alike.
+
+The adaptive controller's decisions are pure functions (`next_window`) of an interval's statistics,
+so the math is tested directly; the class only collects statistics and applies the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from firetitan.client.metrics import ServerMetrics
+from firetitan.errors import ConfigError
+from firetitan.logging import get_logger
+
+log = get_logger("firetitan.client.concurrency")
+
+CONGESTION_STATUSES = frozenset({429, 503})
+
+
+@runtime_checkable
+class ConcurrencyController(Protocol):
+    """What `DeploymentSampler` needs: one slot per HTTP attempt, released with that attempt's metrics."""
+
+    @property
+    def window_size(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def acquire(self) -> None: ...
+
+    def release(self, metrics: ServerMetrics | None = None) -> None: ...
+
+    def step_completed(self) -> dict[str, float]: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Admission gate
+# ----------------------------------------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("fut", "granted", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+        self.loop = loop
+        self.fut = fut
+        self.granted = False
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Gate:
+    """Admits while `in_flight < window`; a smaller window never cancels work, it only blocks new
+    admissions until enough releases have paid the difference (the "shrink debt")."""
+
+    def __init__(self, window: int) -> None:
+        self.lock = threading.Lock()
+        self.window = max(1, int(window))
+        self.in_flight = 0
+        self.waiters: deque[_Waiter] = deque()
+
+    @property
+    def debt(self) -> int:
+        return max(0, self.in_flight - self.window)
+
+    def try_admit_locked(self) -> bool:
+        if not self.waiters and self.in_flight < self.window:
+            self.in_flight += 1
+            return True
+        return False
+
+    def wake_locked(self) -> None:
+        # Caller holds the lock. Each grant counts the slot before the waiter runs, so a burst of
+        # releases cannot over-admit.
+        while self.waiters and self.in_flight < self.window:
+            w = self.waiters.popleft()
+            w.granted = True
+            self.in_flight += 1
+            try:
+                w.loop.call_soon_threadsafe(_resolve, w.fut)
+            except RuntimeError:  # that loop is closed: its waiter is gone, give the slot back
+                self.in_flight -= 1
+
+    async def acquire(self) -> bool:
+        """Take a slot; returns True if it had to wait."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            if self.try_admit_locked():
+                return False
+            waiter = _Waiter(loop, loop.create_future())
+            self.waiters.append(waiter)
+        try:
+            await waiter.fut
+        except asyncio.CancelledError:
+            with self.lock:
+                if waiter.granted:
+                    # Granted and cancelled in the same instant: hand the slot on.
+                    self.in_flight -= 1
+                    self.wake_locked()
+                else:
+                    self.waiters.remove(waiter)
+            raise
+        return True
+
+    def release_locked(self) -> None:
+        if self.in_flight <= 0:
+            raise RuntimeError("release() called more often than acquire()")
+        self.in_flight -= 1
+        self.wake_locked()
+
+
+class _GatedController:
+    """Shared bookkeeping for both controllers; subclasses decide how the window moves."""
+
+    def __init__(self, window: int) -> None:
+        self._gate = _Gate(window)
+        self._reset_step_locked()
+
+    def _reset_step_locked(self) -> None:
+        self._step_requests = 0
+        self._step_max_in_flight = self._gate.in_flight if hasattr(self, "_gate") else 0
+        self._step_window_sum = 0.0
+        self._step_waited = 0
+        self._step_pq: list[float] = []
+        self._step_prompt_tokens = 0
+        self._step_cached_tokens = 0
+
+    @property
+    def window_size(self) -> int:
+        return self._gate.window
+
+    @property
+    def in_flight(self) -> int:
+        return self._gate.in_flight
+
+    @property
+    def pending_decrease(self) -> int:
+        return self._gate.debt
+
+    async def acquire(self) -> None:
+        waited = await self._gate.acquire()
+        with self._gate.lock:
+            self._step_max_in_flight = max(self._step_max_in_flight, self._gate.in_flight)
+            self._on_acquired_locked(waited)
+
+    def _on_acquired_locked(self, waited: bool) -> None:
+        if waited:
+            self._step_waited += 1
+
+    def release(self, metrics: ServerMetrics | None = None) -> None:
+        with self._gate.lock:
+            self._gate.release_locked()
+            self._step_requests += 1
+            self._step_window_sum += self._gate.window
+            if metrics is not None:
+                if metrics.prefill_queue_duration is not None:
+                    self._step_pq.append(metrics.prefill_queue_duration)
+                self._step_prompt_tokens += metrics.prompt_tokens or 0
+                self._step_cached_tokens += metrics.cached_prompt_tokens or 0
+            self._on_release_locked(metrics)
+
+    def _on_release_locked(self, metrics: ServerMetrics | None) -> None:
+        pass
+
+    def _set_window_locked(self, window: int) -> None:
+        self._gate.window = max(1, int(window))
+        self._gate.wake_locked()
+
+    def _step_summary_locked(self) -> dict[str, float]:
+        n = self._step_requests
+        out: dict[str, float] = {
+            "window": float(self._gate.window),
+            "requests": float(n),
+            "avg_window": self._step_window_sum / n if n else float(self._gate.window),
+            "max_in_flight": float(self._step_max_in_flight),
+            "pending_decrease": float(self._gate.debt),
+            "waited_acquires": float(self._step_waited),
+        }
+        if self._step_pq:
+            out["avg_pq"] = sum(self._step_pq) / len(self._step_pq)
+            out["p50_pq"] = percentile(self._step_pq, 0.5)
+            out["p95_pq"] = percentile(self._step_pq, 0.95)
+        if self._step_prompt_tokens:
+            out["cache_hit_rate"] = self._step_cached_tokens / self._step_prompt_tokens
+        return out
+
+
+class FixedConcurrencyController(_GatedController):
+    """A plain limit of `max_concurrency` requests in flight; metrics are only summarised."""
+
+    def __init__(self, max_concurrency: int) -> None:
+        if int(max_concurrency) < 1:
+            raise ConfigError(f"max_concurrency must be >= 1, got {max_concurrency}", field="max_concurrency")
+        self.max_concurrency = int(max_concurrency)
+        super().__init__(self.max_concurrency)
+
+    def step_completed(self) -> dict[str, float]:
+        with self._gate.lock:
+            out = self._step_summary_locked()
+            self._reset_step_locked()
+        return out
+
+    def __repr__(self) -> str:
+        return f"FixedConcurrencyController(max_concurrency={self.max_concurrency})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_concurrency": self.max_concurrency}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["max_concurrency"])  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive controller: pure math
+# ----------------------------------------------------------------------------------------------
+
+Phase = Literal["slow_start", "avoidance"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveParams:
+    """Tuning of `AdaptiveConcurrencyController` (see docs/sampling.md for the reasoning)."""
+
+    min_window: float = 1.0
+    max_window: float = 256.0
+    prefill_queue_target: float = 0.5
+    signal_percentile: float = 0.95
+    slow_start_factor: float = 1.5
+    additive_increase: float = 1.0
+    max_increase_factor: float = 4.0
+    min_decrease_factor: float = 0.5
+    max_decrease_factor: float = 0.9
+    recovery_fraction: float = 0.5
+    hold_fraction: float = 0.2
+    saturation_fraction: float = 0.9
+    pq_floor: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveState:
+    window: float
+    phase: Phase = "slow_start"
+    last_good: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalStats:
+    """What one adjustment interval observed."""
+
+    pq: tuple[float, ...] = ()
+    latency: tuple[float, ...] = ()
+    max_in_flight: int = 0
+    waited: int = 0
+    congestion_errors: int = 0
+    server_concurrency: tuple[int, ...] = ()
+
+
+def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
+    """Linear-interpolated percentile, `q` in [0, 1]."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def interval_length(window: float, adjustment_interval: int) -> int:
+    """Releases per adjustment: at least one full window, so every sample the decision uses comes
+    from a request admitted under the current window (one "round trip", as in TCP)."""
+    return max(int(adjustment_interval), math.ceil(window))
+
+
+def littles_law_factor(signal: float, latency: float, target: float) -> float:
+    """Fraction of the window to keep so the queued share drops from signal/latency to target/latency.
+
+    By Little's law the share of in-flight requests waiting for prefill equals the share of their
+    latency spent waiting, so cutting the window by (signal - target) / latency removes just the
+    excess queue instead of a blind half.
+    """
+    if latency <= 0:
+        return 0.0
+    return 1.0 - (signal - target) / latency
+
+
+def next_window(state: AdaptiveState, stats: IntervalStats, p: AdaptiveParams) -> tuple[AdaptiveState, str]:
+    """One adjustment. Returns the new state and a short reason."""
+    w = state.window
+    saturated = stats.max_in_flight >= p.saturation_fraction * w or stats.waited > 0
+    signal = percentile(stats.pq, p.signal_percentile) if stats.pq else None
+
+    congested = (signal is not None and signal > p.prefill_queue_target) or (
+        signal is None and stats.congestion_errors > 0)
+    if congested:
+        if signal is not None and stats.latency:
+            lat = max(percentile(stats.latency, 0.5), signal)
+            factor = littles_law_factor(signal, lat, p.prefill_queue_target)
+        else:
+            factor = p.min_decrease_factor
+        factor = min(p.max_decrease_factor, max(p.min_decrease_factor, factor))
+        new_w = _clamp(w * factor, p)
+        if state.last_good is not None and w > state.last_good:
+            # A probe above the last good window failed (or slow start overshot): never fall below
+            # the window that was known to be fine.
+            new_w = max(new_w, _clamp(state.last_good, p))
+            return AdaptiveState(new_w, "avoidance", state.last_good), f"probe failed x{new_w / w:.2f}"
+        # Congestion at or below the remembered good window means the server got slower
+        # (weights changed, other tenants): the old operating point is no longer good.
+        return AdaptiveState(new_w, "avoidance", new_w), f"decrease x{factor:.2f}"
+
+    if not saturated:
+        # App-limited (e.g. the tail of an RL step): the queue says nothing about a larger window.
+        return state, "hold (not saturated)"
+    if signal is None:
+        return state, "hold (no signal)"
+
+    last_good = max(state.last_good or 0.0, w)
+    if state.phase == "slow_start":
+        if stats.server_concurrency and percentile(stats.server_concurrency, 0.9) < p.saturation_fraction * w:
+            # The server runs fewer of our requests than we send: its batch is full, the rest is
+            # about to queue. Leave slow start before the (late) queue signal forces a big decrease.
+            return AdaptiveState(w, "avoidance", last_good), "slow start exit (server full)"
+        new_w = _clamp(w * p.slow_start_factor, p)
+        return AdaptiveState(new_w, "slow_start", last_good), "slow start"
+    if state.last_good is not None and w < state.last_good:
+        # Recover quickly towards the last window that was known to be fine (CUBIC's memory).
+        step = max(p.additive_increase, (state.last_good - w) * p.recovery_fraction)
+        new_w = _clamp(min(state.last_good, w + step), p)
+        return AdaptiveState(new_w, "avoidance", last_good), "recover"
+    if signal > p.hold_fraction * p.prefill_queue_target:
+        # Close to the target: hold, so the tail percentile settles below the target, not on it.
+        return AdaptiveState(w, "avoidance", last_good), "hold (near target)"
+    headroom = p.prefill_queue_target / max(signal, p.pq_floor)
+    new_w = _clamp(w + p.additive_increase * min(headroom, p.max_increase_factor), p)
+    return AdaptiveState(new_w, "avoidance", last_good), "probe"
+
+
+def _clamp(w: float, p: AdaptiveParams) -> float:
+    return min(p.max_window, max(p.min_window, w))
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive controller
+# ----------------------------------------------------------------------------------------------
+
+
+class AdaptiveConcurrencyController(_GatedController):
+    """AIMD on the deployment's prefill-queue time, designed to beat the hosted SDK's rule.
+
+    Differences from that rule (all measured in `benchmarks/controllers.py`):
+    slow start (doubling until the first congestion), a median instead of an EMA of means, a decrease
+    sized by Little's law instead of a blind half, quick recovery to the last good window, no growth
+    while the window is not full, and adjustments once per window of releases (never fewer than
+    `adjustment_interval`) so decisions use samples admitted under the current window.
+    """
+
+    def __init__(self, initial_window: int = 8, min_window: int = 1, max_window: int = 256,
+                 prefill_queue_target: float = 0.5, adjustment_interval: int = 32, *,
+                 signal_percentile: float = 0.95, slow_start: bool = True, slow_start_factor: float = 1.5,
+                 additive_increase: float = 1.0, min_decrease_factor: float = 0.5,
+                 max_decrease_factor: float = 0.9, min_step_samples: int = 8) -> None:
+        if min_window < 1 or max_window < min_window:
+            raise ConfigError(f"need 1 <= min_window <= max_window, got {min_window}, {max_window}",
+                              field="min_window")
+        if prefill_queue_target <= 0:
+            raise ConfigError(f"prefill_queue_target must be > 0, got {prefill_queue_target}",
+                              field="prefill_queue_target")
+        if adjustment_interval < 0:
+            raise ConfigError(f"adjustment_interval must be >= 0, got {adjustment_interval}",
+                              field="adjustment_interval")
+        if not 0.0 <= signal_percentile <= 1.0:
+            raise ConfigError(f"signal_percentile must be in [0, 1], got {signal_percentile}",
+                              field="signal_percentile")
+        if not 0 < min_decrease_factor <= max_decrease_factor < 1:
+            raise ConfigError("need 0 < min_decrease_factor <= max_decrease_factor < 1",
+                              field="min_decrease_factor")
+        self.params = AdaptiveParams(
+            min_window=float(min_window), max_window=float(max_window),
+            prefill_queue_target=float(prefill_queue_target), signal_percentile=signal_percentile,
+            slow_start_factor=slow_start_factor, additive_increase=additive_increase,
+            min_decrease_factor=min_decrease_factor, max_decrease_factor=max_decrease_factor)
+        self.adjustment_interval = int(adjustment_interval)
+        self.min_step_samples = int(min_step_samples)
+        initial = min(max_window, max(min_window, initial_window))
+        self._state = AdaptiveState(float(initial), "slow_start" if slow_start else "avoidance")
+        self._interval_releases = 0
+        self._interval_pq: list[float] = []
+        self._interval_latency: list[float] = []
+        self._interval_errors = 0
+        self._interval_over = 0
+        self._interval_waited = 0
+        self._interval_max_in_flight = 0
+        self._interval_concurrency: list[int] = []
+        self._holdoff = 0
+        self._step_adjustments = 0
+        self.history: list[dict[str, Any]] = []
+        super().__init__(int(initial))
+
+    @property
+    def state(self) -> AdaptiveState:
+        return self._state
+
+    def _on_acquired_locked(self, waited: bool) -> None:
+        super()._on_acquired_locked(waited)
+        self._interval_max_in_flight = max(self._interval_max_in_flight, self._gate.in_flight)
+        if waited:
+            self._interval_waited += 1
+
+    def _on_release_locked(self, metrics: ServerMetrics | None) -> None:
+        if self._holdoff > 0:
+            # Requests admitted before the last decrease report the queue that decrease already
+            # answered; one decrease per round trip, as TCP does after a loss.
+            self._holdoff -= 1
+            return
+        self._interval_releases += 1
+        if metrics is not None:
+            if metrics.prefill_queue_duration is not None:
+                self._interval_pq.append(metrics.prefill_queue_duration)
+                if metrics.server_processing_time is not None:
+                    self._interval_latency.append(metrics.server_processing_time)
+                if metrics.num_concurrent_requests is not None:
+                    self._interval_concurrency.append(metrics.num_concurrent_requests)
+                if metrics.prefill_queue_duration > self.params.prefill_queue_target:
+                    self._interval_over += 1
+            elif metrics.transport_error or metrics.http_status_code in CONGESTION_STATUSES:
+                self._interval_errors += 1
+        if not self.adjustment_interval:
+            return
+        length = interval_length(self._state.window, self.adjustment_interval)
+        if self._interval_releases >= length:
+            self._adjust_locked("interval")
+        elif self._interval_over >= max(4, math.ceil((1 - self.params.signal_percentile) * length)):
+            # Enough samples are over target that the interval's percentile can only be over target
+            # too: act now instead of queueing a full window more.
+            self._adjust_locked("early")
+
+    def _adjust_locked(self, trigger: str) -> bool:
+        stats = IntervalStats(pq=tuple(self._interval_pq), latency=tuple(self._interval_latency),
+                              max_in_flight=self._interval_max_in_flight, waited=self._interval_waited,
+                              congestion_errors=self._interval_errors,
+                              server_concurrency=tuple(self._interval_concurrency))
+        if not stats.pq and not stats.congestion_errors:
+            self._reset_interval_locked()
+            return False
+        before = self._state.window
+        self._state, reason = next_window(self._state, stats, self.params)
+        self._reset_interval_locked()
+        self._step_adjustments += 1
+        self.history.append({"t": time.monotonic(), "trigger": trigger, "before": before,
+                             "after": self._state.window, "phase": self._state.phase, "reason": reason,
+                             "signal": percentile(stats.pq, self.params.signal_percentile) if stats.pq else None,
+                             "samples": len(stats.pq)})
+        if self._state.window < before:
+            # Everything now in flight, and the next window's worth queued behind it, was admitted
+            # into the queue this decrease answers.
+            self._holdoff = self._gate.in_flight + int(self._state.window)
+        if int(self._state.window) != self._gate.window:
+            log.debug("window_changed", before=self._gate.window, after=int(self._state.window), reason=reason)
+            self._set_window_locked(int(self._state.window))
+        return True
+
+    def _reset_interval_locked(self) -> None:
+        self._interval_releases = 0
+        self._interval_pq = []
+        self._interval_latency = []
+        self._interval_errors = 0
+        self._interval_over = 0
+        self._interval_concurrency = []
+        self._interval_waited = 0
+        self._interval_max_in_flight = self._gate.in_flight
+
+    def step_completed(self) -> dict[str, float]:
+        """Summarise the step; adjust on what is left of the interval if it is big enough to trust."""
+        with self._gate.lock:
+            out = self._step_summary_locked()
+            enough = len(self._interval_pq) >= max(1, self.min_step_samples) or (
+                self.adjustment_interval == 0 and (self._interval_pq or self._interval_errors))
+            if enough and self._adjust_locked("step"):
+                out["window_after"] = float(self._gate.window)
+            out["adjustments"] = float(self._step_adjustments)
+            out["phase_slow_start"] = 1.0 if self._state.phase == "slow_start" else 0.0
+            if self._state.last_good is not None:
+                out["last_good_window"] = self._state.last_good
+            self._step_adjustments = 0
+            self._reset_step_locked()
+        log.info("adaptive_concurrency_step", **out)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"AdaptiveConcurrencyController(window={self.window_size}, phase={self._state.phase}, "
+                f"target={self.params.prefill_queue_target})")

@@ -1,0 +1,236 @@
+"""Concurrency controllers: the adaptive math as pure functions, and the gate across loops and threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from firetitan.client.concurrency import (
+    AdaptiveConcurrencyController,
+    AdaptiveParams,
+    AdaptiveState,
+    FixedConcurrencyController,
+    IntervalStats,
+    interval_length,
+    littles_law_factor,
+    next_window,
+    percentile,
+)
+from firetitan.client.metrics import ServerMetrics, parse_server_metrics
+from firetitan.errors import ConfigError
+
+P = AdaptiveParams()  # target 0.5, p95 signal, slow start x1.5
+
+
+# ---------------------------------------------------------------------------------------------- pure math
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+    assert percentile([4.0], 0.99) == 4.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+def test_interval_is_at_least_one_window() -> None:
+    assert interval_length(8, 32) == 32
+    assert interval_length(100.2, 32) == 101
+
+
+def test_littles_law_factor_removes_only_the_excess_queue() -> None:
+    # 2 s of an 8 s latency is queueing; the target allows 0.5 s -> keep 1 - 1.5/8 of the window.
+    assert littles_law_factor(2.0, 8.0, 0.5) == pytest.approx(0.8125)
+    assert littles_law_factor(0.5, 8.0, 0.5) == pytest.approx(1.0)
+
+
+def test_slow_start_multiplies_when_the_window_is_full_and_queue_empty() -> None:
+    st, reason = next_window(AdaptiveState(8.0), IntervalStats(pq=(0.0,) * 32, max_in_flight=8), P)
+    assert st.window == pytest.approx(12.0) and st.phase == "slow_start" and st.last_good == 8.0
+    assert reason == "slow start"
+
+
+def test_no_growth_when_the_window_is_not_full() -> None:
+    st, reason = next_window(AdaptiveState(64.0), IntervalStats(pq=(0.0,) * 32, max_in_flight=20), P)
+    assert st.window == 64.0 and reason.startswith("hold")
+
+
+def test_slow_start_exits_when_the_server_runs_fewer_than_we_send() -> None:
+    stats = IntervalStats(pq=(0.0,) * 64, max_in_flight=64, server_concurrency=(40,) * 64)
+    st, _ = next_window(AdaptiveState(64.0), stats, P)
+    assert st.window == 64.0 and st.phase == "avoidance"
+
+
+def test_decrease_is_sized_by_littles_law() -> None:
+    # p95 of pq = 2.0 s, median latency 8 s -> factor 0.8125 (inside the [0.5, 0.9] clamp).
+    stats = IntervalStats(pq=(2.0,) * 40, latency=(8.0,) * 40, max_in_flight=100)
+    st, reason = next_window(AdaptiveState(100.0, "avoidance", 120.0), stats, P)
+    assert st.window == pytest.approx(81.25)
+    assert st.last_good == pytest.approx(81.25)  # congestion below the good window forgets it
+    assert reason == "decrease x0.81"
+
+
+def test_decrease_is_clamped() -> None:
+    big = IntervalStats(pq=(10.0,) * 40, latency=(11.0,) * 40, max_in_flight=100)
+    assert next_window(AdaptiveState(100.0, "avoidance"), big, P)[0].window == pytest.approx(50.0)
+    tiny = IntervalStats(pq=(0.6,) * 40, latency=(50.0,) * 40, max_in_flight=100)
+    assert next_window(AdaptiveState(100.0, "avoidance"), tiny, P)[0].window == pytest.approx(90.0)
+
+
+def test_failed_probe_returns_to_the_last_good_window() -> None:
+    stats = IntervalStats(pq=(3.0,) * 40, latency=(4.0,) * 40, max_in_flight=136)
+    st, reason = next_window(AdaptiveState(136.0, "avoidance", 128.0), stats, P)
+    assert st.window == pytest.approx(128.0) and st.last_good == 128.0
+    assert reason.startswith("probe failed")
+
+
+def test_recovery_jumps_halfway_back_to_the_last_good_window() -> None:
+    stats = IntervalStats(pq=(0.0,) * 40, max_in_flight=64)
+    st, reason = next_window(AdaptiveState(64.0, "avoidance", 128.0), stats, P)
+    assert st.window == pytest.approx(96.0) and reason == "recover"
+
+
+def test_probe_is_proportional_to_headroom_and_holds_near_target() -> None:
+    full = 200
+    st, _ = next_window(AdaptiveState(100.0, "avoidance", 100.0), IntervalStats(pq=(0.0,) * 40,
+                                                                                 max_in_flight=full), P)
+    assert st.window == pytest.approx(104.0)  # headroom capped at 4
+    wide = AdaptiveParams(hold_fraction=0.7)
+    st, _ = next_window(AdaptiveState(100.0, "avoidance", 100.0), IntervalStats(pq=(0.25,) * 40,
+                                                                                 max_in_flight=full), wide)
+    assert st.window == pytest.approx(102.0)  # 0.5 / 0.25 = 2
+    # Default band: above 0.2 x target a queue already exists, so more window only adds queue.
+    st, reason = next_window(AdaptiveState(100.0, "avoidance", 100.0), IntervalStats(pq=(0.25,) * 40,
+                                                                                     max_in_flight=full), P)
+    assert st.window == 100.0 and reason == "hold (near target)"
+
+
+def test_status_congestion_without_queue_data_halves() -> None:
+    st, _ = next_window(AdaptiveState(40.0, "avoidance"), IntervalStats(congestion_errors=3, max_in_flight=40), P)
+    assert st.window == pytest.approx(20.0)
+
+
+def test_window_is_clamped_to_bounds() -> None:
+    p = AdaptiveParams(min_window=4.0, max_window=10.0)
+    assert next_window(AdaptiveState(8.0), IntervalStats(pq=(0.0,), max_in_flight=8), p)[0].window == 10.0
+    st, _ = next_window(AdaptiveState(5.0, "avoidance"), IntervalStats(pq=(9.0,), latency=(9.5,),
+                                                                       max_in_flight=5), p)
+    assert st.window == 4.0
+
+
+def test_metrics_parse_headers_and_perf_metrics() -> None:
+    m = parse_server_metrics({"Fireworks-Prefill-Queue-Duration": "0.25", "fireworks-prompt-tokens": "7"},
+                             {"prefill-queue-duration": 0.5, "num_concurrent_requests": "3", "bogus": 1,
+                              "server-processing-time": "nan?"})
+    assert m.prefill_queue_duration == 0.5  # perf_metrics wins over headers
+    assert m.prompt_tokens == 7 and m.num_concurrent_requests == 3 and m.server_processing_time is None
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        FixedConcurrencyController(0)
+    with pytest.raises(ConfigError):
+        AdaptiveConcurrencyController(adjustment_interval=-1)
+    with pytest.raises(ConfigError):
+        AdaptiveConcurrencyController(min_window=10, max_window=5)
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+
+
+def test_acquire_from_two_loops_in_two_threads_never_exceeds_the_window() -> None:
+    ctl = FixedConcurrencyController(3)
+    lock = threading.Lock()
+    current = peak = done = 0
+
+    async def worker() -> None:
+        nonlocal current, peak, done
+        await ctl.acquire()
+        with lock:
+            current += 1
+            peak = max(peak, current)
+        await asyncio.sleep(0.001)
+        with lock:
+            current -= 1
+            done += 1
+        ctl.release()
+
+    async def many() -> None:
+        await asyncio.gather(*(worker() for _ in range(60)))
+
+    threads = [threading.Thread(target=asyncio.run, args=(many(),)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert done == 120
+    assert peak <= 3
+    assert ctl.in_flight == 0
+
+
+async def test_shrink_with_requests_in_flight_blocks_until_the_debt_is_paid() -> None:
+    ctl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=1000, min_decrease_factor=0.1,
+                                        slow_start=False)
+    for _ in range(16):
+        await ctl.acquire()
+    congested = ServerMetrics(prefill_queue_duration=5.0, server_processing_time=6.0)
+    for _ in range(8):
+        ctl.release(congested)
+    summary = ctl.step_completed()  # factor 1 - 4.5/6 = 0.25 -> window 4 with 8 still in flight
+    assert summary["window_after"] == 4.0
+    assert ctl.window_size == 4 and ctl.in_flight == 8 and ctl.pending_decrease == 4
+
+    admitted = 0
+
+    async def newcomer() -> None:
+        nonlocal admitted
+        await ctl.acquire()
+        admitted += 1
+
+    tasks = [asyncio.create_task(newcomer()) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert admitted == 0
+    for _ in range(4):  # pays the debt exactly: nothing may be admitted yet
+        ctl.release()
+    await asyncio.sleep(0.01)
+    assert admitted == 0 and ctl.in_flight == 4
+    ctl.release()
+    await asyncio.sleep(0.01)
+    assert admitted == 1 and ctl.in_flight == 4
+    for _ in range(3):
+        ctl.release()
+    await asyncio.sleep(0.01)
+    assert admitted == 4 and ctl.in_flight <= ctl.window_size
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert ctl.in_flight == 4  # cancelled waiters hold nothing
+
+
+async def test_cancelled_waiter_leaks_no_slot() -> None:
+    ctl = FixedConcurrencyController(1)
+    await ctl.acquire()
+    waiter = asyncio.create_task(ctl.acquire())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    ctl.release()
+    assert ctl.in_flight == 0
+    await asyncio.wait_for(ctl.acquire(), timeout=5)
+    ctl.release()
+
+
+async def test_adaptive_adjusts_every_window_of_releases_and_summarises_steps() -> None:
+    ctl = AdaptiveConcurrencyController(initial_window=8, adjustment_interval=8)
+    for _ in range(8):
+        await ctl.acquire()
+    for _ in range(8):
+        ctl.release(ServerMetrics(prefill_queue_duration=0.0, prompt_tokens=10, cached_prompt_tokens=5))
+    assert ctl.window_size == 12  # slow start x1.5 after one full interval
+    summary = ctl.step_completed()
+    assert summary["requests"] == 8 and summary["cache_hit_rate"] == 0.5 and summary["max_in_flight"] == 8
+    assert ctl.step_completed()["requests"] == 0
+    with pytest.raises(RuntimeError):
+        ctl.release()
