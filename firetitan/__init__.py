@@ -53,6 +53,9 @@ from firetitan.types import (
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY: dict[str, str] = {
     "FiretitanServiceClient": "firetitan.client.service",
+    "ServiceClient": "firetitan.client.service",
+    "FiretitanProvisioningConfig": "firetitan.client.config",
+    "ensure_control_plane": "firetitan.client.provision",
     "TrainingClient": "firetitan.client.training",
     "DeploymentSampler": "firetitan.client.sampling",
     "SampledCompletion": "firetitan.client.sampling",
@@ -70,11 +73,13 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:
     from firetitan.client.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
+    from firetitan.client.config import FiretitanProvisioningConfig
     from firetitan.client.metrics import ServerMetrics
+    from firetitan.client.provision import ensure_control_plane
     from firetitan.client.reference import ReferenceClient
     from firetitan.client.sampling import DeploymentSampler, SampledCompletion
     from firetitan.client.sampling_client import SamplingClient
-    from firetitan.client.service import FiretitanServiceClient
+    from firetitan.client.service import FiretitanServiceClient, ServiceClient
     from firetitan.client.training import TrainingClient
     from firetitan.logging import configure_logging, get_logger
     from firetitan.models import BUILTIN_MODELS, load_model, load_tokenizer
@@ -109,6 +114,7 @@ __all__ = [
     "DeploymentSamplerTimeoutError",
     "EncodedTextChunk",
     "FiretitanError",
+    "FiretitanProvisioningConfig",
     "FiretitanServiceClient",
     "FixedConcurrencyController",
     "ForwardBackwardOutput",
@@ -132,6 +138,7 @@ __all__ = [
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
     "ServerMetrics",
+    "ServiceClient",
     "SnapshotError",
     "StalenessError",
     "StopReason",
@@ -141,6 +148,7 @@ __all__ = [
     "__version__",
     "completed",
     "configure_logging",
+    "ensure_control_plane",
     "get_logger",
     "load_model",
     "load_tokenizer",

@@ -1,0 +1,1 @@
+"""The control plane: trainer jobs, deployments, training shapes and checkpoints over HTTP."""

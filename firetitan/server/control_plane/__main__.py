@@ -1,0 +1,64 @@
+"""`python -m firetitan.server.control_plane`: the control plane process (daemon or foreground)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from firetitan.errors import ConfigError
+from firetitan.server.common import add_common_args
+from firetitan.server.control_plane.controller import Settings
+from firetitan.server.control_plane.home import resolve_home
+from firetitan.server.control_plane.server import resolve_api_key, run_server
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", default=None, help="state directory (default $FIRETITAN_HOME or the user cache)")
+    env = os.environ.get
+    parser.add_argument("--trainer-idle-timeout", type=float,
+                        default=float(env("FIRETITAN_TRAINER_IDLE_TIMEOUT", "3600")),
+                        help="stop a trainer after this many seconds without requests (resumable)")
+    parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between worker health checks")
+    parser.add_argument("--cpus", type=int, default=None, help="cores to split between trainers and replicas")
+    parser.add_argument("--trainer-threads", type=int, default=_env_int("FIRETITAN_TRAINER_THREADS"))
+    parser.add_argument("--replica-threads", type=int, default=_env_int("FIRETITAN_REPLICA_THREADS"))
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    return int(raw) if raw else None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = Settings(trainer_idle_timeout=args.trainer_idle_timeout, health_interval=args.health_interval,
+                        idle_check_interval=min(5.0, max(0.5, args.trainer_idle_timeout / 4)),
+                        trainer_threads=args.trainer_threads, replica_threads=args.replica_threads,
+                        worker_host="127.0.0.1")
+    if args.cpus:
+        settings.cpus = args.cpus
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m firetitan.server.control_plane")
+    add_common_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    from firetitan.logging import configure_logging
+
+    configure_logging(args.log_level)
+    layout = resolve_home(args.home).ensure()
+    try:
+        api_key = resolve_api_key(layout, args.host, args.api_key)
+        asyncio.run(run_server(layout, settings_from_args(args), host=args.host, port=args.port,
+                               api_key=api_key, ready_file=args.ready_file))
+    except ConfigError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The local training-shape registry: trainer settings and the linked deployment shape per model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from firetitan.errors import InvalidRequestError, NotFoundError
+
+SHAPE_VERSION = "1"
+_SHAPE_NAME = re.compile(r"^accounts/([^/]+)/trainingShapes/([^/]+)(?:/versions/([^/]+))?$")
+
+
+@dataclass(frozen=True)
+class DeploymentShape:
+    name: str
+    max_running_seqs: int
+    max_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    shape_id: str
+    base_model: str
+    max_context_length: int
+    trainer_mode: str  # POLICY_TRAINER | LORA_TRAINER | FORWARD_ONLY
+    deployment: DeploymentShape
+    trainer_threads: int | None = None  # None: split the machine's cores (see threads.py)
+
+    @property
+    def name(self) -> str:
+        return f"accounts/local/trainingShapes/{self.shape_id}"
+
+    def profile(self) -> dict[str, object]:
+        """The shape as a TrainingShapeProfile-like JSON version resource."""
+        return {
+            "name": f"{self.name}/versions/{SHAPE_VERSION}",
+            "trainingShape": self.name,
+            "trainingShapeVersion": f"{self.name}/versions/{SHAPE_VERSION}",
+            "baseModel": self.base_model,
+            "maxSupportedContextLength": self.max_context_length,
+            "trainerMode": self.trainer_mode,
+            "supportsLora": True,
+            "acceleratorType": "CPU",
+            "acceleratorCount": 0,
+            "nodeCount": 1,
+            "trainerThreads": self.trainer_threads,
+            "deploymentShape": self.deployment.name,
+            "deploymentShapeVersion": f"{self.deployment.name}/versions/{SHAPE_VERSION}",
+            "maxRunningSeqs": self.deployment.max_running_seqs,
+            "maxCachedTokens": self.deployment.max_cached_tokens,
+            "latestValidated": True,
+        }
+
+
+def _shape(shape_id: str, base_model: str, ctx: int, seqs: int) -> TrainingShape:
+    dep = DeploymentShape(f"accounts/local/deploymentShapes/{shape_id}", max_running_seqs=seqs,
+                          max_cached_tokens=seqs * ctx)
+    return TrainingShape(shape_id, base_model, ctx, "POLICY_TRAINER", dep)
+
+
+SHAPES: dict[str, TrainingShape] = {
+    s.shape_id: s
+    for s in (
+        _shape("tiny-qwen3-cpu", "firetitan/tiny-qwen3", 1024, 32),
+        _shape("nano-qwen3-cpu", "firetitan/nano-qwen3", 512, 32),
+    )
+}
+
+
+def resolve_shape(name: str, field: str = "trainingShape") -> TrainingShape:
+    """Accept `accounts/<a>/trainingShapes/<s>[/versions/<v>]` (any account) or a bare shape id."""
+    match = _SHAPE_NAME.match(name)
+    shape_id = match.group(2) if match else name
+    version = match.group(3) if match else None
+    if "/" in shape_id:
+        raise InvalidRequestError(
+            f"{field} {name!r} is not a training shape name; expected accounts/<account>/trainingShapes/<id>",
+            field=field)
+    shape = SHAPES.get(shape_id)
+    if shape is None:
+        raise NotFoundError(f"training shape {name!r} not found; known shapes: "
+                            + ", ".join(s.name for s in SHAPES.values()), field=field)
+    if version not in (None, SHAPE_VERSION, "latest"):
+        raise NotFoundError(f"training shape {name!r} has no version {version!r}; only {SHAPE_VERSION!r}",
+                            field=field)
+    return shape

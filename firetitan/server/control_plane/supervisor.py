@@ -1,0 +1,142 @@
+"""Start, watch and stop the worker processes a control plane owns; report the ones that die."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from firetitan.logging import get_logger
+from firetitan.server.process import WorkerProcess, spawn_worker
+
+log = get_logger("firetitan.control_plane.supervisor")
+
+TRAINER_MODULE = "firetitan.server.trainer"
+DEPLOYMENT_MODULE = "firetitan.server.deployment"
+_HEALTH_PATH = {TRAINER_MODULE: "/api/v1/healthz", DEPLOYMENT_MODULE: "/health"}
+
+
+@dataclass(frozen=True)
+class WorkerKey:
+    """Which resource a worker serves: a trainer job, or one replica of a deployment."""
+
+    kind: str  # "trainer" | "replica"
+    account: str
+    resource_id: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        suffix = f"/replica-{self.index}" if self.kind == "replica" else ""
+        return f"{self.kind}:{self.account}/{self.resource_id}{suffix}"
+
+
+@dataclass
+class _Watched:
+    module: str
+    worker: WorkerProcess
+    health_failures: int = 0
+
+
+ExitCallback = Callable[[WorkerKey, str], Awaitable[None]]
+
+
+class Supervisor:
+    """Owns worker processes by key. A worker that exits, or fails `max_health_failures` health
+    checks in a row, is removed and reported through `on_exit(key, reason)`; workers stopped on
+    purpose are not reported."""
+
+    def __init__(self, *, logs_dir: Path, api_key: str | None, on_exit: ExitCallback,
+                 health_interval: float = 2.0, max_health_failures: int = 3,
+                 ready_timeout: float = 300.0, host: str = "127.0.0.1") -> None:
+        self._logs_dir = logs_dir
+        self._api_key = api_key
+        self._on_exit = on_exit
+        self._health_interval = health_interval
+        self._max_health_failures = max_health_failures
+        self._ready_timeout = ready_timeout
+        self._host = host
+        self._workers: dict[WorkerKey, _Watched] = {}
+
+    def get(self, key: WorkerKey) -> WorkerProcess | None:
+        watched = self._workers.get(key)
+        return watched.worker if watched else None
+
+    def workers(self) -> dict[WorkerKey, WorkerProcess]:
+        return {k: w.worker for k, w in self._workers.items()}
+
+    def log_path(self, key: WorkerKey) -> Path:
+        name = f"{key.kind}-{key.account}-{key.resource_id}" + (f"-{key.index}" if key.kind == "replica" else "")
+        return self._logs_dir / f"{name}.log"
+
+    async def start(self, key: WorkerKey, module: str, args: list[str], *, threads: int) -> WorkerProcess:
+        """Spawn a worker (in a thread: startup loads torch and a model) and watch it."""
+        if key in self._workers:
+            await self.stop(key)
+        env = {"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {}
+        worker = await asyncio.to_thread(
+            spawn_worker, module, args, ready_timeout=self._ready_timeout, log_path=self.log_path(key),
+            env=env, host=self._host, threads=threads)
+        self._workers[key] = _Watched(module, worker)
+        log.info("worker_started", key=str(key), pid=worker.pid, url=worker.url)
+        return worker
+
+    def adopt(self, key: WorkerKey, module: str, worker: WorkerProcess) -> None:
+        """Watch a worker started by an earlier run of this control plane."""
+        self._workers[key] = _Watched(module, worker)
+
+    async def stop(self, key: WorkerKey, timeout: float = 10.0) -> None:
+        watched = self._workers.pop(key, None)
+        if watched is not None:
+            await asyncio.to_thread(watched.worker.stop, timeout)
+            log.info("worker_stopped", key=str(key), pid=watched.worker.pid)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(k) for k in list(self._workers)), return_exceptions=True)
+
+    async def run(self) -> None:
+        """Check every worker each `health_interval` seconds until cancelled."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session:
+            while True:
+                await asyncio.sleep(self._health_interval)
+                await asyncio.gather(*(self._check(session, k, w) for k, w in list(self._workers.items())))
+
+    async def _check(self, session: aiohttp.ClientSession, key: WorkerKey, watched: _Watched) -> None:
+        worker = watched.worker
+        if not worker.alive():
+            code = worker.popen.returncode if worker.popen is not None else None
+            await self._report(key, watched, f"{key.kind} worker (pid {worker.pid}) exited with code {code}"
+                               + _log_tail(self.log_path(key)))
+            return
+        try:
+            async with session.get(worker.url + _HEALTH_PATH[watched.module]) as resp:
+                healthy = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        watched.health_failures = 0 if healthy else watched.health_failures + 1
+        if watched.health_failures >= self._max_health_failures:
+            await asyncio.to_thread(worker.stop, 5.0)
+            await self._report(key, watched, f"{key.kind} worker (pid {worker.pid}) failed "
+                               f"{watched.health_failures} health checks in a row and was stopped")
+
+    async def _report(self, key: WorkerKey, watched: _Watched, reason: str) -> None:
+        # Only report workers still registered: a concurrent stop() means the exit was wanted.
+        if self._workers.get(key) is not watched:
+            return
+        del self._workers[key]
+        if watched.worker.popen is not None:
+            with contextlib.suppress(Exception):
+                watched.worker.popen.wait(timeout=1)
+        log.warning("worker_lost", key=str(key), reason=reason)
+        await self._on_exit(key, reason)
+
+
+def _log_tail(path: Path, n: int = 800) -> str:
+    try:
+        tail = path.read_bytes()[-n:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"; last log lines: {tail}" if tail else ""
