@@ -1,0 +1,143 @@
+"""Async RL (max_steps_off_policy=1) vs on-policy GRPO: wall time per step, reward, idle ratios.
+
+Both runs use the same task, model, seed, batch shape and number of steps, one after the other in
+this command, against the same local control plane. Writes benchmarks/results/rl_pipeline.json.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rl_pipeline.py --steps 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from examples.tasks import vowels  # noqa: E402
+from firetitan.recipes import AsyncRLConfig, GRPOConfig, async_rl, grpo  # noqa: E402
+from firetitan.server.control_plane.home import resolve_home  # noqa: E402
+from firetitan.server.process import spawn_worker  # noqa: E402
+
+
+class WorkerCPU:
+    """Polls the CPU seconds of this home's trainer/deployment processes (they exit at close, so poll)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = str(home)
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            for p in psutil.process_iter(["cmdline", "cpu_times"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if self.home in cmd and "control_plane" not in cmd and p.info["cpu_times"]:
+                    t = p.info["cpu_times"]
+                    self.seen[p.pid] = max(self.seen.get(p.pid, 0.0), t.user + t.system)
+
+    def __enter__(self) -> WorkerCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.seen.values())
+
+
+def per_step(log_dir: Path) -> dict[str, Any]:
+    recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if r["event"] == "train_step"]
+    # Steady state: from the first step's end to the last's, so provisioning and the initial sync
+    # (identical in both modes) do not dilute the per-step time.
+    t = [r["t"] for r in steps]
+    rewards = [r["reward"] for r in steps if r.get("reward") is not None]
+    third = max(1, len(rewards) // 3)
+    return {"steps": len(steps), "sec_per_step": (t[-1] - t[0]) / (len(t) - 1),
+            "reward_mean": sum(rewards) / len(rewards), "reward_first_third": sum(rewards[:third]) / third,
+            "reward_last_third": sum(rewards[-third:]) / third, "rewards": [round(r, 4) for r in rewards]}
+
+
+async def run_mode(mode: str, args: argparse.Namespace, home: Path, out_dir: Path) -> dict[str, Any]:
+    common = dict(log_dir=out_dir / mode, base_model=args.model, steps=args.steps, groups_per_step=args.groups,
+                  group_size=args.group_size, max_tokens=args.max_tokens, learning_rate=args.lr, seed=0,
+                  eval_every=0, save_every=0, resume=False, max_concurrent_rollouts=args.groups * 2,
+                  service_kwargs={"home": str(home)})
+    rows, evalset = vowels.rl_rows(200, seed=0), vowels.rl_rows(16, seed=1)
+    started = time.monotonic()
+    me = psutil.Process()
+    client_before = sum(me.cpu_times()[:2])
+    with WorkerCPU(home) as cpu:
+        if mode == "grpo":
+            summary = await grpo(GRPOConfig(**common), rows, evalset, vowels.reward)
+        else:
+            summary = await async_rl(AsyncRLConfig(max_steps_off_policy=1, **common), rows, evalset, vowels.reward)
+    wall = time.monotonic() - started
+    client_cpu = sum(me.cpu_times()[:2]) - client_before
+    return {"mode": mode, "command_wall_s": wall, **per_step(out_dir / mode),
+            # worker CPU seconds over the whole mode (provisioning included) per wall second: how many
+            # cores the trainer + deployment actually got; near the free cores means CPU-bound
+            "worker_cpu_s": cpu.cpu_s, "worker_cores_used": cpu.cpu_s / wall,
+            "client_cpu_s": client_cpu, "client_cores_used": client_cpu / wall,
+            "eval_reward_first": summary["evals"][0]["eval_reward"], "eval_reward_last": summary["evals"][-1]["eval_reward"],
+            "trainer_idle_ratio": summary["trainer_idle_ratio"], "sampler_idle_ratio": summary["sampler_idle_ratio"],
+            "staleness": summary["staleness"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="firetitan/nano-qwen3")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rl_pipeline.json")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="ft-bench-rl-") as tmp:
+        home = Path(tmp) / "home"
+        layout = resolve_home(home).ensure()
+        cp = spawn_worker("firetitan.server.control_plane", ["--home", str(home)],
+                          log_path=layout.logs / "control_plane.log", ready_timeout=180)
+        try:
+            results = {m: anyio.run(run_mode, m, args, home, Path(tmp) / "runs") for m in ("grpo", "async_rl")}
+        finally:
+            cp.stop(60)
+    g, a = results["grpo"], results["async_rl"]
+    report = {
+        "benchmark": "rl_pipeline", "model": args.model, "steps": args.steps, "groups_per_step": args.groups,
+        "group_size": args.group_size, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
+        "speedup_sec_per_step": g["sec_per_step"] / a["sec_per_step"],
+        "reward_mean_ratio_async_over_grpo": (a["reward_mean"] / g["reward_mean"]) if g["reward_mean"] else None,
+        "goal": "async >= 1.5x faster per step with reward per step no worse",
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
+    for m in ("grpo", "async_rl"):
+        r = results[m]
+        print(m, {k: r[k] for k in ("sec_per_step", "reward_mean", "reward_last_third", "eval_reward_last",
+                                    "trainer_idle_ratio", "sampler_idle_ratio", "worker_cores_used",
+                                    "client_cores_used")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The RL recipe body GRPO and async RL share: rollouts on the deployment, PPO-style updates, weight syncs.
+
+GRPO is this with `max_steps_off_policy = 0` (on-policy, sampling and training alternate); async RL
+lets sampling run up to `max_steps_off_policy` versions ahead so the two overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from firetitan.logging import get_logger
+from firetitan.recipes.checkpoints import RunCheckpoints
+from firetitan.recipes.clients import Clients, open_clients
+from firetitan.recipes.config import RecipeConfig
+from firetitan.recipes.data import rl_datum
+from firetitan.recipes.supervised import ProgressFn
+from firetitan.recipes.text import encode_prompt
+from firetitan.runtime.advantages import group_advantages, is_constant
+from firetitan.runtime.cursor import DataCursor
+from firetitan.runtime.metrics import RunMetrics
+from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
+from firetitan.runtime.pipeline import StepResult, TrainerPipeline
+from firetitan.runtime.remote import call
+from firetitan.runtime.remote import gather as anyio_gather
+from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
+from firetitan.runtime.rollouts import RolloutGroup
+from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
+from firetitan.types import AdamParams
+
+log = get_logger("firetitan.recipes.rl")
+RewardFn = Callable[[str, Mapping[str, Any]], float]
+
+
+class RLConfig(RecipeConfig):
+    groups_per_step: int = Field(default=4, ge=1, description="prompts (groups) per optimizer step")
+    group_size: int = Field(default=8, ge=2, description="completions per prompt")
+    max_tokens: int = Field(default=8, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    loss_fn: Literal["ppo", "importance_sampling"] = "ppo"
+    clip_low: float = Field(default=0.8, gt=0, le=1.0)
+    clip_high: float = Field(default=1.2, ge=1.0)
+    normalize_advantages: bool = Field(default=True, description="divide by the group's reward std (GRPO)")
+    max_steps_off_policy: int = Field(default=0, ge=0)
+    sync_every: int = Field(default=1, ge=1, description="sampler snapshot + hot-load every N steps")
+    max_concurrent_rollouts: int = Field(default=8, ge=1, description="groups sampled at once")
+    rollout_timeout_s: float = Field(default=300.0, gt=0)
+    eval_temperature: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _sync_within_bound(self) -> RLConfig:
+        if self.sync_every > self.max_steps_off_policy + 1:
+            raise ValueError(f"sync_every: {self.sync_every} exceeds max_steps_off_policy + 1 = "
+                             f"{self.max_steps_off_policy + 1}; rollouts would wait forever for fresh weights")
+        return self
+
+
+def group_datums(group: RolloutGroup, *, normalize: bool) -> list[Any]:
+    """Datums of one group with group-relative advantages; constant-reward groups contribute none."""
+    if is_constant(group.rewards):
+        return []
+    out = []
+    for sample, adv in zip(group.samples, group_advantages(group.rewards, normalize_std=normalize), strict=True):
+        if sample.sampling_logprobs is None or sample.completion_len == 0:
+            continue
+        out.append(rl_datum(sample.prompt_tokens, sample.completion_tokens, sample.sampling_logprobs, adv))
+    return out
+
+
+def sample_version(sample: Any, registry: PolicyVersionRegistry, admitted: int) -> int:
+    """The oldest policy version among a completion's tokens (a hot-load may land mid-sequence)."""
+    ids = sample.policy_versions or ([sample.policy_version] if sample.policy_version else [])
+    known = [v for v in (registry.version_of(i) for i in ids) if v is not None]
+    return min(known) if known else admitted
+
+
+async def run_rl(cfg: RLConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Sequence[Mapping[str, Any]],
+                 reward_fn: RewardFn, *, name: str, service: Any = None,
+                 on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    async with open_clients(cfg, name=name, deployment=True, service=service) as clients:
+        return await _run(cfg, clients, rows, eval_rows, reward_fn, name=name, on_progress=on_progress)
+
+
+async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]],
+               eval_rows: Sequence[Mapping[str, Any]], reward_fn: RewardFn, *, name: str,
+               on_progress: ProgressFn | None) -> dict[str, Any]:
+    training, sampler, tok = clients.training, clients.sampler, clients.tokenizer
+    assert clients.hot_load is not None
+    hot_load = clients.hot_load
+    checkpoints = RunCheckpoints(cfg.log_dir)
+    cursor = DataCursor(len(rows), epochs=None, seed=cfg.seed)
+    start_step = 0
+    rec = checkpoints.latest() if cfg.resume else None
+    if rec is not None:
+        await call(training.load_state_with_optimizer(rec["state_path"]), timeout=cfg.timeout_s,
+                   what=f"load_state_with_optimizer({rec['state_path']})")
+        cursor, start_step = checkpoints.load_cursor(rec), int(rec["step"])
+    metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
+    metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
+                resumed_from=rec and rec["state_path"])
+
+    # The deployment must serve exactly the trainer's weights before the first rollout (a fresh
+    # deployment serves the base model; a resumed trainer has moved on).
+    snap = await call(training.save_weights_for_sampler(f"{name}-step-{start_step:06d}"), timeout=cfg.timeout_s,
+                      what="initial sampler snapshot")
+    await hot_load(snap.path)
+    registry = PolicyVersionRegistry(snap.path, initial_version=start_step)
+    pipeline = TrainerPipeline(training, max_in_flight=cfg.max_in_flight, timeout_s=cfg.timeout_s,
+                               busy=metrics.trainer)
+    adam = AdamParams(learning_rate=cfg.learning_rate)
+    loss_config = {"clip_low_threshold": cfg.clip_low, "clip_high_threshold": cfg.clip_high} \
+        if cfg.loss_fn == "ppo" else None
+    last_eval: dict[str, Any] = {}
+    saved = {"state": start_step, "sync": start_step, "eval": None}
+
+    async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
+        row = rows[cursor.index(position)]
+        prompt = encode_prompt(tok, row["prompt"])
+        samples = await sampler.sample_with_prompt_tokens(prompt, n=cfg.group_size, max_tokens=cfg.max_tokens,
+                                                          temperature=cfg.temperature, stop=cfg.stop, logprobs=True)
+        version = min(sample_version(s, registry, pv.version) for s in samples)
+        return RolloutGroup(position=position, version=version, samples=samples,
+                            rewards=[float(reward_fn(s.text, row)) for s in samples], identity=pv.identity)
+
+    def report(results: Sequence[StepResult]) -> None:
+        for r in results:
+            metrics.log("train_result", r.step + 1, latency_s=round(r.latency_s, 4), **r.metrics)
+
+    async def train_step(step: int, batch: list[RolloutGroup]) -> None:
+        data = [d for g in batch for d in group_datums(g, normalize=cfg.normalize_advantages)]
+        if not data:  # every group had constant rewards: no gradient, the weights stay as they are
+            metrics.log("no_signal_step", step + 1)
+            return
+        report(await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
+
+    async def publish(step: int, result: Any, _: Any) -> None:
+        await hot_load(result.path)
+        registry.publish(step, result.path)
+        saved["sync"] = step
+
+    async def record_state(step: int, result: Any, cursor_state: Any) -> None:
+        checkpoints.record(step, result.path, cursor_state)
+        saved["state"] = step
+
+    async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
+        if due(step, cfg.sync_every) or step == start_step:
+            await registry.wait_for(step)  # evaluate the weights of this very step, once served
+        pv = registry.current()
+        if saved["eval"] == pv.version:
+            return  # already evaluated these weights
+        prompts = [encode_prompt(tok, r["prompt"]) for r in eval_rows]
+        groups = await anyio_gather([sampler.sample_with_prompt_tokens(
+            p, n=1, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, stop=cfg.stop) for p in prompts])
+        rewards = [float(reward_fn(g[0].text, r)) for g, r in zip(groups, eval_rows, strict=True)]
+        served = sorted({v for g in groups for v in (g[0].policy_versions or [g[0].policy_version]) if v})
+        # Logged at the version evaluated (rollouts keep the deployment moving while evals queue).
+        last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity,
+                                             {"eval_reward": sum(rewards) / len(rewards), "served_by": served,
+                                              "requested_step": step}))
+        saved["eval"] = pv.version
+
+    jobs = [
+        PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
+                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"))),
+        PeriodicJob("state", cfg.save_every, timeout_s=cfg.timeout_s, finish=record_state,
+                    submit=lambda step: Pending(training.save_state(f"{name}-state-{step:06d}", overwrite=True), cursor.state())),
+    ]
+    if eval_rows:
+        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=evaluate,
+                                submit=lambda step: Pending(None), skip_if_busy=True))
+
+    def on_step(rec: dict[str, Any]) -> None:
+        if controller_step := getattr(sampler.concurrency_controller, "step_completed", None):
+            metrics.log_controller(rec["step"], controller_step())
+        if on_progress:
+            on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
+
+    loop = RLLoop(RLLoopSettings(steps=cfg.steps, groups_per_step=cfg.groups_per_step,
+                                 max_steps_off_policy=cfg.max_steps_off_policy,
+                                 max_concurrency=cfg.max_concurrent_rollouts, rollout_timeout_s=cfg.rollout_timeout_s),
+                  cursor=cursor, registry=registry, rollout_fn=rollout, train_step=train_step,
+                  periodic=PeriodicTasks(jobs), metrics=metrics, start_step=start_step, on_step=on_step)
+    try:
+        if eval_rows and start_step == 0:
+            await call(evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
+        await loop.run()
+        report(await pipeline.drain())
+        final = loop.trainer_step
+        if saved["state"] < final:
+            res = await call(training.save_state(f"{name}-state-{final:06d}", overwrite=True), timeout=cfg.timeout_s,
+                             what="final save_state")
+            await record_state(final, res, cursor.state())
+        if eval_rows and saved["eval"] != final:
+            if saved["sync"] < final:
+                res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
+                                 timeout=cfg.timeout_s, what="final sampler snapshot")
+                await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")
+            await call(evaluate(final), timeout=cfg.timeout_s, what="final eval")
+    finally:
+        pipeline.abandon()
+        summary = {**metrics.summary(), "final_step": loop.trainer_step, "start_step": start_step,
+                   "last_eval": last_eval, "evals": metrics.evals, "dropped": metrics.staleness.dropped,
+                   "plot": metrics.try_plot()}
+        metrics.log("run_end", loop.trainer_step, **{k: v for k, v in summary.items() if k != "evals"})
+        metrics.close()
+    return summary
