@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                api_key=api_key, ready_file=args.ready_file))
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     return 0
 
 

@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(run_server(layout, settings_from_args(args), host=args.host, port=args.port, api_key=api_key))
     except ConfigError as exc:
         print(f"error: {exc.message}")
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     return 0
 
 

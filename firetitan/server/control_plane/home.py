@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -48,7 +49,13 @@ class HomeLayout:
 
     @property
     def lock_file(self) -> Path:
+        """Clients serialise on this while they decide whether to start a daemon and wait for it."""
         return self.root / "control_plane.lock"
+
+    @property
+    def instance_lock_file(self) -> Path:
+        """A control plane holds an exclusive flock on this for its whole life (one per directory)."""
+        return self.root / "control_plane.pid.lock"
 
     def trainer_state_dir(self, account: str, job_id: str) -> Path:
         return self.trainers / account / job_id
@@ -111,6 +118,23 @@ def remove_discovery(layout: HomeLayout, pid: int) -> None:
     if info is not None and int(info["pid"]) == pid:
         with contextlib.suppress(FileNotFoundError):
             layout.discovery_file.unlink()
+
+
+def control_plane_lock_held(layout: HomeLayout) -> bool:
+    """Whether a control-plane process (alive, possibly still starting or stopping) holds the
+    directory's single-instance lock. The kernel drops the lock when its holder dies, so unlike the
+    discovery file this never goes stale. A free lock is held shared for an instant while probing."""
+    try:
+        fh = open(layout.instance_lock_file, "rb")
+    except FileNotFoundError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 def running_control_plane(layout: HomeLayout, timeout: float = 2.0) -> str | None:

@@ -7,13 +7,15 @@ import contextlib
 import fcntl
 import ipaddress
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
 
 from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
-from firetitan.server.common import serve_app
+from firetitan.server.common import serve_app, write_ready_file
 from firetitan.server.control_plane.app import build_app
 from firetitan.server.control_plane.controller import ControlPlane, Settings
 from firetitan.server.control_plane.home import (
@@ -25,6 +27,8 @@ from firetitan.server.control_plane.home import (
 
 log = get_logger("firetitan.control_plane")
 API_KEY_ENV = "FIRETITAN_API_KEY"
+# The exit status of a server that found another one already running for its state directory.
+EXIT_ALREADY_RUNNING = 3
 
 
 def is_loopback(host: str) -> bool:
@@ -48,17 +52,34 @@ def resolve_api_key(layout: HomeLayout, host: str, explicit: str | None) -> str:
     return load_or_create_api_key(layout)
 
 
+class ControlPlaneRunningError(ConfigError):
+    """Another control plane holds this state directory's single-instance lock: not a failure for a
+    daemon started by a client, which then connects to the winner."""
+
+    exit_code = EXIT_ALREADY_RUNNING
+
+
 @contextlib.contextmanager
-def instance_lock(layout: HomeLayout):  # type: ignore[no-untyped-def]
-    """Held for the server's lifetime, so one state directory never has two control planes."""
+def instance_lock(layout: HomeLayout, wait: float = 2.0) -> Iterator[None]:
+    """Held for the server's lifetime, so one state directory never has two control planes.
+
+    Clients probe the lock (a shared flock for an instant, see `control_plane_lock_held`), so a
+    busy lock is retried for `wait` seconds before concluding that another server owns it.
+    """
     layout.root.mkdir(parents=True, exist_ok=True)
-    fh = open(layout.root / "control_plane.pid.lock", "a+")
+    fh = open(layout.instance_lock_file, "a+")
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"a control plane is already running for {layout.root}; see "
-                              f"{layout.discovery_file}", field="home") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ControlPlaneRunningError(
+                        f"a control plane is already running for {layout.root}; see {layout.discovery_file}",
+                        field="home") from None
+                time.sleep(0.05)
         yield
     finally:
         fh.close()
@@ -66,7 +87,11 @@ def instance_lock(layout: HomeLayout):  # type: ignore[no-untyped-def]
 
 async def run_server(layout: HomeLayout, settings: Settings, *, host: str, port: int, api_key: str,
                      ready_file: Path | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; then stop every worker and withdraw the discovery file."""
+    """Serve until SIGTERM/SIGINT; then stop every worker and withdraw the discovery file.
+
+    The ready file is written only after the discovery file, so a client that started this daemon
+    and saw it ready never hands the client lock to another client that cannot yet discover it.
+    """
     with instance_lock(layout):
         cp = ControlPlane(layout, settings, api_key)
         app = build_app(cp)
@@ -78,6 +103,8 @@ async def run_server(layout: HomeLayout, settings: Settings, *, host: str, port:
             while "url" not in app:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             write_discovery(layout, app["url"], os.getpid())
+            if ready_file is not None:
+                write_ready_file(ready_file, {"url": app["url"], "pid": os.getpid()})
             log.info("control_plane_ready", url=app["url"], home=str(layout.root))
 
         async def start_publisher(app: web.Application) -> None:
@@ -90,4 +117,4 @@ async def run_server(layout: HomeLayout, settings: Settings, *, host: str, port:
 
         app.on_startup.append(start_publisher)
         app.on_cleanup.insert(0, stop_publisher)
-        await serve_app(app, host, port, ready_file)
+        await serve_app(app, host, port)
