@@ -44,6 +44,14 @@ def _exclusive(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+DAEMON_IDLE_EXIT_ENV = "FIRETITAN_DAEMON_IDLE_EXIT"
+
+
+def daemon_idle_exit() -> float:
+    """Seconds the embedded daemon waits with no workers and no requests before it exits (0 = never)."""
+    return float(os.environ.get(DAEMON_IDLE_EXIT_ENV, "900"))
+
+
 def ensure_control_plane(home: str | os.PathLike[str] | None = None, *,
                          timeout: float = 120.0) -> tuple[str, str]:
     """(url, api_key) of the live control plane for `home`, starting a daemon on loopback if none runs.
@@ -77,7 +85,9 @@ def _find_or_start(layout: HomeLayout, deadline: float) -> str:
         if not control_plane_lock_held(layout):
             log.info("starting_control_plane", home=str(layout.root))
             try:
-                worker = spawn_worker(CONTROL_PLANE_MODULE, ["--home", str(layout.root)], detach=True,
+                worker = spawn_worker(CONTROL_PLANE_MODULE,
+                                      ["--home", str(layout.root), "--exit-when-idle", str(daemon_idle_exit())],
+                                      detach=True,
                                       ready_timeout=max(1.0, remaining),
                                       log_path=layout.logs / "control_plane.log")
             except WorkerCrashedError:

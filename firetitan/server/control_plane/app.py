@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,13 @@ _ID = "{rid:[^/:]+}"
 def build_app(cp: ControlPlane) -> web.Application:
     app = make_app(cp.api_key)
     app[CP_KEY] = cp
+
+    @web.middleware
+    async def note_activity(request: web.Request, handler: Any) -> web.StreamResponse:
+        cp.last_request = time.monotonic()
+        return await handler(request)
+
+    app.middlewares.append(note_activity)
 
     async def on_startup(app: web.Application) -> None:
         await cp.start()

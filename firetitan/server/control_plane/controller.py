@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Coroutine, Iterator
@@ -81,6 +82,9 @@ class Settings:
     trainer_threads: int | None = None
     replica_threads: int | None = None
     worker_host: str = "127.0.0.1"
+    # The embedded daemon stops itself after this long with no workers and no requests (0 = never),
+    # so `make demo` or a notebook does not leave a process behind for good.
+    exit_when_idle: float = 0.0
 
 
 def split_threads(cpus: int, replicas: int, trainer: int | None = None,
@@ -110,6 +114,7 @@ class ControlPlane:
         self._activity: dict[tuple[str, str], float] = {}
         self._inflight: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._session: aiohttp.ClientSession | None = None
+        self.last_request = time.monotonic()
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -272,6 +277,10 @@ class ControlPlane:
     async def _idle_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.idle_check_interval)
+            if self._idle_long_enough():
+                log.info("control_plane_idle_exit", idle_s=round(time.monotonic() - self.last_request))
+                os.kill(os.getpid(), signal.SIGTERM)  # the server's normal shutdown path
+                return
             for job in self.list_jobs(None):
                 if job.state != JOB_RUNNING:
                     continue
@@ -281,6 +290,11 @@ class ControlPlane:
                 last = self._activity.setdefault(key, time.monotonic())
                 if self._inflight[key] == 0 and time.monotonic() - last > timeout:
                     await self._pause_idle(account, job.job_id, timeout)
+
+    def _idle_long_enough(self) -> bool:
+        limit = self.settings.exit_when_idle
+        return (limit > 0 and not self.supervisor.workers()
+                and time.monotonic() - self.last_request > limit)
 
     async def _pause_idle(self, account: str, job_id: str, timeout: float) -> None:
         async with self._lock(TRAINER, account, job_id):
