@@ -6,11 +6,13 @@ lets sampling run up to `max_steps_off_policy` versions ahead so the two overlap
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from firetitan.client.concurrency import FixedConcurrencyController
 from firetitan.logging import get_logger
 from firetitan.recipes.checkpoints import RunCheckpoints
 from firetitan.recipes.clients import Clients, open_clients
@@ -40,7 +42,7 @@ class RLConfig(RecipeConfig):
     max_tokens: int = Field(default=8, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
-    loss_fn: Literal["ppo", "importance_sampling"] = "ppo"
+    loss_fn: Literal["ppo", "importance_sampling", "cispo"] = "ppo"
     clip_low: float = Field(default=0.8, gt=0, le=1.0)
     clip_high: float = Field(default=1.2, ge=1.0)
     normalize_advantages: bool = Field(default=True, description="divide by the group's reward std (GRPO)")
@@ -49,6 +51,9 @@ class RLConfig(RecipeConfig):
     max_concurrent_rollouts: int = Field(default=8, ge=1, description="groups sampled at once")
     rollout_timeout_s: float = Field(default=300.0, gt=0)
     eval_temperature: float = Field(default=0.0, ge=0)
+    adaptive_sampler_window: bool = Field(
+        default=False, description="let the SDK's adaptive controller size the sampler's request window; by "
+        "default the window is fixed at what admission already allows (max_concurrent_rollouts * group_size)")
 
     @model_validator(mode="after")
     def _sync_within_bound(self) -> RLConfig:
@@ -80,7 +85,13 @@ def sample_version(sample: Any, registry: PolicyVersionRegistry, admitted: int) 
 async def run_rl(cfg: RLConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Sequence[Mapping[str, Any]],
                  reward_fn: RewardFn, *, name: str, service: Any = None,
                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    async with open_clients(cfg, name=name, deployment=True, service=service) as clients:
+    # Admission already bounds the requests in flight (max_concurrent_rollouts groups of group_size), so
+    # a second, adaptive limit only adds a ramp: it starts at 8 requests (one group at a time) and takes
+    # ~7 steps to open up to one batch, throttling the early steps of every run.
+    controller = None if cfg.adaptive_sampler_window else \
+        FixedConcurrencyController(cfg.max_concurrent_rollouts * cfg.group_size)
+    async with open_clients(cfg, name=name, deployment=True, service=service,
+                            concurrency_controller=controller) as clients:
         return await _run(cfg, clients, rows, eval_rows, reward_fn, name=name, on_progress=on_progress)
 
 
@@ -117,11 +128,15 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
     saved = {"state": start_step, "sync": start_step, "eval": None}
 
     async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
+        started = time.monotonic()
         row = rows[cursor.index(position)]
         prompt = encode_prompt(tok, row["prompt"])
         samples = await sampler.sample_with_prompt_tokens(prompt, n=cfg.group_size, max_tokens=cfg.max_tokens,
                                                           temperature=cfg.temperature, stop=cfg.stop, logprobs=True)
         version = min(sample_version(s, registry, pv.version) for s in samples)
+        # Phase timings for profiling: when the group was admitted and how long sampling took.
+        metrics.log("rollout", None, position=position, admitted_version=pv.version, version=version,
+                    sample_s=round(time.monotonic() - started, 4))
         return RolloutGroup(position=position, version=version, samples=samples,
                             rewards=[float(reward_fn(s.text, row)) for s in samples], identity=pv.identity)
 
@@ -136,10 +151,15 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
             return
         report(await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
 
-    async def publish(step: int, result: Any, _: Any) -> None:
+    async def publish(step: int, result: Any, submitted_at: Any) -> None:
+        loading = time.monotonic()
         await hot_load(result.path)
         registry.publish(step, result.path)
         saved["sync"] = step
+        done = time.monotonic()
+        # snapshot_s: queued behind the step's training + written; hot_load_s: until the deployment serves it
+        metrics.log("weight_sync", step, identity=result.path, hot_load_s=round(done - loading, 4),
+                    snapshot_s=round(loading - submitted_at, 4) if submitted_at is not None else None)
 
     async def record_state(step: int, result: Any, cursor_state: Any) -> None:
         checkpoints.record(step, result.path, cursor_state)
@@ -164,7 +184,8 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
 
     jobs = [
         PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
-                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"))),
+                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"),
+                                                time.monotonic())),
         PeriodicJob("state", cfg.save_every, timeout_s=cfg.timeout_s, finish=record_state,
                     submit=lambda step: Pending(training.save_state(f"{name}-state-{step:06d}", overwrite=True), cursor.state())),
     ]

@@ -113,6 +113,14 @@ async def test_grpo_learns(ft_home: Path, tmp_path: Path) -> None:
     assert best > first + 0.2
     assert summary["staleness"]["max"] == 0, "GRPO is on-policy"
     assert worker_processes(ft_home) == []
+    recs = [json.loads(line) for line in (cfg.log_dir / "metrics.jsonl").read_text().splitlines()]
+    # The sampler's request window is what admission allows from the first step on (no slow ramp).
+    windows = {r["window"] for r in recs if r["event"] == "controller_window"}
+    assert windows == {float(cfg.max_concurrent_rollouts * cfg.group_size)}
+    # Every sync is profiled: snapshot wait and hot-load time, one record per published version.
+    syncs = [r for r in recs if r["event"] == "weight_sync"]
+    assert [r["step"] for r in syncs] == list(range(1, 17))
+    assert all(r["hot_load_s"] >= 0 and r["snapshot_s"] >= 0 for r in syncs)
 
 
 async def test_async_rl_cancel_resume_and_learn_within_bound(ft_home: Path, tmp_path: Path) -> None:
