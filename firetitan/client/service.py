@@ -56,6 +56,8 @@ class FiretitanServiceClient:
         self._trainer_created = False
         self._deployment_created = False
         self._deployment_reattached = False
+        # Replicas a re-attached deployment had before this service scaled it up; restored on close.
+        self._replicas_found: int | None = None
         self._reference_job_id: str | None = None
         self._reference_created = False
         self._training_client: TrainingClient | None = None
@@ -239,7 +241,10 @@ class FiretitanServiceClient:
                 raise ConflictError(f"deployment {dep['name']} serves {dep['baseModel']!r}, not base_model "
                                     f"{cfg.base_model!r}", field="deployment_id")
             if dep["state"] == "FAILED" or dep.get("maxReplicaCount", 0) < want:
-                # Re-attached (so never cleaned up by us), but it must have replicas to serve.
+                # Re-attached (never deleted by us), but it must have replicas to serve; close()
+                # puts the count back so a deployment woken from zero does not stay up.
+                if dep["state"] != "FAILED":
+                    self._replicas_found = int(dep.get("maxReplicaCount", 0))
                 await http.request_json("PATCH", self._acct(f"/deployments/{dep_id}"),
                                         json={"minReplicaCount": want, "maxReplicaCount": want})
         else:
@@ -490,6 +495,10 @@ class FiretitanServiceClient:
                            {"minReplicaCount": 0, "maxReplicaCount": 0})
             elif self._deployment_created and dep_id and cfg.cleanup_deployment_on_close == "delete":
                 await step("delete_deployment", "DELETE", f"/deployments/{dep_id}")
+            elif (not self._deployment_created and dep_id and self._replicas_found is not None
+                  and cfg.cleanup_deployment_on_close is not None):
+                await step("restore_replicas", "PATCH", f"/deployments/{dep_id}",
+                           {"minReplicaCount": self._replicas_found, "maxReplicaCount": self._replicas_found})
             job_id = self.trainer_job_id
             if self._trainer_created and job_id and cfg.cleanup_trainer_on_close:
                 await step("delete_trainer", "DELETE", f"/rlorTrainerJobs/{job_id}")

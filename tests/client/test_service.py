@@ -160,3 +160,32 @@ def test_lora_reference_reuses_the_policy_trainer_with_adapters_off(ft_home: Pat
         assert frozen.allclose(base, atol=1e-5) and policy.sum() > base.sum()
         assert len(_workers(ft_home)) == 1  # one trainer, no second model
     assert _workers(ft_home) == []
+
+
+@pytest.mark.slow
+def test_reattached_deployment_woken_from_zero_goes_back_to_zero(ft_home: Path) -> None:
+    first = FiretitanServiceClient.from_firetitan_config(
+        base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-wake",
+        cleanup_trainer_on_close=True, cleanup_deployment_on_close="scale_to_zero")
+    with first:
+        first.create_deployment_sampler()
+    assert _workers(ft_home) == []  # created here, so scaled to zero by close()
+    # A second service re-attaches, wakes it for its own use, and leaves it as it found it.
+    second = FiretitanServiceClient.from_firetitan_config(
+        base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-wake",
+        cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
+    with second:
+        second.create_deployment_sampler()
+        assert len(_workers(ft_home)) == 2  # its trainer and the woken replica
+    assert _workers(ft_home) == []
+    info = read_discovery(HomeLayout(ft_home))
+    assert info is not None
+    import json
+    import urllib.request
+
+    key = (ft_home / "api_key").read_text().strip()
+    req = urllib.request.Request(info["url"] + "/v1/accounts/local/deployments/svc-wake",
+                                 headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        dep = json.loads(resp.read())
+    assert dep["maxReplicaCount"] == 0  # still there (not ours to delete), back at zero replicas
