@@ -62,6 +62,9 @@ class FiretitanProvisioningConfig(BaseModel):
     display_name: str | None = Field(default=None, max_length=63)
     hot_load_transition_type: Literal["ASYNC", "SYNC"] | None = None
     wait_for_trainer_before_deployment: bool = False
+    direct_replica_routing: bool = Field(
+        default=True, description="samplers send requests straight to the deployment's replicas when they are "
+        "reachable (same host as the control plane), instead of through its gateway")
     account: str = "local"
     home: str | None = Field(default=None, description="state directory of the embedded control plane")
 

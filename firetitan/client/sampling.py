@@ -17,6 +17,7 @@ import aiohttp
 
 from firetitan.client.concurrency import AdaptiveConcurrencyController, ConcurrencyController, percentile
 from firetitan.client.metrics import ServerMetrics, parse_server_metrics
+from firetitan.client.replicas import ReplicaRouting, reachable_replica_urls
 from firetitan.errors import (
     ConfigError,
     DeploymentSamplerTimeoutError,
@@ -66,12 +67,14 @@ class _AttemptFailed(Exception):
     """One attempt failed in a way worth retrying."""
 
     def __init__(self, kind: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None, metrics: ServerMetrics | None = None) -> None:
+                 retry_after: float | None = None, metrics: ServerMetrics | None = None,
+                 reroute: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
         self.metrics = metrics
+        self.reroute = reroute  # a direct replica failed: retry at once elsewhere, no backoff
 
 
 def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float | None = None,
@@ -99,6 +102,8 @@ class DeploymentSampler:
 
     `api="fireworks"` posts to `/inference/v1/completions` (token-id prompts, `raw_output`,
     `perf_metrics`); `api="openai"` posts to `/v1/completions` for any OpenAI-compatible server.
+    With `direct_replicas=True`, `base_url` must be a firetitan deployment resource URL: requests go
+    straight to its replicas when they are reachable (see `firetitan.client.replicas`).
     """
 
     def __init__(self, base_url: str, tokenizer: Any = None,
@@ -106,7 +111,8 @@ class DeploymentSampler:
                  model: str = "default", http_timeout: float = 600.0, max_attempts: int = 7, *,
                  api: ApiStyle = "fireworks", backoff_base: float = 2.0, backoff_max: float = 30.0,
                  not_ready_delay: float = 5.0, not_ready_retries: int = 10,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, direct_replicas: bool = False,
+                 replica_refresh_s: float = 10.0) -> None:
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}", field="max_attempts")
         if http_timeout <= 0:
@@ -126,6 +132,7 @@ class DeploymentSampler:
         self.not_ready_delay = not_ready_delay
         self.not_ready_retries = not_ready_retries
         self.connect_timeout = connect_timeout
+        self.routing = ReplicaRouting(self._fetch_replicas, refresh_s=replica_refresh_s) if direct_replicas else None
         self._metrics: list[ServerMetrics] = []
         self._metrics_lock = threading.Lock()
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
@@ -265,7 +272,7 @@ class DeploymentSampler:
         request_id = uuid.uuid4().hex
         last: _AttemptFailed | None = None
         for attempt in range(self.max_attempts):
-            if last is not None:
+            if last is not None and not last.reroute:
                 await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_max,
                                                   retry_after=last.retry_after))
             await self.controller.acquire()
@@ -319,11 +326,35 @@ class DeploymentSampler:
         with self._metrics_lock:
             self._metrics.append(metrics)
 
+    async def _fetch_replicas(self) -> list[str]:
+        session = await self._session()
+        async with session.get(self.base_url, timeout=aiohttp.ClientTimeout(total=10.0)) as resp:
+            if resp.status != 200:
+                raise SamplingRequestError(f"replica lookup at {self.base_url} answered HTTP {resp.status}")
+            return reachable_replica_urls(await resp.json(), self.base_url)
+
     async def _attempt(self, prompt: list[int], body: dict[str, Any], request_id: str, attempt: int,
                        http_timeout: float, temperature: float) -> SampledCompletion:
+        if self.routing is None:
+            return await self._attempt_at(self.base_url, prompt, body, request_id, attempt, http_timeout,
+                                          temperature)
+        replica = await self.routing.acquire()
+        try:
+            return await self._attempt_at(replica or self.base_url, prompt, body, request_id, attempt,
+                                          http_timeout, temperature)
+        except _AttemptFailed as exc:
+            if replica is not None and exc.kind in ("transport", "truncated"):
+                self.routing.failed(replica)  # gone or restarting: the gateway knows where to go
+                exc.reroute = True
+            raise
+        finally:
+            self.routing.release(replica)
+
+    async def _attempt_at(self, base_url: str, prompt: list[int], body: dict[str, Any], request_id: str,
+                          attempt: int, http_timeout: float, temperature: float) -> SampledCompletion:
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=http_timeout, sock_connect=min(self.connect_timeout, http_timeout))
-        url = self.base_url + self.path
+        url = base_url + self.path
         headers = {"x-request-id": request_id}
         started = time.monotonic()
         for not_ready in range(self.not_ready_retries + 1):

@@ -56,6 +56,7 @@ class FiretitanServiceClient:
         self._trainer_created = False
         self._deployment_created = False
         self._deployment_reattached = False
+        self._served_base: str | None = None  # the base every replica holds, as of this service's last load
         # Replicas a re-attached deployment had before this service scaled it up; restored on close.
         self._replicas_found: int | None = None
         self._reference_job_id: str | None = None
@@ -350,6 +351,15 @@ class FiretitanServiceClient:
         if self._deployment is None:
             raise ConfigError("this service has no deployment (create_deployment=False)", field="create_deployment")
         http = await self._connect()
+        if self._served_base is not None and not self._deployment_reattached:
+            # Steady state of a training loop: every replica holds the base this service loaded, so one
+            # POST does it (the control plane fills in a delta's base). A delta of another base is
+            # refused with a 409 before any weights change; then take the careful path below.
+            try:
+                return self._loaded(await self._hotload_one(http, identity, None))
+            except ConflictError as exc:
+                if exc.field != "incremental_snapshot_metadata.previous_snapshot_identity":
+                    raise
         try:
             manifest = await http.request_json("GET", self._acct(f"/snapshots/{identity}"))
         except NotFoundError:
@@ -366,6 +376,11 @@ class FiretitanServiceClient:
         else:
             status = await self._hotload_one(http, identity, None)
         self._deployment_reattached = False
+        return self._loaded(status)
+
+    def _loaded(self, status: dict[str, Any]) -> dict[str, Any]:
+        bases = {r.get("base_snapshot_identity") for r in status["replicas"]}
+        self._served_base = bases.pop() if len(bases) == 1 else None
         return status
 
     def _dep_path(self) -> str:
@@ -378,23 +393,16 @@ class FiretitanServiceClient:
         body = {"identity": identity, "reset_prompt_cache": True,
                 "mode": self.config.hot_load_transition_type or "ASYNC",
                 "incremental_snapshot_metadata": {"previous_snapshot_identity": previous} if previous else None}
-        await http.request_json("POST", self._dep_path(), json=body, timeout=self.config.hotload_timeout_s)
+        status = await http.request_json("POST", self._dep_path(), json=body, timeout=self.config.hotload_timeout_s)
         deadline = time.monotonic() + self.config.hotload_timeout_s
-        while True:
-            status = await self._hotload_status(http)
-            replicas = status["replicas"]
-            for r in replicas:
-                loading = r.get("loading_state") or {}
-                if loading.get("stage") == "error" and loading.get("identity") == identity:
-                    raise SnapshotError(f"replica {r.get('replica_index')} failed to load {identity!r}: "
-                                        f"{loading.get('error')}", field="model_path")
-            if len(replicas) >= status.get("replica_count", 1) and all(
-                    r.get("current_snapshot_identity") == identity and r.get("readiness") for r in replicas):
-                return status
+        # An ASYNC load answers once every replica has swapped, so its answer usually settles it.
+        while not _all_serving(status, identity):
             if time.monotonic() > deadline:
                 raise APITimeoutError(f"deployment {self.deployment_id} did not serve {identity!r} within "
                                       f"{self.config.hotload_timeout_s:.0f}s")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
+            status = await self._hotload_status(http)
+        return status
 
     def _default_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -425,7 +433,8 @@ class FiretitanServiceClient:
         if tokenizer is None:
             tokenizer = await asyncio.to_thread(self._default_tokenizer)
         return DeploymentSampler(self._deployment["inferenceUrl"], tokenizer, controller, self._api_key,
-                                 model=str(self._deployment["name"]))
+                                 model=str(self._deployment["name"]),
+                                 direct_replicas=self.config.direct_replica_routing)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config: Any = None, *, training_client: TrainingClient | None = None,
@@ -528,3 +537,15 @@ class FiretitanServiceClient:
 
 
 ServiceClient = FiretitanServiceClient
+
+
+def _all_serving(status: dict[str, Any], identity: str) -> bool:
+    """Every replica of the deployment serves `identity`; raises if one reports failing to load it."""
+    replicas = status.get("replicas") or []
+    for r in replicas:
+        loading = r.get("loading_state") or {}
+        if loading.get("stage") == "error" and loading.get("identity") == identity:
+            raise SnapshotError(f"replica {r.get('replica_index')} failed to load {identity!r}: "
+                                f"{loading.get('error')}", field="model_path")
+    return len(replicas) >= status.get("replica_count", 1) and all(
+        r.get("current_snapshot_identity") == identity and r.get("readiness") for r in replicas)

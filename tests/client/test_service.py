@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -13,6 +14,7 @@ from firetitan import types
 from firetitan.client.config import FiretitanProvisioningConfig
 from firetitan.client.service import FiretitanServiceClient
 from firetitan.errors import ConfigError
+from firetitan.futures import run_sync
 from firetitan.server.control_plane.home import HomeLayout, read_discovery
 from firetitan.server.process import stop_pid
 
@@ -189,3 +191,69 @@ def test_reattached_deployment_woken_from_zero_goes_back_to_zero(ft_home: Path) 
     with urllib.request.urlopen(req, timeout=30) as resp:
         dep = json.loads(resp.read())
     assert dep["maxReplicaCount"] == 0  # still there (not ours to delete), back at zero replicas
+
+
+@pytest.mark.slow
+def test_hot_load_is_one_request_in_steady_state_and_loads_a_foreign_base_first(ft_home: Path) -> None:
+    import torch
+
+    from firetitan.checkpoints import SnapshotStore
+    from firetitan.models import load_model
+
+    with FiretitanServiceClient.from_firetitan_config(
+            base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-hot",
+            cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete") as service:
+        client = service.create_training_client()
+        sampler = service.create_deployment_sampler()
+        tokens = list(range(20, 36))
+        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                            loss_fn_inputs={"target_tokens": tokens[1:]})
+
+        def train_and_save(name: str) -> Any:
+            client.forward_backward([datum], "cross_entropy").result()
+            client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            return client.save_weights_for_sampler(name).result()
+
+        base = client.save_weights_for_sampler("own-base").result()
+        service.hotload_sampler_snapshot(base.path)
+        assert service._http is not None
+        calls: list[tuple[str, str]] = []
+        original = service._http.request_json
+
+        async def counting(method: str, path: str, **kw: Any) -> Any:
+            calls.append((method, path.rsplit("/", 1)[-1]))
+            return await original(method, path, **kw)
+
+        service._http.request_json = counting  # type: ignore[method-assign]
+
+        def served(status: dict) -> list[tuple[str, str]]:
+            return [(r["current_snapshot_identity"], r["base_snapshot_identity"]) for r in status["replicas"]]
+
+        delta = train_and_save("own-1")
+        assert delta.checkpoint_type == "delta"
+        assert served(service.hotload_sampler_snapshot(delta.path)) == [(delta.path, base.path)]
+        assert calls == [("POST", "hot_load")]  # no manifest lookup, no status poll
+
+        # Another trainer's base and delta (written straight into the shared store): the one-request
+        # try is refused before any weight changes, then the base loads first.
+        model = load_model("firetitan/nano-qwen3")
+        store = SnapshotStore(ft_home / "store")
+        state = {k: v + 0.01 for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            foreign_base = store.save_base("foreign", state, model.config, base_model="firetitan/nano-qwen3",
+                                           client_suffix="x")
+            foreign = store.save_delta("foreign-1", {k: v * 1.5 for k, v in state.items()},
+                                       foreign_base.identity, client_suffix="x")
+        calls.clear()
+        assert served(service.hotload_sampler_snapshot(foreign.identity)) == [(foreign.identity,
+                                                                                foreign_base.identity)]
+        assert calls[0] == ("POST", "hot_load") and ("GET", foreign.identity) in calls
+        # And back to this trainer's deltas: its base is reloaded under them.
+        delta = train_and_save("own-2")
+        assert served(service.hotload_sampler_snapshot(delta.path)) == [(delta.path, base.path)]
+
+        # The sampler talks to the replica itself (same loopback as the control plane), not the gateway.
+        out = run_sync(sampler.sample_with_prompt_tokens(tokens[:4], n=3, max_tokens=2))
+        assert len(out) == 3 and all(c.policy_version for c in out)
+        assert sampler.routing is not None and len(sampler.routing.urls) == 1
+        assert sampler.routing.urls[0] != sampler.base_url and "/deployments/" not in sampler.routing.urls[0]

@@ -484,6 +484,10 @@ class ControlPlane:
             previous = req.incremental_snapshot_metadata.previous_snapshot_identity \
                 if req.incremental_snapshot_metadata else None
             body = req.model_dump(mode="json", exclude_none=True)
+            if previous is None and (previous := self._delta_base(req.identity)) is not None:
+                # A client may leave the base out (one request per sync); the record needs it so that
+                # a replica started later loads the base before this delta.
+                body["incremental_snapshot_metadata"] = {"previous_snapshot_identity": previous}
             results = await asyncio.gather(*(self._replica_hot_load(r.url or "", body) for r in ready),
                                            return_exceptions=True)
             failures = [(r.index, res) for r, res in zip(ready, results, strict=True)
@@ -497,9 +501,19 @@ class ControlPlane:
             dep.snapshot_chain = _next_chain(dep.snapshot_chain, HotLoadRecord(
                 identity=req.identity, previous_snapshot_identity=previous))
             self._save_dep(account, dep)
-            return {"identity": req.identity, "deployment": dep.name,
-                    "replicas": [{"replica_index": r.index, **(res if isinstance(res, dict) else {})}
+            return {"identity": req.identity, "deployment": dep.name, "replica_count": dep.max_replica_count,
+                    "replicas": [{"replica_index": r.index, **_replica_status(res)}
                                  for r, res in zip(ready, results, strict=True)]}
+
+    def _delta_base(self, identity: str) -> str | None:
+        """The base a stored delta snapshot applies to; None for other kinds or unknown identities."""
+        from firetitan.checkpoints import SnapshotStore  # torch-heavy: only once snapshots are in play
+
+        try:
+            manifest = SnapshotStore(self.layout.store).manifest(identity)
+        except FiretitanError:
+            return None  # unknown here: the replicas answer with the precise error
+        return manifest.previous_snapshot_identity if manifest.kind == "delta" else None
 
     async def hot_load_status(self, account: str, deployment_id: str) -> dict[str, Any]:
         dep = self.get_deployment(account, deployment_id)

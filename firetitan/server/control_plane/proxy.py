@@ -29,10 +29,16 @@ async def forward(request: web.Request, target_url: str, session: aiohttp.Client
             request.method, target_url, params=request.query, data=data, headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0), allow_redirects=False)
         async with upstream_cm as upstream:
+            kept = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE]
+            if upstream.content_type != "text/event-stream" and upstream.content_length is not None:
+                # A plain JSON answer (trainer calls, hot-loads): pass it on whole, in one write.
+                plain = web.Response(status=upstream.status, reason=upstream.reason, body=await upstream.read())
+                for name, value in kept:
+                    plain.headers.add(name, value)
+                return plain
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in _DROP_RESPONSE:
-                    resp.headers.add(name, value)
+            for name, value in kept:
+                resp.headers.add(name, value)
             await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)

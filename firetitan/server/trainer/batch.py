@@ -103,10 +103,27 @@ def prepare_batch(data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str,
 
 
 def gather_logprobs(logits: torch.Tensor, batch: PreparedBatch) -> list[torch.Tensor]:
-    """Per datum, the untempered log-probability of each target token (shape of its targets)."""
+    """Per datum, the untempered log-probability of each target token (shape of its targets).
+
+    One log-softmax and one gather over the real (unpadded) positions of the whole batch: slicing the
+    [B, T, V] logits per datum instead makes autograd write a full-size zero gradient for every slice,
+    which made backward O(batch^2) in memory traffic (5x the forward at 32 rows of the nano model).
+    """
+    lengths = batch.lengths
+    widths = [1 if t.dim() == 1 else int(t.shape[1]) for t in batch.targets]
+    k = max(widths)
+    positions = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        positions[i, :n] = True
+    logp = torch.log_softmax(logits[positions].float(), dim=-1)  # [sum(lengths), V]
+    # Targets with fewer than k columns are padded with token 0; the padding is sliced off below.
+    idx = torch.zeros((logp.shape[0], k), dtype=torch.int64)
+    start = 0
+    for n, w, target in zip(lengths, widths, batch.targets, strict=True):
+        idx[start:start + n, :w] = target.view(n, w)
+        start += n
+    gathered = logp.gather(-1, idx)  # [sum(lengths), k]
     out: list[torch.Tensor] = []
-    for i, (n, target) in enumerate(zip(batch.lengths, batch.targets, strict=True)):
-        logp = torch.log_softmax(logits[i, :n].float(), dim=-1)  # [n, V]
-        idx = target.view(n, -1)
-        out.append(logp.gather(-1, idx).view(target.shape))
+    for chunk, w, target in zip(gathered.split(lengths), widths, batch.targets, strict=True):
+        out.append(chunk[:, :w].reshape(target.shape))
     return out

@@ -16,19 +16,22 @@ DEP = f"{ACCT}/deployments/dep"
 HOT = f"{DEP}/hot_load/v1/models/hot_load"
 
 
-def _save_base(home: Any, name: str) -> str:
-    """A base snapshot of the nano model with its weights shifted, written straight into the store."""
+def _save_base_and_delta(home: Any) -> tuple[str, str]:
+    """A base snapshot of the nano model with its weights shifted, and a delta on it, written straight
+    into the store."""
     import torch
 
     from firetitan.checkpoints import SnapshotStore
     from firetitan.models import load_model
 
     model = load_model("firetitan/nano-qwen3")
+    store = SnapshotStore(home / "store")
     state = {k: v + 0.01 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    later = {k: v * 1.5 if v.is_floating_point() else v for k, v in state.items()}
     with torch.no_grad():
-        manifest = SnapshotStore(home / "store").save_base(name, state, model.config,
-                                                           base_model="firetitan/nano-qwen3", client_suffix="t0")
-    return manifest.identity
+        base = store.save_base("shifted", state, model.config, base_model="firetitan/nano-qwen3", client_suffix="t0")
+        delta = store.save_delta("later", later, base.identity, client_suffix="t0")
+    return base.identity, delta.identity
 
 
 def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -45,7 +48,7 @@ def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_replicas_hot_load_route_scale_and_fail(control_plane: Any) -> None:
     cp = control_plane
-    identity = _save_base(cp.home, "shifted")
+    identity, delta = _save_base_and_delta(cp.home)
     dep = cp.ok("POST", f"{ACCT}/deployments?deploymentId=dep",
                 {"baseModel": "firetitan/nano-qwen3", "minReplicaCount": 1, "maxReplicaCount": 1})
     assert dep["state"] == "CREATING"
@@ -56,6 +59,12 @@ def test_replicas_hot_load_route_scale_and_fail(control_plane: Any) -> None:
     assert [r["replica_index"] for r in loaded["replicas"]] == [0]
     status = cp.wait_for(HOT, lambda s: [r["current_snapshot_identity"] for r in s["replicas"]] == [identity])
     assert status["current_snapshot_identity"] == identity and status["replicas"][0]["readiness"]
+    # A delta posted without its base: the control plane fills the base in (the replica checks it) and
+    # the ASYNC answer already says what every replica serves.
+    loaded = cp.ok("POST", HOT, {"identity": delta})
+    assert loaded["replica_count"] == 1
+    assert [(r["current_snapshot_identity"], r["base_snapshot_identity"], r["readiness"])
+            for r in loaded["replicas"]] == [(delta, identity, True)]
     bad = cp.call("POST", HOT, {"identity": "missing-t0"})
     assert bad[0] in (404, 409) and bad[1]["error"]["field"] == "identity"
 
@@ -70,10 +79,12 @@ def test_replicas_hot_load_route_scale_and_fail(control_plane: Any) -> None:
     scaled = cp.ok("PATCH", DEP, {"minReplicaCount": 0, "maxReplicaCount": 0})
     assert scaled["replicaCount"] == 0 and scaled["maxReplicaCount"] == 0 and cp.worker_pids() == []
     assert cp.call("POST", f"{DEP}/inference/v1/completions", {"prompt": [5], "max_tokens": 1})[0] == 503
-    # Back to one: the new replica loads the snapshot the deployment served before taking traffic.
+    # Back to one: the new replica loads what the deployment served before taking traffic: the base,
+    # then the delta on it (recorded with its base though the client left it out).
     cp.ok("PATCH", DEP, {"minReplicaCount": 1, "maxReplicaCount": 1})
     dep = cp.wait_for(DEP, lambda d: d["state"] == "READY" and d["replicaCount"] == 1)
-    assert [r["current_snapshot_identity"] for r in cp.ok("GET", HOT)["replicas"]] == [identity]
+    assert [(r["current_snapshot_identity"], r["base_snapshot_identity"])
+            for r in cp.ok("GET", HOT)["replicas"]] == [(delta, identity)]
 
     os.kill(dep["replicas"][0]["pid"], signal.SIGKILL)
     failed = cp.wait_for(DEP, lambda d: d["state"] == "FAILED", timeout=60)

@@ -93,3 +93,34 @@ def test_two_dimensional_targets_give_two_dimensional_logprobs() -> None:
         [Datum(model_input=d.model_input, loss_fn_inputs={"target_tokens": TensorData.from_torch(topk[:, 0])})],
         "cross_entropy", None, engine.vocab_size), backward=False)["loss_fn_outputs"][0]["logprobs"]).to_torch()
     torch.testing.assert_close(lp[:, 0], first, atol=1e-6, rtol=0)
+
+
+def test_gather_logprobs_matches_per_row_log_softmax_in_values_and_gradients() -> None:
+    # Mixed lengths (padding) and a [N, K] target beside [N] targets.
+    gen = torch.Generator().manual_seed(11)
+    vocab = 50
+    ds = []
+    for n, k in ((5, None), (3, 4), (6, None)):
+        ids = torch.randint(0, vocab, (n,), generator=gen)
+        target = torch.randint(0, vocab, (n,) if k is None else (n, k), generator=gen)
+        ds.append(Datum(model_input=ModelInput.from_ints(ids.tolist()),
+                        loss_fn_inputs={"target_tokens": TensorData.from_torch(target)}))
+    batch = prepare_batch(ds, "cross_entropy", None, vocab)
+    logits = torch.randn(3, 6, vocab, generator=gen, requires_grad=True)
+    weights = [torch.rand(t.shape, generator=gen) for t in batch.targets]
+
+    got = gather_logprobs(logits, batch)
+    sum((lp * w).sum() for lp, w in zip(got, weights, strict=True)).backward()
+    got_grad, logits.grad = logits.grad.clone(), None
+
+    expected = []
+    for i, (n, t) in enumerate(zip(batch.lengths, batch.targets, strict=True)):
+        logp = torch.log_softmax(logits[i, :n], dim=-1)
+        expected.append(logp.gather(-1, t.view(n, -1)).view(t.shape))
+    sum((lp * w).sum() for lp, w in zip(expected, weights, strict=True)).backward()
+
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(got_grad, logits.grad)
+    assert got_grad[0, 5:].abs().sum() == 0  # padded positions get no gradient
