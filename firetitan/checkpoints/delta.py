@@ -24,7 +24,9 @@ except ImportError:  # pragma: no cover - exercised only where zstandard is abse
 
 DEFAULT_CODEC = "zstd" if zstandard is not None else "zlib"
 CODECS = ("zstd", "zlib")
-_ZSTD_LEVEL = 3
+# Level 1: on byte-shuffled XOR planes level 3 saved 0.1 % of the size for 1.1-1.8x the encode time
+# (nano/tiny-qwen3 deltas), and the encode sits on the trainer's path to every weight sync.
+_ZSTD_LEVEL = 1
 _ZLIB_LEVEL = 6
 
 
