@@ -94,7 +94,14 @@ def _shuffle(xor: np.ndarray, itemsize: int) -> np.ndarray:
 
 
 def _unshuffle(planes: np.ndarray, itemsize: int) -> np.ndarray:
-    return np.ascontiguousarray(planes.reshape(itemsize, -1).T).reshape(-1) if itemsize > 1 else planes
+    if itemsize == 1:
+        return planes
+    # One strided column write per byte plane: 5x faster than a transposed copy of the whole
+    # [itemsize, n] array (1.1 vs 5.8 ms for 623k float32 values), and this runs in every hot-load.
+    out = np.empty((planes.size // itemsize, itemsize), dtype=np.uint8)
+    for j, plane in enumerate(planes.reshape(itemsize, -1)):
+        out[:, j] = plane
+    return out.reshape(-1)
 
 
 def encode_xor(new: torch.Tensor, base: torch.Tensor, codec: str = DEFAULT_CODEC) -> bytes | None:
