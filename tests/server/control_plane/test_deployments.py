@@ -1,5 +1,6 @@
 """Deployments with real replicas: hot-load fan-out, routed streaming inference, scale to zero and
-back (replaying the served snapshot), and a crashed replica marking the deployment FAILED."""
+back and a control-plane restart (both replaying the served snapshot), and a crashed replica marking
+the deployment FAILED."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def _save_base_and_delta(home: Any) -> tuple[str, str]:
     return base.identity, delta.identity
 
 
+def _home_workers(home: Any) -> list[int]:
+    """Live worker processes whose snapshot store is this home's, whoever their parent is."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "firetitan.server." in cmd and f"{home}/store" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.pid)
+    return found
+
+
 def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     req = urllib.request.Request(cp.url + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {cp.api_key}",
@@ -46,7 +59,7 @@ def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_replicas_hot_load_route_scale_and_fail(control_plane: Any) -> None:
+def test_replicas_hot_load_route_scale_restart_and_fail(control_plane: Any, start_cp: Any) -> None:
     cp = control_plane
     identity, delta = _save_base_and_delta(cp.home)
     dep = cp.ok("POST", f"{ACCT}/deployments?deploymentId=dep",
@@ -85,6 +98,16 @@ def test_replicas_hot_load_route_scale_and_fail(control_plane: Any) -> None:
     dep = cp.wait_for(DEP, lambda d: d["state"] == "READY" and d["replicaCount"] == 1)
     assert [(r["current_snapshot_identity"], r["base_snapshot_identity"])
             for r in cp.ok("GET", HOT)["replicas"]] == [(delta, identity)]
+
+    # A restarted control plane (its replicas went down with it) brings the deployment back with
+    # a replica serving what it served before.
+    cp.stop()
+    assert _home_workers(cp.home) == []
+    cp = start_cp(cp.home)
+    dep = cp.wait_for(DEP, lambda d: d["state"] == "READY" and d["replicaCount"] == 1)
+    assert [(r["current_snapshot_identity"], r["base_snapshot_identity"])
+            for r in cp.ok("GET", HOT)["replicas"]] == [(delta, identity)]
+    assert len(cp.worker_pids()) == 1
 
     os.kill(dep["replicas"][0]["pid"], signal.SIGKILL)
     failed = cp.wait_for(DEP, lambda d: d["state"] == "FAILED", timeout=60)
