@@ -14,6 +14,7 @@ from firetitan.logging import get_logger
 from firetitan.server.control_plane.home import (
     HomeLayout,
     control_plane_lock_held,
+    flock_exclusive,
     read_api_key,
     resolve_home,
     running_control_plane,
@@ -29,15 +30,8 @@ def _exclusive(path: Path, timeout: float) -> Iterator[None]:
     """An flock on `path`: two clients starting at once serialise here, so only one daemon starts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise APITimeoutError(f"waited {timeout:.0f}s for {path}, held by another client") from None
-                time.sleep(0.05)
+        if not flock_exclusive(fh, timeout):
+            raise APITimeoutError(f"waited {timeout:.0f}s for {path}, held by another client")
         try:
             yield
         finally:

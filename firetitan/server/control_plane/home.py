@@ -8,9 +8,10 @@ import json
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import platformdirs
 
@@ -118,6 +119,23 @@ def remove_discovery(layout: HomeLayout, pid: int) -> None:
     if info is not None and int(info["pid"]) == pid:
         with contextlib.suppress(FileNotFoundError):
             layout.discovery_file.unlink()
+
+
+def flock_exclusive(fh: IO[Any], wait: float) -> bool:
+    """Take an exclusive flock on `fh`, retrying for up to `wait` seconds; False if still held elsewhere.
+
+    Non-blocking tries in a loop (not a blocking flock) so that the wait is bounded and a caller can
+    say who holds the lock when it gives up.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
 
 def control_plane_lock_held(layout: HomeLayout) -> bool:

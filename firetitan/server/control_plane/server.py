@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from firetitan.server.control_plane.app import build_app
 from firetitan.server.control_plane.controller import ControlPlane, Settings
 from firetitan.server.control_plane.home import (
     HomeLayout,
+    flock_exclusive,
     load_or_create_api_key,
     remove_discovery,
     write_discovery,
@@ -69,17 +68,9 @@ def instance_lock(layout: HomeLayout, wait: float = 2.0) -> Iterator[None]:
     layout.root.mkdir(parents=True, exist_ok=True)
     fh = open(layout.instance_lock_file, "a+")
     try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ControlPlaneRunningError(
-                        f"a control plane is already running for {layout.root}; see {layout.discovery_file}",
-                        field="home") from None
-                time.sleep(0.05)
+        if not flock_exclusive(fh, wait):
+            raise ControlPlaneRunningError(
+                f"a control plane is already running for {layout.root}; see {layout.discovery_file}", field="home")
         yield
     finally:
         fh.close()
