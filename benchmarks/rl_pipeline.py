@@ -107,7 +107,7 @@ async def run_mode(mode: str, args: argparse.Namespace, home: Path, out_dir: Pat
     started = time.monotonic()
     me = psutil.Process()
     client_before = sum(me.cpu_times()[:2])
-    cp = psutil.Process(cp_pid)  # the gateway: every sampling request and trainer call goes through it
+    cp = psutil.Process(cp_pid)  # the gateway: trainer calls and hot-loads go through it (rollouts go to the replica)
     cp_before = sum(cp.cpu_times()[:2])
     with WorkerCPU(home) as cpu:
         if mode == "grpo":
