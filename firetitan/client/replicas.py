@@ -11,6 +11,7 @@ sampler's gateway URL) and is refreshed periodically and after any replica fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import weakref
@@ -60,8 +61,9 @@ def reachable_replica_urls(deployment: dict, gateway_url: str) -> list[str]:
 class ReplicaRouting:
     """Least-outstanding choice among known replicas; None means "use the gateway".
 
-    Usable from several event loops (so is the sampler): the state is plain counters, and callers on
-    one loop that need a lookup share the one under way on that loop.
+    Usable from several event loops (so is the sampler): the state is plain counters (a race between
+    threads can only skew a count by one, i.e. the choice, never a request), and callers on one loop
+    that need a lookup share the one under way on that loop.
     """
 
     def __init__(self, fetch: FetchReplicas, *, refresh_s: float = 10.0, bench_s: float = 30.0) -> None:
@@ -87,13 +89,26 @@ class ReplicaRouting:
             lookup = self._lookups.get(loop)
             if lookup is None or lookup.done():
                 lookup = self._lookups[loop] = loop.create_task(self.refresh())
-            await asyncio.shield(lookup)
+            try:
+                await asyncio.shield(lookup)
+            except asyncio.CancelledError:
+                if not lookup.cancelled():
+                    raise  # this caller is being cancelled
+                # the sampler closed mid-lookup: go on with what is known (the request then fails cleanly)
         if not self._urls:
             return None
         start = next(self._tiebreak) % len(self._urls)  # rotate, so ties spread over the replicas
         url = min(self._urls[start:] + self._urls[:start], key=lambda u: self._outstanding.get(u, 0))
         self._outstanding[url] = self._outstanding.get(url, 0) + 1
         return url
+
+    async def cancel_lookup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop a replica lookup still running on `loop` (the sampler is closing there)."""
+        lookup = self._lookups.pop(loop, None)
+        if lookup is not None and not lookup.done():
+            lookup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lookup
 
     def release(self, url: str | None) -> None:
         if url is not None and self._outstanding.get(url, 0) > 0:

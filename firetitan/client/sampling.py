@@ -166,6 +166,8 @@ class DeploymentSampler:
     async def close(self) -> None:
         """Close this loop's HTTP session (sessions of other loops close when their loop shuts down)."""
         loop = asyncio.get_running_loop()
+        if self.routing is not None:
+            await self.routing.cancel_lookup(loop)
         sess = self._sessions.pop(loop, None)
         keeper = self._keepers.pop(loop, None)
         if keeper is not None:

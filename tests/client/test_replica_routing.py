@@ -153,3 +153,20 @@ async def test_without_a_replica_list_the_gateway_serves(deployment: FakeDeploym
     async with direct_sampler(deployment.url) as sampler:
         out = await sampler.sample_with_prompt_tokens(PROMPT, n=4, max_tokens=2)
     assert len(out) == 4 and deployment.served() == [0, 0, 4]
+
+
+async def test_closing_the_sampler_cancels_a_lookup_in_flight() -> None:
+    started = asyncio.Event()
+
+    async def slow_fetch() -> list[str]:
+        started.set()
+        await asyncio.sleep(60)
+        return []
+
+    sampler = DeploymentSampler("http://127.0.0.1:9/v1/accounts/a/deployments/d", None, direct_replicas=True)
+    assert sampler.routing is not None
+    sampler.routing._fetch = slow_fetch
+    waiter = asyncio.ensure_future(sampler.routing.acquire())
+    await started.wait()
+    await sampler.close()
+    assert await waiter is None  # the caller is not cancelled: it falls back to the gateway URL
