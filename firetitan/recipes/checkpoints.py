@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from firetitan.runtime.cursor import CURSOR_FILE, DataCursor
+from firetitan.runtime.remote import call
 
 
 class RunCheckpoints:
@@ -40,3 +41,17 @@ class RunCheckpoints:
     def load_cursor(self, rec: dict[str, Any]) -> DataCursor:
         cursor, _ = DataCursor.load(Path(rec["cursor_file"]))
         return cursor
+
+    async def resume(self, training: Any, cursor: DataCursor, *, enabled: bool,
+                     timeout_s: float) -> tuple[DataCursor, int, dict[str, Any] | None]:
+        """Load the latest train state (weights + optimizer) into `training`.
+
+        Returns the cursor and step to go on from and the record used (`cursor`, 0 and None when
+        there is nothing to resume or `enabled` is false).
+        """
+        rec = self.latest() if enabled else None
+        if rec is None:
+            return cursor, 0, None
+        await call(training.load_state_with_optimizer(rec["state_path"]), timeout=timeout_s,
+                   what=f"load_state_with_optimizer({rec['state_path']})")
+        return self.load_cursor(rec), int(rec["step"]), rec

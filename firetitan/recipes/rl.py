@@ -103,12 +103,7 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
     hot_load = clients.hot_load
     checkpoints = RunCheckpoints(cfg.log_dir)
     cursor = DataCursor(len(rows), epochs=None, seed=cfg.seed)
-    start_step = 0
-    rec = checkpoints.latest() if cfg.resume else None
-    if rec is not None:
-        await call(training.load_state_with_optimizer(rec["state_path"]), timeout=cfg.timeout_s,
-                   what=f"load_state_with_optimizer({rec['state_path']})")
-        cursor, start_step = checkpoints.load_cursor(rec), int(rec["step"])
+    cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
     metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
     metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
                 resumed_from=rec and rec["state_path"])

@@ -54,12 +54,7 @@ async def run_supervised(cfg: RecipeConfig, clients: Clients, *, name: str, data
     training = clients.training
     checkpoints = RunCheckpoints(cfg.log_dir)
     cursor = DataCursor(dataset_size, epochs=epochs, seed=cfg.seed)
-    start_step = 0
-    rec = checkpoints.latest() if cfg.resume else None
-    if rec is not None:
-        await call(training.load_state_with_optimizer(rec["state_path"]), timeout=cfg.timeout_s,
-                   what=f"load_state_with_optimizer({rec['state_path']})")
-        cursor, start_step = checkpoints.load_cursor(rec), int(rec["step"])
+    cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
     metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
     left = remaining_positions(cursor)
     total = cfg.steps if left is None else min(cfg.steps, start_step + left // batch_size)

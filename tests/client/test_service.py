@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from firetitan import types
@@ -77,17 +76,8 @@ def ft_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         stop_pid(int(info["pid"]), timeout=20)
 
 
-def _workers(home: Path) -> list[int]:
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "firetitan.server." in cmd and f"{home}/store" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc.pid)
-    return found
-
-
 @pytest.mark.slow
-def test_service_provisions_samples_references_and_deletes_what_it_created(ft_home: Path) -> None:
+def test_service_provisions_samples_references_and_deletes_what_it_created(ft_home: Path, home_workers: Any) -> None:
     service = FiretitanServiceClient.from_firetitan_config(
         base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-delete",
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
@@ -115,7 +105,7 @@ def test_service_provisions_samples_references_and_deletes_what_it_created(ft_ho
                                    types.SamplingParams(max_tokens=3, temperature=1.0)).result()
         assert len(response.sequences) == 2 and all(len(s.tokens) <= 3 for s in response.sequences)
         assert all(s.logprobs is not None and len(s.logprobs) == len(s.tokens) for s in response.sequences)
-        assert len(_workers(ft_home)) == 3  # policy trainer, reference trainer, one replica
+        assert len(home_workers(ft_home)) == 3  # policy trainer, reference trainer, one replica
     # close(): the deployment is gone, both trainers deleted, no worker process left.
     import json
     import urllib.error
@@ -136,13 +126,13 @@ def test_service_provisions_samples_references_and_deletes_what_it_created(ft_ho
     assert get("/v1/accounts/local/deployments/svc-delete")[0] == 404
     jobs = get("/v1/accounts/local/rlorTrainerJobs")[1]["rlorTrainerJobs"]
     assert sorted(j["state"] for j in jobs) == ["JOB_STATE_DELETED", "JOB_STATE_DELETED"]
-    assert _workers(ft_home) == []
+    assert home_workers(ft_home) == []
     service.close()  # idempotent
     assert os.environ["FIRETITAN_HOME"] == str(ft_home)
 
 
 @pytest.mark.slow
-def test_lora_reference_reuses_the_policy_trainer_with_adapters_off(ft_home: Path) -> None:
+def test_lora_reference_reuses_the_policy_trainer_with_adapters_off(ft_home: Path, home_workers: Any) -> None:
     with FiretitanServiceClient.from_firetitan_config(
             base_model="firetitan/nano-qwen3", lora_rank=4, create_deployment=False,
             cleanup_trainer_on_close=True) as service:
@@ -160,26 +150,26 @@ def test_lora_reference_reuses_the_policy_trainer_with_adapters_off(ft_home: Pat
         policy = client.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_torch()
         frozen = reference.forward([datum]).result().loss_fn_outputs[0]["logprobs"].to_torch()
         assert frozen.allclose(base, atol=1e-5) and policy.sum() > base.sum()
-        assert len(_workers(ft_home)) == 1  # one trainer, no second model
-    assert _workers(ft_home) == []
+        assert len(home_workers(ft_home)) == 1  # one trainer, no second model
+    assert home_workers(ft_home) == []
 
 
 @pytest.mark.slow
-def test_reattached_deployment_woken_from_zero_goes_back_to_zero(ft_home: Path) -> None:
+def test_reattached_deployment_woken_from_zero_goes_back_to_zero(ft_home: Path, home_workers: Any) -> None:
     first = FiretitanServiceClient.from_firetitan_config(
         base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-wake",
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="scale_to_zero")
     with first:
         first.create_deployment_sampler()
-    assert _workers(ft_home) == []  # created here, so scaled to zero by close()
+    assert home_workers(ft_home) == []  # created here, so scaled to zero by close()
     # A second service re-attaches, wakes it for its own use, and leaves it as it found it.
     second = FiretitanServiceClient.from_firetitan_config(
         base_model="firetitan/nano-qwen3", lora_rank=0, deployment_id="svc-wake",
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="delete")
     with second:
         second.create_deployment_sampler()
-        assert len(_workers(ft_home)) == 2  # its trainer and the woken replica
-    assert _workers(ft_home) == []
+        assert len(home_workers(ft_home)) == 2  # its trainer and the woken replica
+    assert home_workers(ft_home) == []
     info = read_discovery(HomeLayout(ft_home))
     assert info is not None
     import json

@@ -35,18 +35,6 @@ def _save_base_and_delta(home: Any) -> tuple[str, str]:
     return base.identity, delta.identity
 
 
-def _home_workers(home: Any) -> list[int]:
-    """Live worker processes whose snapshot store is this home's, whoever their parent is."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "firetitan.server." in cmd and f"{home}/store" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc.pid)
-    return found
-
-
 def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     req = urllib.request.Request(cp.url + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {cp.api_key}",
@@ -59,7 +47,8 @@ def _stream(cp: Any, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_replicas_hot_load_route_scale_restart_and_fail(control_plane: Any, start_cp: Any) -> None:
+def test_replicas_hot_load_route_scale_restart_and_fail(control_plane: Any, start_cp: Any,
+                                                         home_workers: Any) -> None:
     cp = control_plane
     identity, delta = _save_base_and_delta(cp.home)
     dep = cp.ok("POST", f"{ACCT}/deployments?deploymentId=dep",
@@ -102,7 +91,7 @@ def test_replicas_hot_load_route_scale_restart_and_fail(control_plane: Any, star
     # A restarted control plane (its replicas went down with it) brings the deployment back with
     # a replica serving what it served before.
     cp.stop()
-    assert _home_workers(cp.home) == []
+    assert home_workers(cp.home) == []
     cp = start_cp(cp.home)
     dep = cp.wait_for(DEP, lambda d: d["state"] == "READY" and d["replicaCount"] == 1)
     assert [(r["current_snapshot_identity"], r["base_snapshot_identity"])
