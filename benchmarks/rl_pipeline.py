@@ -3,7 +3,7 @@
 Both runs use the same task, model, seed, batch shape and number of steps, one after the other in
 this command, against the same local control plane. Writes benchmarks/results/rl_pipeline.json.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rl_pipeline.py --steps 16
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/rl_pipeline.py --steps 16 --repeats 6
 """
 
 from __future__ import annotations
@@ -76,7 +76,26 @@ def per_step(log_dir: Path) -> dict[str, Any]:
     third = max(1, len(rewards) // 3)
     return {"phases": phases(recs), "steps": len(steps), "sec_per_step": (t[-1] - t[0]) / (len(t) - 1),
             "reward_mean": sum(rewards) / len(rewards), "reward_first_third": sum(rewards[:third]) / third,
-            "reward_last_third": sum(rewards[-third:]) / third, "rewards": [round(r, 4) for r in rewards]}
+            "reward_last_third": sum(rewards[-third:]) / third, "rewards": [round(r, 4) for r in rewards],
+            "reward_by_version": reward_by_version(recs)}
+
+
+def reward_by_version(recs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean rollout reward of each policy version (weights after that many optimizer steps), over the
+    groups that were trained on. A step's batch in async RL was sampled by an older version, so
+    reward per *step* lags by up to the bound; per version it measures what each update achieved."""
+    trained = {p for r in recs if r["event"] == "train_step" for p in r.get("positions") or ()}
+    by: dict[int, list[float]] = {}
+    for r in recs:
+        if r["event"] == "rollout" and r.get("reward") is not None and r["position"] in trained:
+            by.setdefault(int(r["version"]), []).append(float(r["reward"]))
+    return {str(v): sum(xs) / len(xs) for v, xs in sorted(by.items())}
+
+
+def common_version_means(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
+    """Mean reward over the policy versions both runs sampled with (each version weighs the same)."""
+    common = sorted(set(a) & set(b), key=int)
+    return sum(a[v] for v in common) / len(common), sum(b[v] for v in common) / len(common)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -133,6 +152,12 @@ def _means(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {k: sum(r[k] for r in runs) / len(runs) for k in ("sec_per_step", "reward_mean")}
 
 
+def _version_reward_ratio(pairs: list[dict[str, Any]]) -> float:
+    """async / grpo of the reward by policy version, summed over pairs (versions both modes sampled)."""
+    sums = [common_version_means(p["async_rl"]["reward_by_version"], p["grpo"]["reward_by_version"]) for p in pairs]
+    return sum(a for a, _ in sums) / sum(g for _, g in sums)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="firetitan/nano-qwen3")
@@ -172,13 +197,17 @@ def main() -> None:
         "group_size": args.group_size, "max_tokens": args.max_tokens, "loss_fn": args.loss_fn, "cpu_count": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0], "python": platform.python_version(),
         "speedup_sec_per_step": g["sec_per_step"] / a["sec_per_step"],
+        # Reward of the batches each trainer step consumed: lags one step in async (bound 1) by design.
         "reward_mean_ratio_async_over_grpo": (a["reward_mean"] / g["reward_mean"]) if g["reward_mean"] else None,
+        # Reward of each policy version's own samples, on the versions both modes sampled with.
+        "reward_by_version_ratio_async_over_grpo": _version_reward_ratio(pairs),
         "goal": "async >= 1.5x faster per step with reward per step no worse",
         "repeats": len(pairs),
         # each pair ran back to back on the same machine state: its ratios are the fair comparisons
         "pairs": [{"seed": p["grpo"]["seed"], "order": p["order"],
                    "speedup_sec_per_step": p["grpo"]["sec_per_step"] / p["async_rl"]["sec_per_step"],
                    "reward_mean_ratio_async_over_grpo": p["async_rl"]["reward_mean"] / p["grpo"]["reward_mean"],
+                   "reward_by_version_ratio_async_over_grpo": _version_reward_ratio([p]),
                    "sec_per_step": {m: p[m]["sec_per_step"] for m in ("grpo", "async_rl")},
                    "reward_mean": {m: p[m]["reward_mean"] for m in ("grpo", "async_rl")}} for p in pairs],
         "results": results,

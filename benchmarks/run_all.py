@@ -17,6 +17,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("engine_throughput.py", []),
     ("hotload_pause.py", []),
     ("controllers.py", ["--http"]),
+    ("sampling_fanout.py", []),
     ("rl_pipeline.py", []),
 ]
 

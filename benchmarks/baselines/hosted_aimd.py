@@ -47,8 +47,8 @@ class HostedAIMDController(_GatedController):
         self.history: list[dict[str, Any]] = []
         super().__init__(int(self._window))
 
-    def _on_release_locked(self, metrics: ServerMetrics | None) -> None:
-        self._releases += 1
+    def _on_release_locked(self, metrics: ServerMetrics | None, weight: int) -> None:
+        self._releases += weight
         if metrics is not None and metrics.prefill_queue_duration is not None:
             self._samples.append(metrics.prefill_queue_duration)
         if self.adjustment_interval and self._releases >= self.adjustment_interval:

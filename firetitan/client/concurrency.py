@@ -30,7 +30,11 @@ CONGESTION_STATUSES = frozenset({429, 503})
 
 @runtime_checkable
 class ConcurrencyController(Protocol):
-    """What `DeploymentSampler` needs: one slot per HTTP attempt, released with that attempt's metrics."""
+    """What `DeploymentSampler` needs: slots per HTTP attempt, released with that attempt's metrics.
+
+    An attempt takes one slot per sequence it asks for: 1, or `n` when the sampler sends one
+    request with `n` choices (`fanout="choices"`); the window counts sequences either way.
+    """
 
     @property
     def window_size(self) -> int: ...
@@ -38,9 +42,9 @@ class ConcurrencyController(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    async def acquire(self) -> None: ...
+    async def acquire(self, weight: int = 1) -> None: ...
 
-    def release(self, metrics: ServerMetrics | None = None) -> None: ...
+    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None: ...
 
     def step_completed(self) -> dict[str, float]: ...
 
@@ -51,11 +55,12 @@ class ConcurrencyController(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("fut", "granted", "loop")
+    __slots__ = ("fut", "granted", "loop", "weight")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], weight: int) -> None:
         self.loop = loop
         self.fut = fut
+        self.weight = weight
         self.granted = False
 
 
@@ -65,8 +70,12 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 class _Gate:
-    """Admits while `in_flight < window`; a smaller window never cancels work, it only blocks new
-    admissions until enough releases have paid the difference (the "shrink debt")."""
+    """Admits while `in_flight + weight <= window`; a smaller window never cancels work, it only blocks
+    new admissions until enough releases have paid the difference (the "shrink debt").
+
+    Admission is first come, first served: a heavy request at the head is not overtaken by light
+    ones behind it (it would starve). One heavier than the whole window runs once nothing else does.
+    """
 
     def __init__(self, window: int) -> None:
         self.lock = threading.Lock()
@@ -78,49 +87,54 @@ class _Gate:
     def debt(self) -> int:
         return max(0, self.in_flight - self.window)
 
-    def try_admit_locked(self) -> bool:
-        if not self.waiters and self.in_flight < self.window:
-            self.in_flight += 1
+    def fits_locked(self, weight: int) -> bool:
+        return self.in_flight + weight <= self.window or self.in_flight == 0
+
+    def try_admit_locked(self, weight: int) -> bool:
+        if not self.waiters and self.fits_locked(weight):
+            self.in_flight += weight
             return True
         return False
 
     def wake_locked(self) -> None:
-        # Caller holds the lock. Each grant counts the slot before the waiter runs, so a burst of
+        # Caller holds the lock. Each grant counts the slots before the waiter runs, so a burst of
         # releases cannot over-admit.
-        while self.waiters and self.in_flight < self.window:
+        while self.waiters and self.fits_locked(self.waiters[0].weight):
             w = self.waiters.popleft()
             w.granted = True
-            self.in_flight += 1
+            self.in_flight += w.weight
             try:
                 w.loop.call_soon_threadsafe(_resolve, w.fut)
-            except RuntimeError:  # that loop is closed: its waiter is gone, give the slot back
-                self.in_flight -= 1
+            except RuntimeError:  # that loop is closed: its waiter is gone, give the slots back
+                self.in_flight -= w.weight
 
-    async def acquire(self) -> bool:
-        """Take a slot; returns True if it had to wait."""
+    async def acquire(self, weight: int = 1) -> bool:
+        """Take `weight` slots; returns True if it had to wait."""
+        if weight < 1:
+            raise ValueError(f"weight must be >= 1, got {weight}")
         loop = asyncio.get_running_loop()
         with self.lock:
-            if self.try_admit_locked():
+            if self.try_admit_locked(weight):
                 return False
-            waiter = _Waiter(loop, loop.create_future())
+            waiter = _Waiter(loop, loop.create_future(), weight)
             self.waiters.append(waiter)
         try:
             await waiter.fut
         except asyncio.CancelledError:
             with self.lock:
                 if waiter.granted:
-                    # Granted and cancelled in the same instant: hand the slot on.
-                    self.in_flight -= 1
-                    self.wake_locked()
+                    # Granted and cancelled in the same instant: hand the slots on.
+                    self.in_flight -= weight
                 else:
-                    self.waiters.remove(waiter)
+                    self.waiters.remove(waiter)  # may unblock lighter waiters queued behind it
+                self.wake_locked()
             raise
         return True
 
-    def release_locked(self) -> None:
-        if self.in_flight <= 0:
-            raise RuntimeError("release() called more often than acquire()")
-        self.in_flight -= 1
+    def release_locked(self, weight: int = 1) -> None:
+        if self.in_flight < weight:
+            raise RuntimeError("release() called for more slots than acquire() took")
+        self.in_flight -= weight
         self.wake_locked()
 
 
@@ -152,8 +166,8 @@ class _GatedController:
     def pending_decrease(self) -> int:
         return self._gate.debt
 
-    async def acquire(self) -> None:
-        waited = await self._gate.acquire()
+    async def acquire(self, weight: int = 1) -> None:
+        waited = await self._gate.acquire(weight)
         with self._gate.lock:
             self._step_max_in_flight = max(self._step_max_in_flight, self._gate.in_flight)
             self._on_acquired_locked(waited)
@@ -162,9 +176,9 @@ class _GatedController:
         if waited:
             self._step_waited += 1
 
-    def release(self, metrics: ServerMetrics | None = None) -> None:
+    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None:
         with self._gate.lock:
-            self._gate.release_locked()
+            self._gate.release_locked(weight)
             self._step_requests += 1
             self._step_window_sum += self._gate.window
             if metrics is not None:
@@ -172,9 +186,9 @@ class _GatedController:
                     self._step_pq.append(metrics.prefill_queue_duration)
                 self._step_prompt_tokens += metrics.prompt_tokens or 0
                 self._step_cached_tokens += metrics.cached_prompt_tokens or 0
-            self._on_release_locked(metrics)
+            self._on_release_locked(metrics, weight)
 
-    def _on_release_locked(self, metrics: ServerMetrics | None) -> None:
+    def _on_release_locked(self, metrics: ServerMetrics | None, weight: int) -> None:
         pass
 
     def _set_window_locked(self, window: int) -> None:
@@ -422,13 +436,14 @@ class AdaptiveConcurrencyController(_GatedController):
         if waited:
             self._interval_waited += 1
 
-    def _on_release_locked(self, metrics: ServerMetrics | None) -> None:
+    def _on_release_locked(self, metrics: ServerMetrics | None, weight: int) -> None:
+        # Intervals and the hold-off count sequences (slots), as the window does.
         if self._holdoff > 0:
             # Requests admitted before the last decrease report the queue that decrease already
             # answered; one decrease per round trip, as TCP does after a loss.
-            self._holdoff -= 1
+            self._holdoff = max(0, self._holdoff - weight)
             return
-        self._interval_releases += 1
+        self._interval_releases += weight
         if metrics is not None:
             if metrics.prefill_queue_duration is not None:
                 self._interval_pq.append(metrics.prefill_queue_duration)

@@ -37,6 +37,10 @@ VALID_FINISH_REASONS = frozenset({"stop", "length", "tool_calls"})
 # Consumed here, never sent to the server.
 _CLIENT_ONLY_KWARGS = frozenset({"http_timeout", "sampling_context", "timeout_diagnostic_context"})
 ApiStyle = Literal["fireworks", "openai"]
+# "requests": `n` completions are `n` independent streaming requests (the hosted SDK's behaviour).
+# "choices": one streaming request with `n` choices; the deployment prefills the prompt once and
+# the stream, the HTTP handling and the retry are shared by the group.
+FanOut = Literal["requests", "choices"]
 
 
 @dataclasses.dataclass
@@ -104,6 +108,11 @@ class DeploymentSampler:
     `perf_metrics`); `api="openai"` posts to `/v1/completions` for any OpenAI-compatible server.
     With `direct_replicas=True`, `base_url` must be a firetitan deployment resource URL: requests go
     straight to its replicas when they are reachable (see `firetitan.client.replicas`).
+    `fanout` picks how `n > 1` completions of one prompt are requested (see `FanOut`); either way
+    the concurrency controller counts `n` slots, so its window is in sequences. `stream=False` asks
+    for one JSON answer per request instead of a token stream: the same fields (token ids, logprobs,
+    policy versions, perf metrics) at a fraction of the HTTP work, for callers that only use whole
+    completions (RL rollouts); only the client-side time to first token is lost.
     """
 
     def __init__(self, base_url: str, tokenizer: Any = None,
@@ -112,13 +121,15 @@ class DeploymentSampler:
                  api: ApiStyle = "fireworks", backoff_base: float = 2.0, backoff_max: float = 30.0,
                  not_ready_delay: float = 5.0, not_ready_retries: int = 10,
                  connect_timeout: float = 30.0, direct_replicas: bool = False,
-                 replica_refresh_s: float = 10.0) -> None:
+                 replica_refresh_s: float = 10.0, fanout: FanOut = "requests", stream: bool = True) -> None:
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}", field="max_attempts")
         if http_timeout <= 0:
             raise ConfigError(f"http_timeout must be > 0, got {http_timeout}", field="http_timeout")
         if api not in ("fireworks", "openai"):
             raise ConfigError(f"api must be 'fireworks' or 'openai', got {api!r}", field="api")
+        if fanout not in ("requests", "choices"):
+            raise ConfigError(f"fanout must be 'requests' or 'choices', got {fanout!r}", field="fanout")
         self.base_url = base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.controller: ConcurrencyController = concurrency_controller or AdaptiveConcurrencyController()
@@ -127,6 +138,8 @@ class DeploymentSampler:
         self.http_timeout = float(http_timeout)
         self.max_attempts = int(max_attempts)
         self.api: ApiStyle = api
+        self.fanout: FanOut = fanout
+        self.stream = bool(stream)
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.not_ready_delay = not_ready_delay
@@ -205,7 +218,7 @@ class DeploymentSampler:
     async def sample_with_prompt_tokens(self, prompt_tokens: Sequence[int], n: int = 1, max_tokens: int = 256,
                                         temperature: float = 1.0, max_seq_len: int | None = None,
                                         **kw: Any) -> list[SampledCompletion]:
-        """Sample `n` completions of a token-id prompt as `n` independent streaming requests."""
+        """Sample `n` completions of a token-id prompt: `n` streaming requests, or one with `n` choices."""
         prompt = [int(t) for t in prompt_tokens]
         if n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {n}", field="n")
@@ -216,8 +229,12 @@ class DeploymentSampler:
             return []
         body = self._build_body(prompt, max_tokens=max_tokens, temperature=temperature, kw=kw)
         http_timeout = float(kw.get("http_timeout", self.http_timeout))
-        results = await asyncio.gather(*(self._one_completion(prompt, body, http_timeout, temperature)
-                                         for _ in range(n)))
+        if self.fanout == "choices" and n > 1:
+            results = await self._one_request(prompt, {**body, "n": n}, n, http_timeout, temperature)
+        else:
+            groups = await asyncio.gather(*(self._one_request(prompt, body, 1, http_timeout, temperature)
+                                            for _ in range(n)))
+            results = [c for g in groups for c in g]
         if max_seq_len is not None:
             results = [r for r in results if len(r.full_tokens) <= max_seq_len]
         return list(results)
@@ -242,10 +259,10 @@ class DeploymentSampler:
     def _build_body(self, prompt: list[int], *, max_tokens: int, temperature: float,
                     kw: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "n": 1, "max_tokens": int(max_tokens),
-                                "temperature": float(temperature), "stream": True}
+                                "temperature": float(temperature), "stream": self.stream}
         if self.api == "fireworks":
             body.update(perf_metrics_in_response=True, raw_output=True, top_p=1.0, top_k=0)
-        else:
+        elif self.stream:
             body.update(stream_options={"include_usage": True})
         for key, value in kw.items():
             if key not in _CLIENT_ONLY_KWARGS:
@@ -267,23 +284,26 @@ class DeploymentSampler:
                 out.append(str(s))
         return out
 
-    # ------------------------------------------------------------------ one logical completion
+    # ------------------------------------------------------------------ one logical request
 
-    async def _one_completion(self, prompt: list[int], body: dict[str, Any], http_timeout: float,
-                              temperature: float) -> SampledCompletion:
+    async def _one_request(self, prompt: list[int], body: dict[str, Any], n: int, http_timeout: float,
+                           temperature: float) -> list[SampledCompletion]:
+        """The `n` choices of one request, retried as a whole (a broken stream loses every choice)."""
         request_id = uuid.uuid4().hex
         last: _AttemptFailed | None = None
         for attempt in range(self.max_attempts):
             if last is not None and not last.reroute:
                 await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_max,
                                                   retry_after=last.retry_after))
-            await self.controller.acquire()
+            # One slot per sequence; the plain call keeps controllers written for one slot working.
+            await (self.controller.acquire(n) if n > 1 else self.controller.acquire())
             metrics: ServerMetrics | None = None
             started = time.monotonic()
             try:
-                completion = await self._attempt(prompt, body, request_id, attempt, http_timeout, temperature)
-                metrics = completion.metrics
-                return completion
+                completions = await self._attempt(prompt, body, n, request_id, attempt, http_timeout,
+                                                  temperature)
+                metrics = completions[0].metrics
+                return completions
             except _AttemptFailed as exc:
                 last = exc
                 metrics = exc.metrics or ServerMetrics(request_id=request_id)
@@ -300,7 +320,10 @@ class DeploymentSampler:
                     continue
                 self._record(metrics)
             finally:
-                self.controller.release(metrics)
+                if n > 1:
+                    self.controller.release(metrics, n)
+                else:
+                    self.controller.release(metrics)
         assert last is not None
         raise self._exhausted(last, request_id)
 
@@ -335,14 +358,14 @@ class DeploymentSampler:
                 raise SamplingRequestError(f"replica lookup at {self.base_url} answered HTTP {resp.status}")
             return reachable_replica_urls(await resp.json(), self.base_url)
 
-    async def _attempt(self, prompt: list[int], body: dict[str, Any], request_id: str, attempt: int,
-                       http_timeout: float, temperature: float) -> SampledCompletion:
+    async def _attempt(self, prompt: list[int], body: dict[str, Any], n: int, request_id: str, attempt: int,
+                       http_timeout: float, temperature: float) -> list[SampledCompletion]:
         if self.routing is None:
-            return await self._attempt_at(self.base_url, prompt, body, request_id, attempt, http_timeout,
+            return await self._attempt_at(self.base_url, prompt, body, n, request_id, attempt, http_timeout,
                                           temperature)
         replica = await self.routing.acquire()
         try:
-            return await self._attempt_at(replica or self.base_url, prompt, body, request_id, attempt,
+            return await self._attempt_at(replica or self.base_url, prompt, body, n, request_id, attempt,
                                           http_timeout, temperature)
         except _AttemptFailed as exc:
             if replica is not None and exc.kind in ("transport", "truncated"):
@@ -352,8 +375,8 @@ class DeploymentSampler:
         finally:
             self.routing.release(replica)
 
-    async def _attempt_at(self, base_url: str, prompt: list[int], body: dict[str, Any], request_id: str,
-                          attempt: int, http_timeout: float, temperature: float) -> SampledCompletion:
+    async def _attempt_at(self, base_url: str, prompt: list[int], body: dict[str, Any], n: int, request_id: str,
+                          attempt: int, http_timeout: float, temperature: float) -> list[SampledCompletion]:
         session = await self._session()
         timeout = aiohttp.ClientTimeout(total=http_timeout, sock_connect=min(self.connect_timeout, http_timeout))
         url = base_url + self.path
@@ -369,10 +392,11 @@ class DeploymentSampler:
                         continue
                     if resp.status >= 400:
                         raise await self._status_error(resp, request_id, attempt, started)
-                    completion = await self._read_stream(resp, prompt, request_id, attempt, started, temperature,
-                                                         wants_logprobs=bool(body.get("logprobs")))
-                    self._record(completion.metrics)  # type: ignore[arg-type]
-                    return completion
+                    read = self._read_stream if body.get("stream") else self._read_json
+                    completions = await read(resp, prompt, n, request_id, attempt, started, temperature,
+                                             wants_logprobs=bool(body.get("logprobs")))
+                    self._record(completions[0].metrics)  # type: ignore[arg-type]
+                    return completions
             except TimeoutError as exc:
                 raise _AttemptFailed("timeout", f"no complete response within {http_timeout:.1f}s",
                                      metrics=ServerMetrics(request_id=request_id, transport_error=True)) from exc
@@ -404,9 +428,26 @@ class DeploymentSampler:
 
     # ------------------------------------------------------------------ stream parsing
 
-    async def _read_stream(self, resp: aiohttp.ClientResponse, prompt: list[int], request_id: str, attempt: int,
-                           started: float, temperature: float, *, wants_logprobs: bool) -> SampledCompletion:
-        acc = _StreamAccumulator()
+    async def _read_json(self, resp: aiohttp.ClientResponse, prompt: list[int], n: int, request_id: str,
+                         attempt: int, started: float, temperature: float, *,
+                         wants_logprobs: bool) -> list[SampledCompletion]:
+        """A non-streamed answer: the whole response has the shape of one chunk holding every choice."""
+        text = await resp.text()  # a body cut short raises ClientPayloadError: "truncated", retried
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise _AttemptFailed("upstream_error", f"undecodable response body: {text[:200]!r}") from exc
+        if not isinstance(payload, dict) or "choices" not in payload:
+            raise _AttemptFailed("upstream_error", f"response has no choices: {text[:300]!r}")
+        accs = [_StreamAccumulator(index) for index in range(n)]
+        for acc in accs:
+            acc.add(payload)
+        return self._build_all(accs, resp, prompt, request_id, attempt, started, None, temperature, wants_logprobs)
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse, prompt: list[int], n: int, request_id: str,
+                           attempt: int, started: float, temperature: float, *,
+                           wants_logprobs: bool) -> list[SampledCompletion]:
+        accs = [_StreamAccumulator(index) for index in range(n)]
         first_at: float | None = None
         done = False
         async for event, data in _sse_events(resp.content):
@@ -426,27 +467,39 @@ class DeploymentSampler:
                 metrics = parse_server_metrics(resp.headers, None, http_status_code=status, request_id=request_id)
                 raise _AttemptFailed("upstream_error", f"upstream error event: {str(err)[:300]}", status=status,
                                      metrics=metrics)
-            if first_at is None and acc.has_content(chunk):
+            if first_at is None and _StreamAccumulator.has_content(chunk):
                 first_at = time.monotonic()
-            acc.add(chunk)
+            for acc in accs:
+                acc.add(chunk)
         if not done:
             raise _AttemptFailed("truncated", "stream ended without [DONE]")
-        if acc.finish_reason is None:
-            raise _AttemptFailed("truncated", "stream ended without a finish_reason")
-        if acc.finish_reason not in VALID_FINISH_REASONS:
-            raise _AttemptFailed("upstream_error", f"unexpected finish_reason {acc.finish_reason!r}")
+        return self._build_all(accs, resp, prompt, request_id, attempt, started, first_at, temperature,
+                               wants_logprobs)
+
+    def _build_all(self, accs: list[_StreamAccumulator], resp: aiohttp.ClientResponse, prompt: list[int],
+                   request_id: str, attempt: int, started: float, first_at: float | None, temperature: float,
+                   wants_logprobs: bool) -> list[SampledCompletion]:
+        for acc in accs:
+            if acc.finish_reason is None:
+                raise _AttemptFailed("truncated", f"the response ended without a finish_reason for choice {acc.index}")
+            if acc.finish_reason not in VALID_FINISH_REASONS:
+                raise _AttemptFailed("upstream_error", f"unexpected finish_reason {acc.finish_reason!r}")
         ended = time.monotonic()
-        metrics = parse_server_metrics(resp.headers, acc.perf_metrics, http_status_code=resp.status,
+        # Chunk-level fields (perf_metrics, usage) reach every accumulator; they describe the request.
+        metrics = parse_server_metrics(resp.headers, accs[0].perf_metrics, http_status_code=resp.status,
                                        request_id=request_id, retry_attempt=attempt, start_time=started,
                                        client_latency=ended - started,
                                        client_ttft=None if first_at is None else first_at - started)
-        return acc.build(prompt, metrics, self.api, self.tokenizer, temperature, wants_logprobs)
+        # Each completion gets its own copy: build() writes its completion length into it.
+        return [acc.build(prompt, metrics if i == 0 else dataclasses.replace(metrics), self.api, self.tokenizer,
+                          temperature, wants_logprobs) for i, acc in enumerate(accs)]
 
 
 class _StreamAccumulator:
-    """Folds SSE chunks of one choice into a completion."""
+    """Folds SSE chunks of one choice (`index`) into a completion."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.saw_token_ids = False
@@ -472,7 +525,7 @@ class _StreamAccumulator:
         if chunk.get("prompt_token_ids"):
             self.prompt_ids = [int(t) for t in chunk["prompt_token_ids"]]
         for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+            if choice.get("index", 0) != self.index:
                 continue
             if choice.get("text"):
                 self.text.append(choice["text"])

@@ -13,7 +13,7 @@ from typing import Any
 from firetitan.client.config import FiretitanProvisioningConfig
 from firetitan.client.http import HttpClient
 from firetitan.client.reference import ReferenceClient
-from firetitan.client.sampling import DeploymentSampler
+from firetitan.client.sampling import DeploymentSampler, FanOut
 from firetitan.client.sampling_client import SamplingClient
 from firetitan.client.training import TrainingClient
 from firetitan.errors import (
@@ -413,18 +413,25 @@ class FiretitanServiceClient:
 
     def create_deployment_sampler(self, model_path: str | None = None, *, tokenizer: Any = None,
                                   training_client: TrainingClient | None = None,
-                                  concurrency_controller: Any = None) -> DeploymentSampler:
-        """A new sampler for the deployment; with `model_path`, that snapshot is hot-loaded first."""
+                                  concurrency_controller: Any = None, fanout: FanOut = "requests",
+                                  stream: bool = True) -> DeploymentSampler:
+        """A new sampler for the deployment; with `model_path`, that snapshot is hot-loaded first.
+
+        `fanout="choices"` samples the `n` completions of a prompt in one request (see `FanOut`);
+        `stream=False` takes whole JSON answers instead of token streams (see `DeploymentSampler`).
+        """
         return run_sync(self.create_deployment_sampler_async(
             model_path, tokenizer=tokenizer, training_client=training_client,
-            concurrency_controller=concurrency_controller))
+            concurrency_controller=concurrency_controller, fanout=fanout, stream=stream))
 
     async def create_deployment_sampler_async(self, model_path: str | None = None, *, tokenizer: Any = None,
                                               training_client: TrainingClient | None = None,
-                                              concurrency_controller: Any = None) -> DeploymentSampler:
-        return await run_coroutine(self._sampler(model_path, tokenizer, concurrency_controller))
+                                              concurrency_controller: Any = None, fanout: FanOut = "requests",
+                                              stream: bool = True) -> DeploymentSampler:
+        return await run_coroutine(self._sampler(model_path, tokenizer, concurrency_controller, fanout, stream))
 
-    async def _sampler(self, model_path: str | None, tokenizer: Any, controller: Any) -> DeploymentSampler:
+    async def _sampler(self, model_path: str | None, tokenizer: Any, controller: Any,
+                       fanout: FanOut = "requests", stream: bool = True) -> DeploymentSampler:
         await self._ensure_provisioned()
         if self._deployment is None:
             raise ConfigError("this service has no deployment (create_deployment=False)", field="create_deployment")
@@ -434,7 +441,8 @@ class FiretitanServiceClient:
             tokenizer = await asyncio.to_thread(self._default_tokenizer)
         return DeploymentSampler(self._deployment["inferenceUrl"], tokenizer, controller, self._api_key,
                                  model=str(self._deployment["name"]),
-                                 direct_replicas=self.config.direct_replica_routing)
+                                 direct_replicas=self.config.direct_replica_routing, fanout=fanout,
+                                 stream=stream)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config: Any = None, *, training_client: TrainingClient | None = None,

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from firetitan.client.sampling import FanOut
 from firetitan.logging import get_logger
 from firetitan.models import load_tokenizer
 from firetitan.recipes.config import RecipeConfig, stable_job_id
@@ -38,7 +39,8 @@ def _hot_loader(service: Any, timeout_s: float) -> Callable[[str], Awaitable[Non
 
 @asynccontextmanager
 async def open_clients(cfg: RecipeConfig, *, name: str, deployment: bool, reference: bool = False,
-                       service: Any = None, concurrency_controller: Any = None) -> AsyncIterator[Clients]:
+                       service: Any = None, concurrency_controller: Any = None,
+                       fanout: FanOut = "requests", stream: bool = True) -> AsyncIterator[Clients]:
     """Create (or reuse `service`) and yield the run's clients; everything created here is closed on exit.
 
     Closing runs shielded from cancellation, so a cancelled or failed run still tears down its
@@ -68,7 +70,9 @@ async def open_clients(cfg: RecipeConfig, *, name: str, deployment: bool, refere
         hot_load = None
         if deployment:
             sampler = await call(service.create_deployment_sampler_async(
-                tokenizer=tokenizer, concurrency_controller=concurrency_controller), timeout=cfg.timeout_s,
+                tokenizer=tokenizer, concurrency_controller=concurrency_controller, fanout=fanout,
+                stream=stream),
+                timeout=cfg.timeout_s,
                 what="provisioning the deployment")
             hot_load = _hot_loader(service, cfg.timeout_s)
         yield Clients(service=service, training=training, tokenizer=tokenizer, sampler=sampler, reference=ref,

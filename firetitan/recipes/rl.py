@@ -51,6 +51,12 @@ class RLConfig(RecipeConfig):
     max_concurrent_rollouts: int = Field(default=8, ge=1, description="groups sampled at once")
     rollout_timeout_s: float = Field(default=300.0, gt=0)
     eval_temperature: float = Field(default=0.0, ge=0)
+    sampler_fanout: Literal["requests", "choices"] = Field(
+        default="choices", description="how a group's completions are requested: one request with "
+        "group_size choices (the prompt is prefilled once, one answer per group), or group_size requests")
+    stream_rollouts: bool = Field(
+        default=False, description="stream rollout tokens; the loop only uses whole completions, so by default "
+        "each request gets one JSON answer (less HTTP work on the deployment and here)")
     adaptive_sampler_window: bool = Field(
         default=False, description="let the SDK's adaptive controller size the sampler's request window; by "
         "default the window is fixed at what admission already allows (max_concurrent_rollouts * group_size)")
@@ -91,7 +97,8 @@ async def run_rl(cfg: RLConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Se
     controller = None if cfg.adaptive_sampler_window else \
         FixedConcurrencyController(cfg.max_concurrent_rollouts * cfg.group_size)
     async with open_clients(cfg, name=name, deployment=True, service=service,
-                            concurrency_controller=controller) as clients:
+                            concurrency_controller=controller, fanout=cfg.sampler_fanout,
+                            stream=cfg.stream_rollouts) as clients:
         return await _run(cfg, clients, rows, eval_rows, reward_fn, name=name, on_progress=on_progress)
 
 
@@ -129,11 +136,13 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         samples = await sampler.sample_with_prompt_tokens(prompt, n=cfg.group_size, max_tokens=cfg.max_tokens,
                                                           temperature=cfg.temperature, stop=cfg.stop, logprobs=True)
         version = min(sample_version(s, registry, pv.version) for s in samples)
-        # Phase timings for profiling: when the group was admitted and how long sampling took.
+        rewards = [float(reward_fn(s.text, row)) for s in samples]
+        # Phase timings for profiling (when the group was admitted, how long sampling took) and the
+        # reward of the policy version that sampled it (reward per version, whatever step trains on it).
         metrics.log("rollout", None, position=position, admitted_version=pv.version, version=version,
-                    sample_s=round(time.monotonic() - started, 4))
-        return RolloutGroup(position=position, version=version, samples=samples,
-                            rewards=[float(reward_fn(s.text, row)) for s in samples], identity=pv.identity)
+                    sample_s=round(time.monotonic() - started, 4), reward=sum(rewards) / len(rewards))
+        return RolloutGroup(position=position, version=version, samples=samples, rewards=rewards,
+                            identity=pv.identity)
 
     def report(results: Sequence[StepResult]) -> None:
         for r in results:

@@ -12,7 +12,12 @@ from aioresponses import aioresponses
 from firetitan.bench.simulated_deployment import FaultConfig, InProcessSimulation, SimConfig
 from firetitan.client.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
 from firetitan.client.sampling import DeploymentSampler, backoff_delay, parse_retry_after
-from firetitan.errors import DeploymentSamplerTimeoutError, InvalidRequestError, SamplingRequestError
+from firetitan.errors import (
+    ConfigError,
+    DeploymentSamplerTimeoutError,
+    InvalidRequestError,
+    SamplingRequestError,
+)
 
 FAST = SimConfig(capacity=8, time_scale=0.001)
 PROMPT = [11, 12, 13, 14]
@@ -190,6 +195,39 @@ async def test_odd_remote_responses_are_retried_or_refused() -> None:
         await s.close()
 
 
+def _choice(index: int, token: int, finish: str | None = "length") -> dict[str, object]:
+    return {"index": index, "text": f"t{token}", "finish_reason": finish,
+            "logprobs": {"content": [{"logprob": -0.5, "sampling_logprob": -0.25, "policy_version": "v1"}]},
+            "raw_output": {"completion_token_ids": [token], "policy_versions": ["v1"]}}
+
+
+async def test_choices_fanout_without_streaming_is_one_request_retried_whole() -> None:
+    url = "http://remote.invalid"
+    path = f"{url}/inference/v1/completions"
+    ctl = FixedConcurrencyController(2)
+    with aioresponses() as m:
+        # Choice 1 lacks a finish_reason: the answer is incomplete and the whole request is retried.
+        m.post(path, status=200, payload={"choices": [_choice(0, 7), _choice(1, 8, None)]})
+        m.post(path, status=200, payload={"choices": [_choice(1, 9), _choice(0, 8)],
+                                          "perf_metrics": {"prefill-queue-duration": 0.02}})
+        s = sampler_for(url, controller=ctl, fanout="choices", stream=False, max_attempts=3)
+        out = await s.sample_with_prompt_tokens(PROMPT, n=2, max_tokens=1, logprobs=True)
+        await s.close()
+        bodies = [call.kwargs["json"] for calls in m.requests.values() for call in calls]
+    assert len(bodies) == 2 and all(b["n"] == 2 and b["stream"] is False for b in bodies)
+    assert [c.completion_tokens for c in out] == [[8], [9]]  # ordered by choice index, not by position
+    assert all(c.sampling_logprobs == [-0.25] and c.policy_versions == ["v1"] for c in out)
+    assert out[0].metrics is not out[1].metrics and out[0].metrics.prefill_queue_duration == 0.02
+    kinds = [r.error.split(":")[0] if r.error else None for r in s.drain_metrics()]
+    assert kinds == ["truncated", None]  # one record per attempt, not per choice
+    assert ctl.in_flight == 0 and ctl.step_completed()["requests"] == 2  # each attempt gave back its 2 slots
+
+
+def test_fanout_must_be_known() -> None:
+    with pytest.raises(ConfigError):
+        DeploymentSampler("http://x", fanout="threads")  # type: ignore[arg-type]
+
+
 def test_backoff_and_retry_after_parsing() -> None:
     import random
 
@@ -227,5 +265,26 @@ async def test_against_the_real_deployment_worker(tmp_path: object) -> None:
             with pytest.raises(InvalidRequestError):
                 await s.sample_with_prompt_tokens([10**7], n=1, max_tokens=2)
         assert ctl.in_flight == 0 and ctl.step_completed()["requests"] == 4  # the refused attempt too
+
+        # The four ways to ask for a group agree: greedy tokens and logprobs are the same whether the
+        # group is n requests or one request with n choices, streamed or answered whole.
+        prompt = out[0].prompt_tokens
+        groups = {}
+        for fanout in ("requests", "choices"):
+            for streamed in (True, False):
+                async with DeploymentSampler(worker.url, tok, FixedConcurrencyController(8), http_timeout=120,
+                                             fanout=fanout, stream=streamed) as s:
+                    groups[fanout, streamed] = await s.sample_with_prompt_tokens(
+                        prompt, n=3, max_tokens=6, temperature=0.0, logprobs=True)
+                    hot = await s.sample_with_prompt_tokens(prompt, n=4, max_tokens=6, logprobs=True, ignore_eos=True)
+                    assert len({tuple(c.completion_tokens) for c in hot}) > 1  # the choices are independent draws
+                    assert all(c.completion_len == 6 and len(c.sampling_logprobs or []) == 6 for c in hot)
+        reference = groups["requests", True]
+        assert len(reference) == 3 and len({tuple(c.completion_tokens) for c in reference}) == 1
+        for key, group in groups.items():
+            assert [c.full_tokens for c in group] == [c.full_tokens for c in reference], key
+            for c, r in zip(group, reference, strict=True):
+                assert c.inference_logprobs == pytest.approx(r.inference_logprobs, abs=1e-5), key
+                assert c.policy_versions == r.policy_versions and c.metrics is not None
     finally:
         await asyncio.to_thread(worker.stop)
