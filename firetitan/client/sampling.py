@@ -41,6 +41,7 @@ ApiStyle = Literal["fireworks", "openai"]
 # "choices": one streaming request with `n` choices; the deployment prefills the prompt once and
 # the stream, the HTTP handling and the retry are shared by the group.
 FanOut = Literal["requests", "choices"]
+MAX_CHOICES_PER_REQUEST = 128  # the deployment's limit on `n`; larger groups are split into requests
 
 
 @dataclasses.dataclass
@@ -229,12 +230,13 @@ class DeploymentSampler:
             return []
         body = self._build_body(prompt, max_tokens=max_tokens, temperature=temperature, kw=kw)
         http_timeout = float(kw.get("http_timeout", self.http_timeout))
-        if self.fanout == "choices" and n > 1:
-            results = await self._one_request(prompt, {**body, "n": n}, n, http_timeout, temperature)
+        if self.fanout == "choices":
+            sizes = [min(MAX_CHOICES_PER_REQUEST, n - i) for i in range(0, n, MAX_CHOICES_PER_REQUEST)]
         else:
-            groups = await asyncio.gather(*(self._one_request(prompt, body, 1, http_timeout, temperature)
-                                            for _ in range(n)))
-            results = [c for g in groups for c in g]
+            sizes = [1] * n
+        groups = await asyncio.gather(*(self._one_request(prompt, {**body, "n": k}, k, http_timeout, temperature)
+                                        for k in sizes))
+        results = [c for g in groups for c in g]
         if max_seq_len is not None:
             results = [r for r in results if len(r.full_tokens) <= max_seq_len]
         return list(results)

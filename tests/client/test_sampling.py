@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
 
 from firetitan.bench.simulated_deployment import FaultConfig, InProcessSimulation, SimConfig
 from firetitan.client.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
@@ -221,6 +222,24 @@ async def test_choices_fanout_without_streaming_is_one_request_retried_whole() -
     kinds = [r.error.split(":")[0] if r.error else None for r in s.drain_metrics()]
     assert kinds == ["truncated", None]  # one record per attempt, not per choice
     assert ctl.in_flight == 0 and ctl.step_completed()["requests"] == 2  # each attempt gave back its 2 slots
+
+
+async def test_choices_beyond_the_deployment_limit_are_split_into_requests() -> None:
+    url = "http://remote.invalid"
+    sizes: list[int] = []
+
+    def answer(_url: object, **kwargs: Any) -> CallbackResult:
+        n = kwargs["json"]["n"]
+        sizes.append(n)
+        return CallbackResult(status=200, payload={"choices": [_choice(i, 100 + i) for i in range(n)]})
+
+    with aioresponses() as m:
+        m.post(f"{url}/inference/v1/completions", callback=answer, repeat=True)
+        s = sampler_for(url, controller=FixedConcurrencyController(256), fanout="choices", stream=False)
+        out = await s.sample_with_prompt_tokens(PROMPT, n=130, max_tokens=1)
+        await s.close()
+    assert sorted(sizes) == [2, 128] and len(out) == 130
+    assert [c.completion_tokens[0] for c in out] == [100 + i for i in range(128)] + [100, 101]
 
 
 def test_fanout_must_be_known() -> None:
