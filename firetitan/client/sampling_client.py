@@ -13,8 +13,9 @@ from firetitan.types import ModelInput, SampledSequence, SampleResponse, Samplin
 class SamplingClient:
     """Tinker-shaped sampling bound to one deployment (and the snapshot it was created for).
 
-    Each of the `num_samples` sequences is one streaming request through the deployment sampler,
-    so concurrency control and retries are the sampler's. Sequence logprobs are the sampling
+    The `num_samples` sequences are requested as the deployment sampler's `fanout` says (by default
+    one streaming request each; `fanout="choices"`: one request), so concurrency control and retries
+    are the sampler's. Sequence logprobs are the sampling
     (behaviour-policy) logprobs.
     """
 

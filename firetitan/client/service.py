@@ -446,16 +446,23 @@ class FiretitanServiceClient:
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config: Any = None, *, training_client: TrainingClient | None = None,
-                               tokenizer: Any = None, concurrency_controller: Any = None) -> SamplingClient:
-        """Tinker-shaped `SamplingClient` over the deployment (hot-loading `model_path` first if given)."""
+                               tokenizer: Any = None, concurrency_controller: Any = None,
+                               fanout: FanOut = "requests", stream: bool = True) -> SamplingClient:
+        """Tinker-shaped `SamplingClient` over the deployment (hot-loading `model_path` first if given).
+
+        `fanout` and `stream` choose how its deployment sampler asks for `num_samples` sequences.
+        """
         sampler = self.create_deployment_sampler(model_path, tokenizer=tokenizer,
-                                                 concurrency_controller=concurrency_controller)
+                                                 concurrency_controller=concurrency_controller, fanout=fanout,
+                                                 stream=stream)
         return SamplingClient(sampler, base_model=self.config.base_model, model_path=model_path)
 
     async def create_sampling_client_async(self, model_path: str | None = None, *, tokenizer: Any = None,
-                                           concurrency_controller: Any = None) -> SamplingClient:
+                                           concurrency_controller: Any = None, fanout: FanOut = "requests",
+                                           stream: bool = True) -> SamplingClient:
         sampler = await self.create_deployment_sampler_async(model_path, tokenizer=tokenizer,
-                                                             concurrency_controller=concurrency_controller)
+                                                             concurrency_controller=concurrency_controller,
+                                                             fanout=fanout, stream=stream)
         return SamplingClient(sampler, base_model=self.config.base_model, model_path=model_path)
 
     # ------------------------------------------------------------------ checkpoints

@@ -105,6 +105,12 @@ def test_service_provisions_samples_references_and_deletes_what_it_created(ft_ho
                                    types.SamplingParams(max_tokens=3, temperature=1.0)).result()
         assert len(response.sequences) == 2 and all(len(s.tokens) <= 3 for s in response.sequences)
         assert all(s.logprobs is not None and len(s.logprobs) == len(s.tokens) for s in response.sequences)
+        grouped = service.create_sampling_client(fanout="choices", stream=False)  # one request, 3 choices
+        response = grouped.sample(types.ModelInput.from_ints(tokens[:4]), 3,
+                                  types.SamplingParams(max_tokens=3, temperature=1.0)).result()
+        assert len(response.sequences) == 3 and all(1 <= len(s.tokens) <= 3 for s in response.sequences)
+        assert all(s.logprobs is not None and len(s.logprobs) == len(s.tokens) for s in response.sequences)
+        assert grouped.deployment_sampler.concurrency_controller.step_completed()["requests"] == 1
         assert len(home_workers(ft_home)) == 3  # policy trainer, reference trainer, one replica
     # close(): the deployment is gone, both trainers deleted, no worker process left.
     import json
