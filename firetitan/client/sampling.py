@@ -397,7 +397,11 @@ class DeploymentSampler:
                     read = self._read_stream if body.get("stream") else self._read_json
                     completions = await read(resp, prompt, n, request_id, attempt, started, temperature,
                                              wants_logprobs=bool(body.get("logprobs")))
-                    self._record(completions[0].metrics)  # type: ignore[arg-type]
+                    first = completions[0].metrics
+                    assert first is not None
+                    # One record per attempt; with several choices it counts all their tokens.
+                    self._record(first if n == 1 else dataclasses.replace(
+                        first, completion_tokens=sum(c.completion_len for c in completions)))
                     return completions
             except TimeoutError as exc:
                 raise _AttemptFailed("timeout", f"no complete response within {http_timeout:.1f}s",

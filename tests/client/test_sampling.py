@@ -219,8 +219,9 @@ async def test_choices_fanout_without_streaming_is_one_request_retried_whole() -
     assert [c.completion_tokens for c in out] == [[8], [9]]  # ordered by choice index, not by position
     assert all(c.sampling_logprobs == [-0.25] and c.policy_versions == ["v1"] for c in out)
     assert out[0].metrics is not out[1].metrics and out[0].metrics.prefill_queue_duration == 0.02
-    kinds = [r.error.split(":")[0] if r.error else None for r in s.drain_metrics()]
-    assert kinds == ["truncated", None]  # one record per attempt, not per choice
+    records = s.drain_metrics()
+    assert [r.error.split(":")[0] if r.error else None for r in records] == ["truncated", None]  # per attempt
+    assert records[-1].completion_tokens == 2 and out[0].metrics.completion_tokens == 1
     assert ctl.in_flight == 0 and ctl.step_completed()["requests"] == 2  # each attempt gave back its 2 slots
 
 
