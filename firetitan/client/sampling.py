@@ -446,8 +446,7 @@ class DeploymentSampler:
         if not isinstance(payload, dict) or "choices" not in payload:
             raise _AttemptFailed("upstream_error", f"response has no choices: {text[:300]!r}")
         accs = [_StreamAccumulator(index) for index in range(n)]
-        for acc in accs:
-            acc.add(payload)
+        _fold(payload, accs)
         return self._build_all(accs, resp, prompt, request_id, attempt, started, None, temperature, wants_logprobs)
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, prompt: list[int], n: int, request_id: str,
@@ -475,8 +474,7 @@ class DeploymentSampler:
                                      metrics=metrics)
             if first_at is None and _StreamAccumulator.has_content(chunk):
                 first_at = time.monotonic()
-            for acc in accs:
-                acc.add(chunk)
+            _fold(chunk, accs)
         if not done:
             raise _AttemptFailed("truncated", "stream ended without [DONE]")
         return self._build_all(accs, resp, prompt, request_id, attempt, started, first_at, temperature,
@@ -523,37 +521,36 @@ class _StreamAccumulator:
         return isinstance(chunk, dict) and any(c.get("text") or (c.get("raw_output") or {}).get(
             "completion_token_ids") for c in chunk.get("choices") or [])
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add_chunk_fields(self, chunk: dict[str, Any], prompt_ids: list[int] | None) -> None:
         if isinstance(chunk.get("perf_metrics"), dict):
             self.perf_metrics = chunk["perf_metrics"]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        if chunk.get("prompt_token_ids"):
-            self.prompt_ids = [int(t) for t in chunk["prompt_token_ids"]]
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != self.index:
-                continue
-            if choice.get("text"):
-                self.text.append(choice["text"])
-            raw = choice.get("raw_output") or {}
-            if raw.get("completion_token_ids") is not None:
-                self.saw_token_ids = True
-                self.token_ids.extend(int(t) for t in raw["completion_token_ids"])
-            if raw.get("prompt_token_ids"):
-                self.prompt_ids = [int(t) for t in raw["prompt_token_ids"]]
-            if raw.get("policy_versions"):
-                self.versions.extend(str(v) for v in raw["policy_versions"])
-            lp = choice.get("logprobs")
-            if isinstance(lp, dict):
-                for entry in lp.get("content") or []:
-                    self.logprobs.append(entry.get("logprob"))
-                    self.sampling_logprobs.append(entry.get("sampling_logprob"))
-                    if entry.get("policy_version") is not None and not raw.get("policy_versions"):
-                        self.versions.append(str(entry["policy_version"]))
-            if choice.get("policy_version") is not None:
-                self.version = str(choice["policy_version"])
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+        if prompt_ids:
+            self.prompt_ids = prompt_ids
+
+    def add_choice(self, choice: dict[str, Any]) -> None:
+        if choice.get("text"):
+            self.text.append(choice["text"])
+        raw = choice.get("raw_output") or {}
+        if raw.get("completion_token_ids") is not None:
+            self.saw_token_ids = True
+            self.token_ids.extend(int(t) for t in raw["completion_token_ids"])
+        if raw.get("prompt_token_ids"):
+            self.prompt_ids = [int(t) for t in raw["prompt_token_ids"]]
+        if raw.get("policy_versions"):
+            self.versions.extend(str(v) for v in raw["policy_versions"])
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict):
+            for entry in lp.get("content") or []:
+                self.logprobs.append(entry.get("logprob"))
+                self.sampling_logprobs.append(entry.get("sampling_logprob"))
+                if entry.get("policy_version") is not None and not raw.get("policy_versions"):
+                    self.versions.append(str(entry["policy_version"]))
+        if choice.get("policy_version") is not None:
+            self.version = str(choice["policy_version"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
 
     def build(self, prompt: list[int], metrics: ServerMetrics, api: ApiStyle, tokenizer: Any,
               temperature: float, wants_logprobs: bool) -> SampledCompletion:
@@ -584,6 +581,17 @@ class _StreamAccumulator:
                                  finish_reason=self.finish_reason or "", inference_logprobs=inference,
                                  sampling_logprobs=sampling, policy_version=version, policy_versions=versions,
                                  metrics=metrics)
+
+
+def _fold(chunk: dict[str, Any], accs: list[_StreamAccumulator]) -> None:
+    """Hand each choice of a chunk to its own accumulator; chunk-level fields describe the request."""
+    prompt_ids = [int(t) for t in chunk["prompt_token_ids"]] if chunk.get("prompt_token_ids") else None
+    for acc in accs:
+        acc.add_chunk_fields(chunk, prompt_ids)
+    for choice in chunk.get("choices") or []:
+        index = choice.get("index", 0)
+        if isinstance(index, int) and 0 <= index < len(accs):
+            accs[index].add_choice(choice)
 
 
 async def _sse_events(stream: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str]]:

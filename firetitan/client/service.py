@@ -431,7 +431,7 @@ class FiretitanServiceClient:
         return await run_coroutine(self._sampler(model_path, tokenizer, concurrency_controller, fanout, stream))
 
     async def _sampler(self, model_path: str | None, tokenizer: Any, controller: Any,
-                       fanout: FanOut = "requests", stream: bool = True) -> DeploymentSampler:
+                       fanout: FanOut, stream: bool) -> DeploymentSampler:
         await self._ensure_provisioned()
         if self._deployment is None:
             raise ConfigError("this service has no deployment (create_deployment=False)", field="create_deployment")

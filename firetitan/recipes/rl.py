@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from firetitan.client.concurrency import FixedConcurrencyController
+from firetitan.client.sampling import FanOut
 from firetitan.logging import get_logger
 from firetitan.recipes.checkpoints import RunCheckpoints
 from firetitan.recipes.clients import Clients, open_clients
@@ -51,7 +52,7 @@ class RLConfig(RecipeConfig):
     max_concurrent_rollouts: int = Field(default=8, ge=1, description="groups sampled at once")
     rollout_timeout_s: float = Field(default=300.0, gt=0)
     eval_temperature: float = Field(default=0.0, ge=0)
-    sampler_fanout: Literal["requests", "choices"] = Field(
+    sampler_fanout: FanOut = Field(
         default="choices", description="how a group's completions are requested: one request with "
         "group_size choices (the prompt is prefilled once, one answer per group), or group_size requests")
     stream_rollouts: bool = Field(
