@@ -5,22 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
+from process_scan import live_pids
 
 
 def _live_home_workers(home: Path) -> list[int]:
     """Trainer/deployment processes whose snapshot store is `home`'s, whoever their parent is."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if ("firetitan.server." in cmd and f"{home}/store" in cmd
-                    and proc.info["status"] != psutil.STATUS_ZOMBIE):
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
+    return live_pids(lambda cmd: "firetitan.server." in cmd and f"{home}/store" in cmd)
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
+from process_scan import live_pids
 
 from firetitan.client.provision import ensure_control_plane
 from firetitan.server.control_plane.home import HomeLayout, read_api_key, read_discovery, write_discovery
@@ -36,16 +36,8 @@ print(json.dumps({"url": url, "key": key, "pid": info and info["pid"]}))
 
 def control_plane_pids(root: Path) -> list[int]:
     """Live (non-zombie) control-plane processes started for this state directory."""
-    out = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            cmd = proc.info["cmdline"] or []
-            if ("firetitan.server.control_plane" in cmd and str(root) in cmd
-                    and proc.info["status"] != psutil.STATUS_ZOMBIE):
-                out.append(proc.pid)
-        except psutil.Error:
-            continue
-    return out
+    # Whole arguments, not substrings: another test's state directory may start with this one's path.
+    return live_pids(lambda cmd: {"firetitan.server.control_plane", str(root)} <= set(cmd.split()))
 
 
 @pytest.fixture

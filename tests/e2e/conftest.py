@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from process_scan import live_pids
 
 from firetitan.server.control_plane.home import HomeLayout, read_api_key, read_discovery
 from firetitan.server.process import pid_alive, stop_pid
@@ -32,29 +32,12 @@ class Home:
         return int(info["pid"]) if info and pid_alive(int(info["pid"])) else None
 
     def control_plane_pids(self) -> list[int]:
-        out = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            try:
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if ("firetitan.server.control_plane" in cmd and str(self.root) in cmd
-                        and proc.info["status"] != psutil.STATUS_ZOMBIE):
-                    out.append(proc.pid)
-            except psutil.Error:
-                continue
-        return out
+        return live_pids(lambda cmd: "firetitan.server.control_plane" in cmd and str(self.root) in cmd)
 
     def worker_pids(self) -> list[int]:
         """Trainer / deployment processes whose store is this home (wherever their parent is)."""
-        out = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            try:
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if (("firetitan.server.trainer" in cmd or "firetitan.server.deployment" in cmd)
-                        and f"{self.root}/store" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE):
-                    out.append(proc.pid)
-            except psutil.Error:
-                continue
-        return out
+        return live_pids(lambda cmd: ("firetitan.server.trainer" in cmd or "firetitan.server.deployment" in cmd)
+                         and f"{self.root}/store" in cmd)
 
     def http(self) -> Any:
         """A blocking (status, json) caller against the daemon, with the home's API key."""
