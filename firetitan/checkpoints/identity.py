@@ -6,37 +6,20 @@ import re
 import secrets
 
 from firetitan.errors import InvalidRequestError
+from firetitan.names import MAX_NAME_LENGTH, check_name
 
-MAX_NAME_LENGTH = 128
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+__all__ = ["MAX_NAME_LENGTH", "make_identity", "new_client_suffix", "validate_name"]
+
 _SUFFIX_RE = re.compile(r"[A-Za-z0-9]+")
 
 
 def validate_name(name: object, field: str = "name") -> str:
-    """Return `name` if it is a safe single path component, else raise `InvalidRequestError(field)`.
+    """Return `name` if it is a safe single path component (the one rule in `firetitan.names`).
 
     Names become directory names inside a store shared with other processes, so anything that could
     escape the directory or hide in it (`/`, `..`, a leading `.`) is refused rather than sanitised.
     """
-    if not isinstance(name, str):
-        raise InvalidRequestError(f"{field} must be a string, got {type(name).__name__}", field=field)
-    if not name:
-        raise InvalidRequestError(f"{field} must not be empty", field=field)
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidRequestError(
-            f"{field} is {len(name)} characters long; at most {MAX_NAME_LENGTH} are allowed", field=field
-        )
-    if "/" in name or "\\" in name:
-        raise InvalidRequestError(f"{field} {name!r} must not contain '/' or '\\'", field=field)
-    if ".." in name:
-        raise InvalidRequestError(f"{field} {name!r} must not contain '..'", field=field)
-    if name.startswith("."):
-        raise InvalidRequestError(f"{field} {name!r} must not start with '.'", field=field)
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidRequestError(
-            f"{field} {name!r} may contain only letters, digits, '.', '_' and '-'", field=field
-        )
-    return name
+    return check_name(name, field=field)
 
 
 def new_client_suffix() -> str:

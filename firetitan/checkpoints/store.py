@@ -23,6 +23,7 @@ from firetitan.checkpoints.identity import make_identity, validate_name
 from firetitan.checkpoints.manifest import FORMAT_VERSION, MANIFEST_FILE, SnapshotKind, SnapshotManifest
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError, SnapshotError
 from firetitan.logging import get_logger
+from firetitan.names import resolve_under
 
 log = get_logger(__name__)
 
@@ -357,7 +358,9 @@ class SnapshotStore:
         return make_identity(name, client_suffix), name
 
     def _dir(self, identity: str, field: str = "identity") -> Path:
-        return self.snapshots_dir / validate_name(identity, field=field)
+        # Checked by the name rule and resolved inside the store, so no identity (nor a planted
+        # symlink) can address anything outside `snapshots/`.
+        return resolve_under(self.snapshots_dir, identity, field=field)
 
     def _kind_dir(self, identity: str, kind: SnapshotKind) -> Path:
         manifest = self.manifest(identity)

@@ -25,9 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from firetitan.checkpoints.identity import validate_name
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError, SnapshotError
 from firetitan.logging import get_logger
+from firetitan.names import check_within, resolve_under
 
 log = get_logger(__name__)
 
@@ -141,12 +141,20 @@ def load_train_state(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore weights (and, when `optimizer` is given, its full state) in place; return (step, extra).
 
     With `optimizer=None` only the weights load; the caller's optimizer is untouched, so a freshly made
     one starts from empty state (Tinker's `load_state`).
+
+    Trust: torch's DCP reader unpickles the checkpoint metadata, so loading a directory runs whatever
+    its writer put there. Only load states this deployment wrote; with `root` (what every service
+    passes: the trainer's state store) a path outside it is refused before anything is read.
     """
+    if root is not None:
+        path = check_within(root, path, field="path")
     info = read_train_state_info(path)
     if optimizer is not None and not info.has_optimizer:
         raise InvalidRequestError(
@@ -190,7 +198,7 @@ class TrainStateStore:
         self.states_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
-        return self.states_dir / validate_name(name, field="name")
+        return resolve_under(self.states_dir, name, field="name")
 
     def resolve(self, ref: str) -> Path:
         """The directory of an existing state given its name or a `tinker://<run>/weights/<name>` path."""
@@ -204,7 +212,7 @@ class TrainStateStore:
                     f"path {ref!r} is not a train state path (tinker://<run>/weights/<name>)", field="path"
                 )
             name = parts[2]
-        path = self.states_dir / validate_name(name, field="path")
+        path = resolve_under(self.states_dir, name, field="path")
         if not (path / TRAIN_STATE_FILE).is_file():
             raise NotFoundError(f"no train state named {name!r}", field="path")
         return path
@@ -231,7 +239,7 @@ class TrainStateStore:
     def load(
         self, ref: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
     ) -> tuple[int, dict[str, Any]]:
-        return load_train_state(self.resolve(ref), model, optimizer)
+        return load_train_state(self.resolve(ref), model, optimizer, root=self.states_dir)
 
     def info(self, ref: str) -> TrainStateInfo:
         return read_train_state_info(self.resolve(ref))

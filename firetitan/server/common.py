@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
+import math
 import os
 import signal
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,18 +20,34 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
-from firetitan.errors import FiretitanError, InvalidRequestError
+from firetitan.errors import ConfigError, FiretitanError, InvalidRequestError
+from firetitan.names import check_name
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths any caller may hit without a key: liveness probes of supervisors and load balancers.
 _OPEN_PATHS = ("/health", "/healthz", "/api/v1/healthz")
+API_KEY = web.AppKey("api_key", str)
+_MAX_BODY = web.AppKey("max_body_bytes", int)
+
+# Request bounds (docs/security-and-limits.md). The body limit is per application (`make_app`'s
+# `max_body_bytes`), overridable for every service by $FIRETITAN_MAX_BODY_BYTES.
+MAX_BODY_ENV = "FIRETITAN_MAX_BODY_BYTES"
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024  # trainer batches of many long datums; the tightest callers pass less
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**63 - 1  # what every numeric field fits in (int64 tensors, seeds, step counters)
+# Path parameters that name things: checked by the name rule before any handler sees them.
+_NAME_PARAMS = {"account": "account", "rid": "id", "identity": "identity", "shape": "trainingShape",
+                "version": "version"}
+# Media types accepted as JSON; a request with no type (or aiohttp's default octet-stream) is read as JSON.
+_UNTYPED = ("", "application/octet-stream")
 
 
-def error_json(status: int, message: str, *, field: str | None = None, type_name: str = "Error") -> web.Response:
+def error_json(status: int, message: str, *, field: str | None = None, type_name: str = "Error",
+               headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": {"type": type_name, "message": message, "field": field}}
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _validation_field(err: pydantic.ValidationError) -> tuple[str | None, str]:
@@ -35,16 +55,31 @@ def _validation_field(err: pydantic.ValidationError) -> tuple[str | None, str]:
     if first is None:
         return None, str(err)
     field = ".".join(str(p) for p in first.get("loc", ())) or None
-    return field, f"{field or 'body'}: {first.get('msg')} (got {str(first.get('input'))[:200]!r})"
+    return field, f"{field or 'body'}: {first.get('msg')} (got {_short(first.get('input'))})"
+
+
+def _short(value: object, limit: int = 200) -> str:
+    # repr, not str: a lone surrogate must not reach the UTF-8 encoder of the response.
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every failure into a JSON error body; a bad request never takes the worker down."""
+    """Turn every failure into a JSON error body; a bad request never takes the worker down.
+
+    A 500 names an error id that the server logs with its traceback; the exception text stays in the
+    log (it can hold paths, values or other callers' data), never in the answer.
+    """
     from firetitan.logging import get_logger
 
     try:
         return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[_MAX_BODY] if _MAX_BODY in request.app else request.client_max_size
+        return error_json(413, f"request body is larger than this API accepts ({limit} bytes; "
+                          f"${MAX_BODY_ENV} sets the limit): {exc.text}", field="body",
+                          type_name="PayloadTooLargeError")
     except web.HTTPException:
         raise
     except FiretitanError as exc:
@@ -54,38 +89,136 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_json(400, message, field=field, type_name="InvalidRequestError")
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # a bug in a handler must not kill the worker
-        get_logger("firetitan.server").exception("unhandled_error", path=request.path)
-        return error_json(500, f"internal error: {type(exc).__name__}: {exc}", type_name="InternalError")
+    except Exception:  # a bug in a handler must not kill the worker
+        error_id = uuid.uuid4().hex[:16]
+        get_logger("firetitan.server").exception("unhandled_error", path=request.path, method=request.method,
+                                                 error_id=error_id)
+        return error_json(500, f"internal error {error_id}; the server log has the details under this id",
+                          type_name="InternalError")
+
+
+def _authenticated(request: web.Request, api_key: str) -> bool:
+    given = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
 
 
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Require `Authorization: Bearer KEY` (or `x-api-key`) on every non-health route."""
+    """Require `Authorization: Bearer KEY` (or `x-api-key`) on every non-health route.
+
+    Health stays open for probes, but without the key it says alive (its status) and no more: job
+    ids, model names and steps are for callers holding the key.
+    """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key and request.path not in _OPEN_PATHS:
-            given = request.headers.get("x-api-key") or ""
-            auth = request.headers.get("Authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error_json(401, "missing or invalid API key", field="Authorization",
-                                  type_name="AuthenticationError")
-        return await handler(request)
+        if not api_key or _authenticated(request, api_key):
+            return await handler(request)
+        if request.path not in _OPEN_PATHS:
+            return error_json(401, "missing or invalid API key", field="Authorization",
+                              type_name="AuthenticationError")
+        response = await handler(request)
+        status = "ok"
+        if isinstance(response, web.Response) and response.content_type == "application/json":
+            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                status = str(json.loads(response.body)["status"])  # type: ignore[arg-type]
+        return web.json_response({"status": status}, status=response.status)
 
     return middleware
 
 
+@web.middleware
+async def name_params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Check every path parameter that names something (account, id, identity) by the one name rule.
+
+    Runs before any handler, so an account like `..%2F..%2Fescaped` is a 400 and never a path.
+    """
+    for key, field in _NAME_PARAMS.items():
+        value = request.match_info.get(key)
+        if value is not None:
+            check_name(value, field=field)
+    return await handler(request)
+
+
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    """Read a JSON body into `model`; malformed JSON or fields raise a 400 naming the field."""
+    """Read a JSON body into `model`; anything malformed is a 4xx naming the problem.
+
+    415: a declared media type that is not JSON (text/plain, forms). 413: over the body limit.
+    400: invalid UTF-8 or JSON, a top level that is not an object, nesting deeper than
+    MAX_JSON_DEPTH, a lone surrogate, a non-finite number, an integer beyond int64, or a field the
+    model refuses (named by its dotted path).
+    """
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype not in _UNTYPED and ctype != "application/json" and not ctype.endswith("+json"):
+        raise FiretitanError(f"Content-Type {ctype!r} is not accepted: send the body as application/json",
+                             field="Content-Type", status_code=415)
+    raw = await request.read()
+    return model.model_validate(loads_checked(raw))
+
+
+def loads_checked(raw: bytes | str) -> dict[str, Any]:
+    """`json.loads` for untrusted bodies: a JSON object within the bounds above, else InvalidRequestError."""
     try:
-        raw = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                                  field="body") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}", field="body") from exc
-    if not isinstance(raw, dict):
+    except RecursionError:
+        raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels", field="body") from None
+    if not isinstance(value, dict):
         raise InvalidRequestError("request body must be a JSON object", field="body")
-    return model.model_validate(raw)
+    _check_tree(value, text)
+    return value
+
+
+def _check_tree(root: dict[str, Any], text: str) -> None:
+    """Walk the parsed body iteratively (no recursion to exhaust) and refuse what would break later."""
+    # Fewer brackets than the depth limit cannot nest past it; bodies of scalars skip the depth walk.
+    check_depth = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    check_text = not text.isascii()  # only non-ASCII text can hold a (decoded) surrogate
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        if check_depth and len(path) > MAX_JSON_DEPTH:
+            raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels",
+                                      field=_dotted(path[:MAX_JSON_DEPTH]))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if check_text and isinstance(key, str):
+                _check_str(key, (*path, key))
+            if isinstance(child, dict | list):
+                stack.append((child, (*path, key)))
+            elif isinstance(child, bool) or child is None:
+                continue
+            elif isinstance(child, int):
+                if not -MAX_JSON_INT - 1 <= child <= MAX_JSON_INT:
+                    raise InvalidRequestError(
+                        f"{_dotted((*path, key))}: integer {_short(child, 40)} is out of range "
+                        f"(|value| < 2**63)", field=_dotted((*path, key)))
+            elif isinstance(child, float):
+                if not math.isfinite(child):
+                    raise InvalidRequestError(
+                        f"{_dotted((*path, key))}: {child} is not a finite number", field=_dotted((*path, key)))
+            elif check_text and isinstance(child, str):
+                _check_str(child, (*path, key))
+
+
+def _check_str(value: str, path: tuple[str | int, ...]) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{_dotted(path)}: text holds a lone UTF-16 surrogate, which is not a "
+                                  "character", field=_dotted(path)) from None
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path) or "body"
 
 
 def json_response(value: pydantic.BaseModel | dict[str, Any] | list[Any], status: int = 200) -> web.Response:
@@ -94,10 +227,51 @@ def json_response(value: pydantic.BaseModel | dict[str, Any] | list[Any], status
     return web.json_response(value, status=status)
 
 
-def make_app(api_key: str | None = None, *, client_max_size: int = 256 * 1024 * 1024) -> web.Application:
-    """An application with the standard middlewares (errors outermost, then auth)."""
-    return web.Application(middlewares=[error_middleware, auth_middleware(api_key)],
-                           client_max_size=client_max_size)
+def make_app(api_key: str | None = None, *, max_body_bytes: int | None = None,
+             client_max_size: int | None = None) -> web.Application:
+    """An application with the standard middlewares (errors outermost, then auth, then names).
+
+    The body limit is `max_body_bytes` (or the older `client_max_size`), else $FIRETITAN_MAX_BODY_BYTES,
+    else DEFAULT_MAX_BODY_BYTES; a larger body is a 413 naming the limit.
+    """
+    limit = max_body_bytes or client_max_size or _env_max_body() or DEFAULT_MAX_BODY_BYTES
+    app = web.Application(middlewares=[error_middleware, auth_middleware(api_key), name_params_middleware],
+                          client_max_size=limit)
+    app[_MAX_BODY] = limit
+    if api_key:
+        app[API_KEY] = api_key
+    return app
+
+
+def _env_max_body() -> int | None:
+    raw = os.environ.get(MAX_BODY_ENV)
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"${MAX_BODY_ENV}={raw!r} is not a whole number of bytes", field=MAX_BODY_ENV) from None
+    if value <= 0:
+        raise ConfigError(f"${MAX_BODY_ENV} must be positive, got {value}", field=MAX_BODY_ENV)
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127/8, ::1, `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_key_off_loopback(host: str, api_key: str | None) -> None:
+    """Refuse to listen where other machines can reach us unless requests need a key."""
+    if not api_key and not is_loopback(host):
+        raise ConfigError(f"--host {host!r} is reachable from other machines: pass --api-key or set "
+                          "$FIRETITAN_WORKER_API_KEY (the control plane hands its workers theirs)",
+                          field="api_key")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +295,11 @@ def write_ready_file(path: Path, payload: dict[str, Any]) -> None:
 
 async def serve_app(app: web.Application, host: str, port: int, ready_file: Path | None = None,
                     *, extra_ready: dict[str, Any] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then run the app's cleanup hooks and return."""
+    """Serve until SIGTERM/SIGINT, then run the app's cleanup hooks and return.
+
+    Every firetitan server goes through here, so none listens off loopback without a key.
+    """
+    require_key_off_loopback(host, app.get(API_KEY))
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

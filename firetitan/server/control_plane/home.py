@@ -15,6 +15,8 @@ from typing import IO, Any
 
 import platformdirs
 
+from firetitan.names import check_name, resolve_under
+
 HOME_ENV = "FIRETITAN_HOME"
 
 
@@ -59,7 +61,10 @@ class HomeLayout:
         return self.root / "control_plane.pid.lock"
 
     def trainer_state_dir(self, account: str, job_id: str) -> Path:
-        return self.trainers / account / job_id
+        """`trainers/<account>/<job_id>`; both are checked by the name rule and the path stays inside."""
+        check_name(account, field="account")
+        check_name(job_id, field="rlorTrainerJobId")
+        return resolve_under(self.trainers, account, job_id, field="rlorTrainerJobId")
 
     def ensure(self) -> HomeLayout:
         for path in (self.root, self.store, self.logs, self.trainers):
