@@ -181,7 +181,8 @@ def _check_tree(root: dict[str, Any], text: str) -> None:
     """Walk the parsed body iteratively (no recursion to exhaust) and refuse what would break later."""
     # Fewer brackets than the depth limit cannot nest past it; bodies of scalars skip the depth walk.
     check_depth = text.count("[") + text.count("{") > MAX_JSON_DEPTH
-    check_text = not text.isascii()  # only non-ASCII text can hold a (decoded) surrogate
+    # Strict UTF-8 decoding refuses raw surrogates, so only a `\\uD8xx`-style escape can make one.
+    check_text = "\\u" in text
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(root, ())]
     while stack:
         node, path = stack.pop()
@@ -279,7 +280,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", type=Path, default=None)
-    parser.add_argument("--api-key", default=os.environ.get("FIRETITAN_WORKER_API_KEY"))
+    parser.add_argument("--api-key", default=os.environ.get("FIRETITAN_WORKER_API_KEY"),
+                        help="required off loopback; prefer $FIRETITAN_WORKER_API_KEY (argv is visible to ps)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--log-level", default=None)
 

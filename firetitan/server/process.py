@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firetitan.errors import APITimeoutError, WorkerCrashedError
+from firetitan.server.common import require_key_off_loopback
 
 _PR_SET_PDEATHSIG = 1
 # Set for non-detached workers: they stop themselves when this parent process is gone.
 PARENT_PID_ENV = "FIRETITAN_PARENT_PID"
+# Each worker reads its API key from here (add_common_args); the control plane sets it for its workers.
+WORKER_KEY_ENV = "FIRETITAN_WORKER_API_KEY"
 
 
 def _die_with_parent() -> None:
@@ -90,14 +93,19 @@ def spawn_worker(module: str, args: list[str], *, ready_timeout: float = 120.0,
     """Run `python -m module --host H --port 0 --ready-file F *args` and wait for its ready file.
 
     `detach=True` starts a new session that survives its parent (the control-plane daemon);
-    otherwise the child gets SIGTERM when this process dies.
+    otherwise the child gets SIGTERM when this process dies. A `host` off loopback needs a key
+    ($FIRETITAN_WORKER_API_KEY in `env` or this environment, or `--api-key` in `args`).
     """
+    child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    # The key travels in the environment (never argv, which `ps` shows to every user). Refuse here,
+    # before a model loads, what the worker's serve_app would refuse anyway.
+    if "--api-key" not in args:
+        require_key_off_loopback(host, child_env.get(WORKER_KEY_ENV))
     ready_dir = Path(tempfile.mkdtemp(prefix="firetitan-ready-"))
     ready_file = ready_dir / "ready.json"
     cmd = [sys.executable, "-m", module, "--host", host, "--port", "0", "--ready-file", str(ready_file), *args]
     if threads is not None:
         cmd += ["--threads", str(threads)]
-    child_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if detach:
         child_env.pop(PARENT_PID_ENV, None)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -129,3 +130,19 @@ def test_state_of_another_architecture_is_refused(tmp_path) -> None:
     with pytest.raises(InvalidRequestError, match="LoRA settings") as info:
         load_train_state(tmp_path / "full", lora_model)
     assert info.value.field == "path"
+
+
+def test_a_state_outside_the_store_is_refused_before_reading(nano, tmp_path) -> None:
+    """DCP unpickles metadata: only states inside the store are loaded (docs/security-and-limits.md)."""
+    outside = tmp_path / "outside"
+    save_train_state(outside, nano, None, step=1)
+    store = TrainStateStore(tmp_path / "store")
+    with pytest.raises(InvalidRequestError) as info:
+        load_train_state(outside, nano, root=store.states_dir)
+    assert info.value.field == "path" and "outside" in info.value.message
+    for ref in ("../../outside", "tinker://run/weights/..", "tinker://run/weights/a%2F..%2Fb"):
+        with pytest.raises(InvalidRequestError):
+            store.load(ref, nano)
+    os.symlink(outside, store.states_dir / "planted")
+    with pytest.raises(InvalidRequestError, match="outside"):
+        store.load("planted", nano)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from firetitan.errors import WorkerCrashedError
+from firetitan.errors import ConfigError, WorkerCrashedError
 from firetitan.server.process import pid_alive, spawn_worker
 
 
@@ -55,3 +57,35 @@ def test_crash_before_ready_is_typed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(WorkerCrashedError, match="cannot start"):
         spawn_worker(module, [], ready_timeout=30, log_path=tmp_path / "w.log")
+
+
+def test_no_worker_listens_off_loopback_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _write_module(tmp_path, SERVE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("FIRETITAN_WORKER_API_KEY", raising=False)
+    with pytest.raises(ConfigError) as info:  # refused before a process starts
+        spawn_worker(module, [], ready_timeout=30, host="0.0.0.0")
+    assert info.value.field == "api_key"
+    # started by hand, the worker itself refuses (serve_app) and says why
+    proc = subprocess.run([sys.executable, "-m", module, "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode != 0 and "reachable from other machines" in proc.stderr
+
+
+def test_the_key_reaches_the_worker_through_its_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    module = _write_module(tmp_path, SERVE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    worker = spawn_worker(module, [], ready_timeout=60, env={"FIRETITAN_WORKER_API_KEY": "k-123"})
+    try:
+        assert "k-123" not in " ".join(worker.popen.args)  # type: ignore[union-attr]
+        with urllib.request.urlopen(f"{worker.url}/health", timeout=10) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}  # keyless: alive and no more
+        req = urllib.request.Request(f"{worker.url}/health", headers={"Authorization": "Bearer k-123"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read()) == {"pong": True}
+    finally:
+        worker.stop()
