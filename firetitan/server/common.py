@@ -80,8 +80,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_json(413, f"request body is larger than this API accepts ({limit} bytes; "
                           f"${MAX_BODY_ENV} sets the limit): {exc.text}", field="body",
                           type_name="PayloadTooLargeError")
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own 4xx (no such route, wrong method) as the same JSON error body as ours.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        type_name = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status, "InvalidRequestError")
+        message = f"{request.method} {_short(request.path, 120)}: {exc.reason}"
+        return error_json(exc.status, message, type_name=type_name, headers=headers)
     except FiretitanError as exc:
         return web.json_response(exc.to_body(), status=exc.status_code)
     except pydantic.ValidationError as exc:

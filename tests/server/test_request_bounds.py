@@ -180,3 +180,11 @@ def test_body_limit_env_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIRETITAN_MAX_BODY_BYTES", "lots")
     with pytest.raises(ConfigError):
         make_app()
+
+
+async def test_unknown_routes_and_methods_are_json_errors(client: TestClient) -> None:
+    r = await client.get("/no/such/route", headers=AUTH)
+    assert r.status == 404 and (await r.json())["error"]["type"] == "NotFoundError"
+    r = await client.get("/echo", headers=AUTH)
+    assert r.status == 405 and "POST" in r.headers["Allow"]
+    assert "Method Not Allowed" in (await r.json())["error"]["message"]
