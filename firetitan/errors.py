@@ -36,6 +36,41 @@ class InvalidRequestError(FiretitanError, ValueError):
     status_code = 400
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the API's limit (the message states it)."""
+
+    status_code = 413
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The request body is declared as something other than JSON."""
+
+    status_code = 415
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    """The route exists but not with this HTTP method."""
+
+    status_code = 405
+
+
+class InternalServerError(FiretitanError):
+    """A service failed on a bug; `error_id` finds the traceback in that service's log."""
+
+    status_code = 500
+
+    def __init__(self, message: str, *, error_id: str | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        if error_id is None and isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
+            error_id = self.body["error"].get("error_id")
+        self.error_id = error_id
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["error_id"] = self.error_id
+        return body
+
+
 class AuthenticationError(FiretitanError):
     """Missing or wrong API key."""
 
@@ -117,11 +152,13 @@ _BY_NAME: dict[str, type[FiretitanError]] = {
     cls.__name__: cls
     for cls in (ConfigError, InvalidRequestError, AuthenticationError, NotFoundError, ConflictError,
                 ModelNotFoundError, SnapshotError, APIStatusError, APITimeoutError, APIConnectionError,
-                WorkerCrashedError, StalenessError)
+                WorkerCrashedError, StalenessError, PayloadTooLargeError, UnsupportedMediaTypeError,
+                MethodNotAllowedError, InternalServerError)
 }
 _BY_STATUS: dict[int, type[FiretitanError]] = {
     400: InvalidRequestError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
-    409: ConflictError, 422: InvalidRequestError, 504: APITimeoutError,
+    405: MethodNotAllowedError, 409: ConflictError, 413: PayloadTooLargeError, 415: UnsupportedMediaTypeError,
+    422: InvalidRequestError, 500: InternalServerError, 504: APITimeoutError,
 }
 
 

@@ -34,3 +34,22 @@ def test_python_bases_let_callers_catch_builtin_kinds() -> None:
     assert issubclass(errors.InvalidRequestError, ValueError)
     assert issubclass(errors.APITimeoutError, TimeoutError)
     assert issubclass(errors.NotFoundError, LookupError)
+
+
+@pytest.mark.parametrize("exc", [
+    errors.PayloadTooLargeError("body over 4096 bytes", field="body"),
+    errors.UnsupportedMediaTypeError("send JSON", field="Content-Type"),
+    errors.MethodNotAllowedError("GET /x"),
+])
+def test_request_bound_errors_round_trip_and_stay_invalid_requests(exc: errors.FiretitanError) -> None:
+    rebuilt = errors.from_response(exc.status_code, exc.to_body())
+    assert type(rebuilt) is type(exc) and rebuilt.field == exc.field
+    assert isinstance(rebuilt, errors.InvalidRequestError) and 400 <= rebuilt.status_code < 500
+
+
+def test_internal_error_carries_its_id_and_nothing_else() -> None:
+    exc = errors.InternalServerError("internal error abc123", error_id="abc123")
+    body = exc.to_body()
+    assert body["error"]["error_id"] == "abc123" and body["error"]["type"] == "InternalServerError"
+    rebuilt = errors.from_response(500, body)
+    assert isinstance(rebuilt, errors.InternalServerError) and rebuilt.error_id == "abc123"

@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
-from firetitan.errors import ConfigError, FiretitanError, InvalidRequestError
+from firetitan.errors import (
+    ConfigError,
+    FiretitanError,
+    InternalServerError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from firetitan.names import check_name
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -77,15 +84,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as exc:
         limit = request.app[_MAX_BODY] if _MAX_BODY in request.app else request.client_max_size
-        return error_json(413, f"request body is larger than this API accepts ({limit} bytes; "
-                          f"${MAX_BODY_ENV} sets the limit): {exc.text}", field="body",
-                          type_name="PayloadTooLargeError")
+        err: FiretitanError = PayloadTooLargeError(
+            f"request body is larger than this API accepts ({limit} bytes; ${MAX_BODY_ENV} sets the limit): "
+            f"{exc.text}", field="body")
+        return web.json_response(err.to_body(), status=err.status_code)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         # aiohttp's own 4xx (no such route, wrong method) as the same JSON error body as ours.
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        type_name = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status, "InvalidRequestError")
+        type_name = {404: "NotFoundError", 405: "MethodNotAllowedError", 413: "PayloadTooLargeError",
+                     415: "UnsupportedMediaTypeError"}.get(exc.status, "InvalidRequestError")
         message = f"{request.method} {_short(request.path, 120)}: {exc.reason}"
         return error_json(exc.status, message, type_name=type_name, headers=headers)
     except FiretitanError as exc:
@@ -99,8 +108,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error_id = uuid.uuid4().hex[:16]
         get_logger("firetitan.server").exception("unhandled_error", path=request.path, method=request.method,
                                                  error_id=error_id)
-        return error_json(500, f"internal error {error_id}; the server log has the details under this id",
-                          type_name="InternalError")
+        err = InternalServerError(f"internal error {error_id}; the server log has the details under this id",
+                                  error_id=error_id)
+        return web.json_response(err.to_body(), status=500)
 
 
 def _authenticated(request: web.Request, api_key: str) -> bool:
@@ -158,8 +168,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     """
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype not in _UNTYPED and ctype != "application/json" and not ctype.endswith("+json"):
-        raise FiretitanError(f"Content-Type {ctype!r} is not accepted: send the body as application/json",
-                             field="Content-Type", status_code=415)
+        raise UnsupportedMediaTypeError(f"Content-Type {ctype!r} is not accepted: send the body as application/json",
+                                        field="Content-Type")
     raw = await request.read()
     return model.model_validate(loads_checked(raw))
 
