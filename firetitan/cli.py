@@ -161,11 +161,17 @@ def _doctor_report() -> dict[str, Any]:
             "exists": home.exists(),
             "writable": os.access(home if home.exists() else _nearest_existing(home), os.W_OK),
         },
-        "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("FIRETITAN_")}
-        | {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in os.environ},
+        "env": _redact_env({k: os.environ[k] for k in sorted(os.environ) if k.startswith("FIRETITAN_")}
+                           | {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in os.environ}),
         "commands": sorted(_COMMANDS),
         "plugins": dict(_PLUGIN_STATUS),
     }
+
+
+def _redact_env(env: dict[str, str]) -> dict[str, str]:
+    from firetitan.redaction import redact_env  # keys are never printed (issue 14, 3)
+
+    return redact_env(env)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -18,6 +18,8 @@ from typing import IO, Any, Literal
 
 import structlog
 
+from firetitan.redaction import redact_event
+
 __all__ = ["configure_logging", "get_logger"]
 
 LogFormat = Literal["console", "json"]
@@ -52,6 +54,7 @@ _PROCESSORS: list[Any] = [
     *_SHARED,
     structlog.stdlib.PositionalArgumentsFormatter(),
     structlog.processors.UnicodeDecoder(),
+    redact_event,  # no key in any log line
     structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
 ]
 
