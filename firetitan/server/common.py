@@ -78,8 +78,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     A 500 names an error id that the server logs with its traceback; the exception text stays in the
     log (it can hold paths, values or other callers' data), never in the answer.
     """
-    from firetitan.logging import get_logger
-
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge as exc:
@@ -104,13 +102,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_json(400, message, field=field, type_name="InvalidRequestError")
     except (asyncio.CancelledError, KeyboardInterrupt):
         raise
-    except Exception:  # a bug in a handler must not kill the worker
-        error_id = uuid.uuid4().hex[:16]
-        get_logger("firetitan.server").exception("unhandled_error", path=request.path, method=request.method,
-                                                 error_id=error_id)
-        err = InternalServerError(f"internal error {error_id}; the server log has the details under this id",
-                                  error_id=error_id)
+    except Exception as exc:  # a bug in a handler must not kill the worker
+        err = internal_error(exc, path=request.path, method=request.method)
         return web.json_response(err.to_body(), status=500)
+
+
+def internal_error(exc: BaseException, **context: Any) -> InternalServerError:
+    """Log `exc` with its traceback under a fresh error id; return the error to answer with instead.
+
+    For every place a service turns an unexpected exception into an answer (the middleware, a failed
+    future): the caller sees the id, the log has the exception.
+    """
+    from firetitan.logging import get_logger
+
+    error_id = uuid.uuid4().hex[:16]
+    get_logger("firetitan.server").error("unhandled_error", error_id=error_id, exc_info=exc, **context)
+    return InternalServerError(f"internal error {error_id}; the server log has the details under this id",
+                               error_id=error_id)
 
 
 def _authenticated(request: web.Request, api_key: str) -> bool:
