@@ -213,6 +213,8 @@ def _check_tree(root: dict[str, Any], text: str) -> None:
         if check_depth and len(path) > MAX_JSON_DEPTH:
             raise InvalidRequestError(f"request body nests deeper than {MAX_JSON_DEPTH} levels",
                                       field=_dotted(path[:MAX_JSON_DEPTH]))
+        if isinstance(node, list) and _plain_numbers(node):
+            continue  # token ids, weights: checked at C speed; only a failing list is walked element-wise
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, child in items:
             if check_text and isinstance(key, str):
@@ -232,6 +234,20 @@ def _check_tree(root: dict[str, Any], text: str) -> None:
                         f"{_dotted((*path, key))}: {child} is not a finite number", field=_dotted((*path, key)))
             elif check_text and isinstance(child, str):
                 _check_str(child, (*path, key))
+
+
+def _plain_numbers(values: list[Any]) -> bool:
+    """True when `values` holds only numbers, all finite and within int64 (sum/min/max run in C)."""
+    if not values:
+        return True
+    try:
+        total = sum(values)  # TypeError for strings, lists, dicts, None
+        if isinstance(total, float) and not math.isfinite(total):
+            return False  # a NaN or an infinity anywhere makes the sum non-finite (so may an overflow)
+        # Ints among floats are range-checked too; a float beyond int64 only sends the list the slow way.
+        return -MAX_JSON_INT - 1 <= min(values) and max(values) <= MAX_JSON_INT
+    except TypeError:
+        return False
 
 
 def _check_str(value: str, path: tuple[str | int, ...]) -> None:

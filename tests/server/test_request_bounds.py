@@ -188,3 +188,15 @@ async def test_unknown_routes_and_methods_are_json_errors(client: TestClient) ->
     r = await client.get("/echo", headers=AUTH)
     assert r.status == 405 and "POST" in r.headers["Allow"]
     assert "Method Not Allowed" in (await r.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"nested": [1.5, 18446744073709551616]}', "nested.1"),
+    ('{"nested": [1e308, 1e308, NaN]}', "nested.2"),
+    ('{"nested": [[1, 2], [3, -9223372036854775809]]}', "nested.1.1"),
+])
+async def test_number_lists_are_checked_element_by_element(client: TestClient, raw: str, field: str) -> None:
+    status, body = await _post(client, raw)
+    assert status == 400 and body["error"]["field"] == field
+    status, _ = await _post(client, '{"nested": [1e308, 1e308, -9223372036854775808, 1e300]}')
+    assert status == 200
