@@ -205,3 +205,8 @@ def disk_usage_bytes(root: str | os.PathLike[str]) -> int:
                 st = os.lstat(os.path.join(dirpath, fname))
                 total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
     return total
+
+
+def store_summary(store: SnapshotStore) -> dict[str, int]:
+    """One line's worth for `firetitan status`: snapshot count, pinned count and bytes on disk."""
+    return {"snapshots": len(store.list()), "pinned": len(pinned(store)), "bytes": disk_usage_bytes(store.root)}

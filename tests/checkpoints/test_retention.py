@@ -127,3 +127,15 @@ def test_store_cli(tmp_path) -> None:
     cli("gc", "--keep-last", "1")
     assert {m.identity for m in store.list()} == {ids[0], ids[1], ids[3]}
     assert int(cli("du")) == disk_usage_bytes(home / "store") > 0
+
+
+def test_store_summary_counts_what_is_there(tmp_path) -> None:
+    from firetitan.checkpoints.retention import store_summary
+
+    store = SnapshotStore(tmp_path / "store")
+    assert store_summary(store) == {"snapshots": 0, "pinned": 0, "bytes": 0}
+    ids = _fill(store, "eeee5555", 2)
+    pin(store, ids[0])
+    summary = store_summary(store)
+    assert summary["snapshots"] == 2 and summary["pinned"] == 1
+    assert summary["bytes"] >= sum(store.manifest(i).size_bytes for i in ids)
