@@ -43,6 +43,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "firetitan.bench.cli",  # bench
     "firetitan.demo.cli",  # demo
     "firetitan.recipes.cli",  # recipe runners
+    "firetitan.models_cli",  # models alias / list
 )
 PLUGINS_ENV = "FIRETITAN_CLI_PLUGINS"
 HOME_ENV = "FIRETITAN_HOME"
