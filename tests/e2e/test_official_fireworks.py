@@ -160,3 +160,31 @@ def test_official_sdk_runs_the_seed_walkthrough_and_reattaches(home: Home) -> No
     assert home.worker_pids() == []
     jobs = call("GET", "/v1/accounts/local/rlorTrainerJobs")[1]["rlorTrainerJobs"]
     assert sorted(j["state"] for j in jobs) == ["JOB_STATE_DELETED", "JOB_STATE_DELETED"]
+
+
+@pytest.mark.slow
+def test_the_example_script_runs_unmodified_with_only_url_key_and_aliases(home: Home, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    url, key = ensure_control_plane(home.root)
+    set_alias(home.root, QWEN, "firetitan/nano-qwen3")
+    set_alias(home.root, SHAPE, "firetitan/nano-qwen3")
+    record = tmp_path / "record.json"
+    # The script's own defaults are the seed's hosted names; only the URL, the key, the tokenizer
+    # directory (no hub) and where to write the record are set.
+    env = {**home.env, "FIREWORKS_BASE_URL": url, "FIREWORKS_API_KEY": key, "TOKENIZER_MODEL": str(TOKENIZER_DIR),
+           "WALKTHROUGH_RECORD": str(record)}
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "official_fireworks_walkthrough.py"), "--steps", "2",
+                           "--eval-interval", "2", "--deployment-id", "walk-official"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(record.read_text())
+    assert [e["step"] for e in out["evals"]] == [0, 2]
+    for e in out["evals"]:
+        for c in e["completions"]:
+            assert len(c["full_tokens"]) == c["prompt_len"] + c["completion_len"]
+            assert len(c["sampling_logprobs"]) == c["completion_len"] >= 1
+    assert out["close_s"] < CLOSE_GOAL_S, f"close() took {out['close_s']:.1f}s"
+    assert home.worker_pids() == []
