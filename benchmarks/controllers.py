@@ -1,4 +1,4 @@
-"""Compare concurrency controllers: fixed windows vs firetitan's adaptive controller vs the hosted SDK's rule.
+"""Compare concurrency controllers: fixed windows vs firetitan's adaptive controller vs the official SDK's.
 
 Modes (all write JSON + PNG under benchmarks/results/):
   default   discrete-event run on the simulation's queueing model, at scale (2048 requests per RL step
@@ -6,8 +6,15 @@ Modes (all write JSON + PNG under benchmarks/results/):
   --http    the same comparison through the full stack (DeploymentSampler, SSE, the simulated
             deployment as a subprocess) at a smaller scale, in wall time -> controllers_sim_http.json
   --real    the real deployment worker on firetitan/tiny-qwen3, kept small -> controllers_real.json
+  --official  the baseline: the official `fireworks.training.sdk` AdaptiveConcurrencyController driven
+            through the official DeploymentSampler, next to firetitan's sampler + controllers, against
+            one real deployment worker with an RL-shaped fan-out (steps x prompts x n completions x
+            max tokens; default 4 x 64 x 8 x 48 on 64 slots; `--quick` for a ~2 minute run)
+            -> controllers_official.json
+  The simulation modes (default, --http) run in model time, where the official controller (wall-clock
+  cooldowns) cannot, so they keep the rule rebuilt from its documented behaviour as "hosted".
 
-    .venv/bin/python benchmarks/controllers.py [--http] [--real]
+    .venv/bin/python benchmarks/controllers.py [--http] [--real] [--official [--quick]] [--skip-des]
 """
 
 from __future__ import annotations
@@ -205,6 +212,107 @@ async def real_mode(args: argparse.Namespace) -> dict[str, Any]:
             "runs": results}
 
 
+# -- official SDK baseline --------------------------------------------------------------------
+
+OFFICIAL_VARIANTS = ("firetitan-fixed", "firetitan-adaptive", "official-fixed", "official-adaptive")
+
+
+def _official_variant(name: str, url: str, model: str, fixed: int, initial: int) -> tuple[Any, Any]:
+    """(sampler, controller) for one variant; the SDKs are used as a user would construct them."""
+    if name.startswith("official"):
+        from fireworks.training.sdk import AdaptiveConcurrencyController as OfficialAdaptive
+        from fireworks.training.sdk import DeploymentSampler as OfficialSampler
+        from fireworks.training.sdk import FixedConcurrencyController as OfficialFixed
+
+        ctrl = OfficialFixed(fixed) if name.endswith("fixed") else OfficialAdaptive(initial_window=initial)
+        # The official sampler refuses an empty key; the bench worker runs without one.
+        return OfficialSampler(url, model, "bench-no-key", concurrency_controller=ctrl), ctrl
+    from firetitan.client.concurrency import FixedConcurrencyController
+    from firetitan.client.sampling import DeploymentSampler
+
+    ctrl = FixedConcurrencyController(fixed) if name.endswith("fixed") else AdaptiveConcurrencyController(
+        initial_window=initial)
+    # URL first and the rest by keyword: valid for firetitan's sampler before and after it took the
+    # official positional order (inference_url, model, api_key, ...).
+    return DeploymentSampler(url, model=model, concurrency_controller=ctrl), ctrl
+
+
+async def _official_run(name: str, url: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
+    sampler, ctrl = _official_variant(name, url, args.official_model_name, args.official_fixed,
+                                      args.official_initial)
+    steps: list[dict[str, Any]] = []
+    t_run = time.monotonic()
+    try:
+        for step in range(args.official_steps):
+            t0 = time.monotonic()
+            window_before = ctrl.window_size
+            batch = prompts[step * args.official_prompts:(step + 1) * args.official_prompts]
+            results = await asyncio.gather(*(
+                sampler.sample_with_prompt_tokens(p, n=args.official_n, max_tokens=args.official_max_tokens,
+                                                  temperature=1.0, logprobs=True) for p in batch))
+            wall = time.monotonic() - t0
+            # Tokens counted from the logprobs: the official sampler's completion_len is only as right as
+            # the raw_output it read (see docs/official-fireworks.md).
+            tokens = sum(len(c.sampling_logprobs or []) for per_prompt in results for c in per_prompt)
+            completions = sum(len(per_prompt) for per_prompt in results)
+            summary = ctrl.step_completed() if hasattr(ctrl, "step_completed") else {}
+            steps.append({"step": step, "wall_s": wall, "completion_tokens": tokens, "completions": completions,
+                          "window_before": window_before, "window_after": ctrl.window_size,
+                          "controller": {k: v for k, v in (summary or {}).items() if isinstance(v, int | float)}})
+            print(f"  {name:<19} step {step}: {wall:6.1f}s {tokens:6d} tokens window {window_before}->"
+                  f"{ctrl.window_size}", flush=True)
+    finally:
+        close = getattr(sampler, "aclose", None) or getattr(sampler, "close", None)
+        if close is not None:
+            out = close()
+            if asyncio.iscoroutine(out):
+                await out
+    total = time.monotonic() - t_run
+    tokens = sum(s["completion_tokens"] for s in steps)
+    return {"label": name, "wall_s": total, "completion_tokens": tokens, "output_tokens_per_s": tokens / total,
+            "steps": steps}
+
+
+async def official_mode(args: argparse.Namespace) -> dict[str, Any]:
+    import random as _random
+
+    from firetitan.server.process import spawn_worker
+
+    rng = _random.Random(0)
+    prompts = [[rng.randrange(100, 3000) for _ in range(rng.randint(16, 48))]
+               for _ in range(args.official_steps * args.official_prompts)]
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="firetitan-bench-") as store:
+        worker = spawn_worker("firetitan.server.deployment",
+                              ["--store-dir", store, "--base-model", args.official_model, "--deployment-id", "bench",
+                               "--max-running-seqs", str(args.official_capacity)], ready_timeout=600, threads=2)
+        try:
+            for name in args.official_variants:
+                results.append(await _official_run(name, worker.url, args, prompts))
+        finally:
+            worker.stop()
+    by = {r["label"]: r for r in results}
+    best_fixed = by.get("firetitan-fixed")
+    verdict_: dict[str, Any] = {}
+    if best_fixed and "firetitan-adaptive" in by:
+        verdict_["firetitan_adaptive_vs_fixed"] = best_fixed["wall_s"] / by["firetitan-adaptive"]["wall_s"]
+    if "official-adaptive" in by and "firetitan-adaptive" in by:
+        verdict_["firetitan_adaptive_vs_official_adaptive"] = (by["official-adaptive"]["wall_s"]
+                                                               / by["firetitan-adaptive"]["wall_s"])
+    if "official-fixed" in by and "official-adaptive" in by:
+        verdict_["official_adaptive_vs_official_fixed"] = by["official-fixed"]["wall_s"] / by["official-adaptive"]["wall_s"]
+    verdict_["goal"] = "firetitan adaptive >= 0.95x best fixed (whole run) and >= 2x the official adaptive"
+    print(f"[official] {args.official_model} {args.official_steps} steps x {args.official_prompts} prompts x "
+          f"{args.official_n} completions x {args.official_max_tokens} tokens, {args.official_capacity} slots")
+    for r in results:
+        print(f"  {r['label']:<19} {r['wall_s']:7.1f}s  {r['output_tokens_per_s']:8.1f} tokens/s")
+    print(f"  verdict: {json.dumps(verdict_)}")
+    return {"mode": "official SDK baseline on a real deployment worker", "model": args.official_model,
+            "slots": args.official_capacity, "fixed_window": args.official_fixed,
+            "initial_window": args.official_initial, "load_average_1m": os.getloadavg()[0],
+            "verdict": verdict_, "runs": results}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--capacity", type=int, default=128)
@@ -229,7 +337,23 @@ def main() -> None:
     p.add_argument("--real-repeats", type=int, default=3)
     p.add_argument("--real-capacity", type=int, default=16, help="the worker's --max-running-seqs")
     p.add_argument("--skip-des", action="store_true")
+    p.add_argument("--official", action="store_true", help="the official SDK baseline (see above)")
+    p.add_argument("--quick", action="store_true", help="--official at ~2 minutes: 2 steps x 16 prompts on nano")
+    p.add_argument("--official-model", default="firetitan/tiny-qwen3")
+    p.add_argument("--official-model-name", default="accounts/local/deployments/bench",
+                   help="the `model` field the samplers send")
+    p.add_argument("--official-steps", type=int, default=4)
+    p.add_argument("--official-prompts", type=int, default=64)
+    p.add_argument("--official-n", type=int, default=8)
+    p.add_argument("--official-max-tokens", type=int, default=48)
+    p.add_argument("--official-capacity", type=int, default=64, help="the worker's --max-running-seqs")
+    p.add_argument("--official-fixed", type=int, default=64, help="the fixed window (best measured: the slot count)")
+    p.add_argument("--official-initial", type=int, default=16, help="initial window of both adaptive controllers")
+    p.add_argument("--official-variants", nargs="+", default=list(OFFICIAL_VARIANTS), choices=OFFICIAL_VARIANTS)
     args = p.parse_args()
+    if args.quick:
+        args.official, args.skip_des = True, True
+        args.official_model, args.official_steps, args.official_prompts = "firetitan/nano-qwen3", 2, 16
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
     if not args.skip_des:
@@ -244,6 +368,11 @@ def main() -> None:
         res = asyncio.run(real_mode(args))
         res["command"] = command
         (RESULTS / "controllers_real.json").write_text(json.dumps(res, indent=1, default=str))
+    if args.official:
+        res = asyncio.run(official_mode(args))
+        res["command"] = command
+        name = "controllers_official_quick.json" if args.quick else "controllers_official.json"
+        (RESULTS / name).write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "firetitan.demo.cli",  # demo
     "firetitan.recipes.cli",  # recipe runners
     "firetitan.checkpoints.cli",  # store ls | gc | pin | unpin | du
+    "firetitan.models_cli",  # models alias / list
 )
 PLUGINS_ENV = "FIRETITAN_CLI_PLUGINS"
 HOME_ENV = "FIRETITAN_HOME"
