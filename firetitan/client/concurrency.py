@@ -19,7 +19,8 @@ import time
 from collections import deque
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from firetitan.client.metrics import ServerMetrics
+from firetitan.client.server_metrics import ServerMetrics
+from firetitan.stats import percentile
 from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
 
@@ -284,17 +285,6 @@ class IntervalStats:
     server_concurrency: tuple[int, ...] = ()
 
 
-def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
-    """Linear-interpolated percentile, `q` in [0, 1]."""
-    if not values:
-        raise ValueError("percentile of no values")
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def interval_length(window: float, adjustment_interval: int) -> int:
     """Releases per adjustment: at least one full window, so every sample the decision uses comes
     from a request admitted under the current window (one "round trip", as in TCP)."""
@@ -373,6 +363,8 @@ def _clamp(w: float, p: AdaptiveParams) -> float:
 # Adaptive controller
 # ----------------------------------------------------------------------------------------------
 
+HISTORY_LIMIT = 4096  # window adjustments kept in `AdaptiveConcurrencyController.history`
+
 
 class AdaptiveConcurrencyController(_GatedController):
     """AIMD on the deployment's prefill-queue time, designed to beat the hosted SDK's rule.
@@ -385,10 +377,21 @@ class AdaptiveConcurrencyController(_GatedController):
     """
 
     def __init__(self, initial_window: int = 8, min_window: int = 1, max_window: int = 256,
-                 prefill_queue_target: float = 0.5, adjustment_interval: int = 32, *,
-                 signal_percentile: float = 0.95, slow_start: bool = True, slow_start_factor: float = 1.5,
-                 additive_increase: float = 1.0, min_decrease_factor: float = 0.5,
-                 max_decrease_factor: float = 0.9, min_step_samples: int = 8) -> None:
+                 prefill_queue_target: float = 0.5, additive_increase: float = 1.0,
+                 multiplicative_decrease: float = 0.5, ema_alpha: float = 0.3, adjustment_interval: int = 32,
+                 shrink_cooldown_s: float = 1.0, *, signal_percentile: float = 0.95, slow_start: bool = True,
+                 slow_start_factor: float = 1.5, max_decrease_factor: float = 0.9, min_step_samples: int = 8,
+                 history_limit: int = HISTORY_LIMIT) -> None:
+        # The hosted SDK's parameters, in its order. `multiplicative_decrease` is the deepest cut one
+        # adjustment may make (our decrease is sized by Little's law between it and
+        # `max_decrease_factor`). `ema_alpha` and `shrink_cooldown_s` tune the hosted rule's EMA and
+        # cooldown, which this controller replaces (a percentile per window of releases, and a
+        # hold-off of one window after a decrease): accepted so hosted scripts run, otherwise unused.
+        min_decrease_factor = multiplicative_decrease
+        self.ema_alpha = ema_alpha
+        self.shrink_cooldown_s = shrink_cooldown_s
+        if history_limit < 1:
+            raise ConfigError(f"history_limit must be >= 1, got {history_limit}", field="history_limit")
         if min_window < 1 or max_window < min_window:
             raise ConfigError(f"need 1 <= min_window <= max_window, got {min_window}, {max_window}",
                               field="min_window")
@@ -402,8 +405,8 @@ class AdaptiveConcurrencyController(_GatedController):
             raise ConfigError(f"signal_percentile must be in [0, 1], got {signal_percentile}",
                               field="signal_percentile")
         if not 0 < min_decrease_factor <= max_decrease_factor < 1:
-            raise ConfigError("need 0 < min_decrease_factor <= max_decrease_factor < 1",
-                              field="min_decrease_factor")
+            raise ConfigError(f"need 0 < multiplicative_decrease <= max_decrease_factor < 1, got "
+                              f"{min_decrease_factor}, {max_decrease_factor}", field="multiplicative_decrease")
         self.params = AdaptiveParams(
             min_window=float(min_window), max_window=float(max_window),
             prefill_queue_target=float(prefill_queue_target), signal_percentile=signal_percentile,
@@ -423,7 +426,8 @@ class AdaptiveConcurrencyController(_GatedController):
         self._interval_concurrency: list[int] = []
         self._holdoff = 0
         self._step_adjustments = 0
-        self.history: list[dict[str, Any]] = []
+        # The last `history_limit` window adjustments (a ring: long runs keep bounded memory).
+        self.history: deque[dict[str, Any]] = deque(maxlen=int(history_limit))
         super().__init__(int(initial))
 
     @property

@@ -439,9 +439,8 @@ class FiretitanServiceClient:
             await self._hotload(model_path)
         if tokenizer is None:
             tokenizer = await asyncio.to_thread(self._default_tokenizer)
-        return DeploymentSampler(self._deployment["inferenceUrl"], tokenizer, controller, self._api_key,
-                                 model=str(self._deployment["name"]),
-                                 direct_replicas=self.config.direct_replica_routing, fanout=fanout,
+        return DeploymentSampler(self._deployment["inferenceUrl"], str(self._deployment["name"]), self._api_key,
+                                 tokenizer, controller, direct_replicas=self.config.direct_replica_routing, fanout=fanout,
                                  stream=stream)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,

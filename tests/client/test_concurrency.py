@@ -16,10 +16,10 @@ from firetitan.client.concurrency import (
     interval_length,
     littles_law_factor,
     next_window,
-    percentile,
 )
-from firetitan.client.metrics import ServerMetrics, parse_server_metrics
+from firetitan.client.server_metrics import ServerMetrics, parse_server_metrics
 from firetitan.errors import ConfigError
+from firetitan.stats import percentile
 
 P = AdaptiveParams()  # target 0.5, p95 signal, slow start x1.5
 
@@ -171,7 +171,7 @@ def test_acquire_from_two_loops_in_two_threads_never_exceeds_the_window() -> Non
 
 
 async def test_shrink_with_requests_in_flight_blocks_until_the_debt_is_paid() -> None:
-    ctl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=1000, min_decrease_factor=0.1,
+    ctl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=1000, multiplicative_decrease=0.1,
                                         slow_start=False)
     for _ in range(16):
         await ctl.acquire()
