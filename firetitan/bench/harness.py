@@ -12,11 +12,11 @@ import aiohttp
 
 from firetitan.bench.load import RLLoad, step_groups
 from firetitan.client.concurrency import ConcurrencyController
-from firetitan.stats import percentile
-from firetitan.client.server_metrics import ServerMetrics
 from firetitan.client.sampling import ApiStyle, DeploymentSampler, SampledCompletion
+from firetitan.client.server_metrics import ServerMetrics
 from firetitan.errors import FiretitanError
 from firetitan.logging import get_logger
+from firetitan.stats import percentile
 
 log = get_logger("firetitan.bench.harness")
 

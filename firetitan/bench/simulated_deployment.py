@@ -88,8 +88,23 @@ class CompletionBody(pydantic.BaseModel):
 
 
 class _SimRequest:
-    __slots__ = ("admit_vt", "arrival_vt", "cached", "cancelled", "concurrent", "done_vt", "finish_reason",
-                 "emitted", "first_vt", "generated", "max_tokens", "prompt_len", "rng", "target_len", "wake")
+    __slots__ = (
+        "admit_vt",
+        "arrival_vt",
+        "cached",
+        "cancelled",
+        "concurrent",
+        "done_vt",
+        "emitted",
+        "finish_reason",
+        "first_vt",
+        "generated",
+        "max_tokens",
+        "prompt_len",
+        "rng",
+        "target_len",
+        "wake",
+    )
 
     def __init__(self, prompt_len: int, cached: int, max_tokens: int, rng: random.Random, eos_prob: float,
                  arrival_vt: float) -> None:

@@ -275,7 +275,10 @@ def _strip_echo(prompt: list[int], ids: list[int], inference: list[float | None]
         if rows is not None and len(rows) != len(ids):
             raise AttemptFailed("upstream_error", f"echo: {len(rows)} logprob rows for {len(ids)} token ids")
     drop = 1 if p else 0
-    cut = (lambda rows: None if rows is None else rows[drop:])
+
+    def cut(rows: list[Any] | None) -> list[Any] | None:
+        return None if rows is None else rows[drop:]
+
     return ids[p:], cut(inference), cut(sampling), cut(top), p - drop
 
 

@@ -20,9 +20,9 @@ from collections import deque
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from firetitan.client.server_metrics import ServerMetrics
-from firetitan.stats import percentile
 from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
+from firetitan.stats import percentile
 
 log = get_logger("firetitan.client.concurrency")
 
@@ -43,9 +43,9 @@ class ConcurrencyController(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    async def acquire(self, weight: int = 1) -> None: ...
+    async def acquire(self, *, weight: int = 1) -> None: ...
 
-    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None: ...
+    def release(self, metrics: ServerMetrics | None = None, *, weight: int = 1) -> None: ...
 
     def step_completed(self) -> dict[str, float]: ...
 
@@ -167,7 +167,7 @@ class _GatedController:
     def pending_decrease(self) -> int:
         return self._gate.debt
 
-    async def acquire(self, weight: int = 1) -> None:
+    async def acquire(self, *, weight: int = 1) -> None:
         waited = await self._gate.acquire(weight)
         with self._gate.lock:
             self._step_max_in_flight = max(self._step_max_in_flight, self._gate.in_flight)
@@ -177,7 +177,7 @@ class _GatedController:
         if waited:
             self._step_waited += 1
 
-    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None:
+    def release(self, metrics: ServerMetrics | None = None, *, weight: int = 1) -> None:
         with self._gate.lock:
             self._gate.release_locked(weight)
             self._step_requests += 1

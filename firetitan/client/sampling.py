@@ -16,7 +16,11 @@ from typing import Any, Literal
 import aiohttp
 
 from firetitan.client.completion_wire import ApiStyle, Attempt, AttemptFailed, CompletionRequest, read_answer
-from firetitan.client.concurrency import AdaptiveConcurrencyController, ConcurrencyController, FixedConcurrencyController
+from firetitan.client.concurrency import (
+    AdaptiveConcurrencyController,
+    ConcurrencyController,
+    FixedConcurrencyController,
+)
 from firetitan.client.replicas import ReplicaRouting, reachable_replica_urls
 from firetitan.client.sampled import SampledCompletion, SampledRequestResult
 from firetitan.client.server_metrics import ServerMetrics, parse_server_metrics
@@ -275,7 +279,7 @@ class DeploymentSampler:
             if last is not None and not last.reroute:
                 await asyncio.sleep(self.policy.delay(index, last.retry_after))
             # One slot per sequence; the plain call keeps controllers written for one slot working.
-            await (self.controller.acquire(n) if n > 1 else self.controller.acquire())
+            await (self.controller.acquire(weight=n) if n > 1 else self.controller.acquire())
             attempt = Attempt(request, index)
             metrics: ServerMetrics | None = None
             try:
@@ -296,7 +300,7 @@ class DeploymentSampler:
                     metrics = None  # a truncated stream gives no trustworthy telemetry: release without it
             finally:
                 if n > 1:
-                    self.controller.release(metrics, n)
+                    self.controller.release(metrics, weight=n)
                 else:
                     self.controller.release(metrics)
         assert last is not None

@@ -224,38 +224,38 @@ async def test_cancelled_waiter_leaks_no_slot() -> None:
 
 async def test_weighted_requests_take_their_slots_first_come_first_served() -> None:
     ctl = FixedConcurrencyController(8)
-    await ctl.acquire(6)
-    heavy = asyncio.create_task(ctl.acquire(4))  # 6 + 4 > 8: waits
+    await ctl.acquire(weight=6)
+    heavy = asyncio.create_task(ctl.acquire(weight=4))  # 6 + 4 > 8: waits
     await asyncio.sleep(0.01)
-    light = asyncio.create_task(ctl.acquire(1))  # would fit, but queues behind the heavy one
+    light = asyncio.create_task(ctl.acquire(weight=1))  # would fit, but queues behind the heavy one
     await asyncio.sleep(0.01)
     assert not heavy.done() and not light.done() and ctl.in_flight == 6
-    ctl.release(None, 6)
+    ctl.release(None, weight=6)
     await asyncio.wait_for(asyncio.gather(heavy, light), timeout=5)
     assert ctl.in_flight == 5
-    ctl.release(None, 4)
+    ctl.release(None, weight=4)
     ctl.release()
     # A request heavier than the whole window runs once nothing else does, instead of never.
-    await asyncio.wait_for(ctl.acquire(20), timeout=5)
+    await asyncio.wait_for(ctl.acquire(weight=20), timeout=5)
     assert ctl.in_flight == 20 and ctl.pending_decrease == 12
-    blocked = asyncio.create_task(ctl.acquire(1))
+    blocked = asyncio.create_task(ctl.acquire(weight=1))
     await asyncio.sleep(0.01)
     assert not blocked.done()
-    ctl.release(None, 20)
+    ctl.release(None, weight=20)
     await asyncio.wait_for(blocked, timeout=5)
     ctl.release()
     with pytest.raises(RuntimeError):
-        ctl.release(None, 2)
+        ctl.release(None, weight=2)
     with pytest.raises(ValueError):
-        await ctl.acquire(0)
+        await ctl.acquire(weight=0)
 
 
 async def test_cancelling_a_heavy_waiter_lets_lighter_ones_behind_it_in() -> None:
     ctl = FixedConcurrencyController(4)
-    await ctl.acquire(3)
-    heavy = asyncio.create_task(ctl.acquire(4))
+    await ctl.acquire(weight=3)
+    heavy = asyncio.create_task(ctl.acquire(weight=4))
     await asyncio.sleep(0.01)
-    light = asyncio.create_task(ctl.acquire(1))
+    light = asyncio.create_task(ctl.acquire(weight=1))
     await asyncio.sleep(0.01)
     assert not light.done()
     heavy.cancel()
@@ -266,8 +266,8 @@ async def test_cancelling_a_heavy_waiter_lets_lighter_ones_behind_it_in() -> Non
 
 async def test_adaptive_counts_weighted_releases_as_sequences() -> None:
     ctl = AdaptiveConcurrencyController(initial_window=8, adjustment_interval=8)
-    await ctl.acquire(8)
-    ctl.release(ServerMetrics(prefill_queue_duration=0.0), 8)  # one request of 8 choices: a full interval
+    await ctl.acquire(weight=8)
+    ctl.release(ServerMetrics(prefill_queue_duration=0.0), weight=8)  # one request of 8 choices: a full interval
     assert ctl.window_size == 12 and ctl.in_flight == 0
 
 

@@ -15,8 +15,8 @@ from firetitan.bench.simulated_deployment import InProcessSimulation, SimConfig
 from firetitan.client.concurrency import FixedConcurrencyController
 from firetitan.client.replicas import ReplicaRouting, reachable_replica_urls
 from firetitan.client.sampling import DeploymentSampler
-from firetitan.transport import RetryPolicy
 from firetitan.server.control_plane.proxy import forward
+from firetitan.transport import RetryPolicy
 
 PROMPT = [11, 12, 13, 14]
 DEP_PATH = "/v1/accounts/local/deployments/d"
