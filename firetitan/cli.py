@@ -39,7 +39,8 @@ __all__ = ["PLUGIN_MODULES", "Command", "main", "register_command", "state_dir"]
 
 # Modules that register subcommands; a module that does not exist yet is skipped.
 PLUGIN_MODULES: tuple[str, ...] = (
-    "firetitan.server.control_plane.cli",  # serve, status, jobs
+    "firetitan.server.control_plane.cli",  # serve
+    "firetitan.status_cli",  # status
     "firetitan.bench.cli",  # bench
     "firetitan.demo.cli",  # demo
     "firetitan.recipes.cli",  # recipe runners
@@ -160,11 +161,22 @@ def _doctor_report() -> dict[str, Any]:
             "exists": home.exists(),
             "writable": os.access(home if home.exists() else _nearest_existing(home), os.W_OK),
         },
-        "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("FIRETITAN_")}
+        "env": {k: redact(k, os.environ[k]) for k in sorted(os.environ) if k.startswith("FIRETITAN_")}
         | {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in os.environ},
         "commands": sorted(_COMMANDS),
         "plugins": dict(_PLUGIN_STATUS),
     }
+
+
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def redact(name: str, value: str) -> str:
+    """The value to show for variable `name`: secrets (any *KEY* / *TOKEN* / *SECRET* / *PASSWORD*
+    name) are reduced to whether they are set and how long they are, never their characters."""
+    if any(marker in name.upper() for marker in _SECRET_MARKERS):
+        return f"<set, {len(value)} characters, redacted>" if value else "<empty>"
+    return value
 
 
 def _nearest_existing(path: Path) -> Path:

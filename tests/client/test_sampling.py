@@ -268,7 +268,7 @@ def test_the_samplers_backoff_and_retry_after() -> None:
 async def test_against_the_real_deployment_worker(tmp_path: object) -> None:
     """One end-to-end check on the real worker with the nano model."""
     from firetitan.models import load_tokenizer
-    from firetitan.server.process import spawn_worker
+    from firetitan.process import spawn_worker
 
     worker = await asyncio.to_thread(
         spawn_worker, "firetitan.server.deployment",
