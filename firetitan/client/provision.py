@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from firetitan.errors import APITimeoutError, ConfigError, WorkerCrashedError
-from firetitan.logging import get_logger
 from firetitan.home import (
     HomeLayout,
     control_plane_lock_held,
@@ -19,6 +18,7 @@ from firetitan.home import (
     resolve_home,
     running_control_plane,
 )
+from firetitan.logging import get_logger
 from firetitan.process import spawn_worker
 
 log = get_logger("firetitan.client.provision")
