@@ -46,7 +46,9 @@ from firetitan.types import (
 
 log = get_logger("firetitan.client.training")
 
-CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
+# The one signature of a custom loss (`forward_backward_custom`, the recipes' objectives): the datums
+# and their per-token logprobs (leaf tensors with grad) -> (scalar loss, metrics).
+CustomLossFn = Callable[[Sequence[Datum], Sequence[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
 API = "/api/v1"
 
 
