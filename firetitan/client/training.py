@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
-import torch
 
 from firetitan.checkpoints.identity import new_client_suffix
+from firetitan.client.custom_loss import CustomLossFn, ce_datum, linearize, unsupported_options
 from firetitan.client.http import HttpClient
 from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, WorkerCrashedError
 from firetitan.futures import (
@@ -39,16 +39,12 @@ from firetitan.types import (
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
-    TensorData,
     coerce_adam_params,
     coerce_datum,
 )
 
 log = get_logger("firetitan.client.training")
 
-# The one signature of a custom loss (`forward_backward_custom`, the recipes' objectives): the datums
-# and their per-token logprobs (leaf tensors with grad) -> (scalar loss, metrics).
-CustomLossFn = Callable[[Sequence[Datum], Sequence[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
 API = "/api/v1"
 
 
@@ -308,8 +304,8 @@ class TrainingClient:
         return await self.forward_backward(data, loss_fn, loss_fn_config)
 
     def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
-                                loss_type_input: Literal["logprobs"] = "logprobs", output: str = "logprobs",
-                                pooling: Literal["mean", "last"] = "mean",
+                                loss_type_input: str = "logprobs", output: str = "logprobs",
+                                pooling: str = "mean",
                                 precomputed_forward: ForwardBackwardOutput | None = None
                                 ) -> APIFuture[ForwardBackwardOutput]:
         """Any differentiable loss of the per-token logprobs, computed here with torch autograd.
@@ -322,20 +318,20 @@ class TrainingClient:
         The hosted SDK's `output` / `pooling` (embedding heads) and `precomputed_forward` are not
         served: only their defaults are accepted.
         """
-        unsupported = _unsupported_custom(loss_type_input, output, precomputed_forward)
+        unsupported = unsupported_options(loss_type_input, output, precomputed_forward)
         if unsupported is not None:
             return failed(unsupported)
         try:
             datums, _ = _wire_data(data)
-            fwd_wire = [_ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
+            fwd_wire = [ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
         except InvalidRequestError as exc:
             return failed(exc)
         seq = self._reserve(2)
         return self._guard(run_coroutine(self._custom(seq, datums, fwd_wire, loss_fn)), seq, seq + 1)
 
     async def forward_backward_custom_async(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
-                                            loss_type_input: Literal["logprobs"] = "logprobs",
-                                            output: str = "logprobs", pooling: Literal["mean", "last"] = "mean",
+                                            loss_type_input: str = "logprobs",
+                                            output: str = "logprobs", pooling: str = "mean",
                                             precomputed_forward: ForwardBackwardOutput | None = None
                                             ) -> ForwardBackwardOutput:
         return await self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input, output=output,
@@ -347,8 +343,8 @@ class TrainingClient:
         try:
             fwd = ForwardBackwardOutput.model_validate(
                 await self._call("forward", {"forward_input": {"data": fwd_wire, "loss_fn": "cross_entropy"}}, seq))
-            value, user_metrics, grads = await asyncio.to_thread(_linearize, loss_fn, datums, fwd)
-            bwd_wire = [_ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
+            value, user_metrics, grads = await asyncio.to_thread(linearize, loss_fn, datums, fwd)
+            bwd_wire = [ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
             second_started = True
             out = ForwardBackwardOutput.model_validate(await self._call(
                 "forward_backward", {"forward_backward_input": {"data": bwd_wire, "loss_fn": "cross_entropy"}},
@@ -445,13 +441,7 @@ class TrainingClient:
         """Model name, LoRA rank, parameter counts, step and policy version (fresh from the trainer)."""
 
         async def run() -> TrainerInfo:
-            try:
-                body = await self.http.request_json("POST", f"{API}/get_info", json={"model_id": self.model_id})
-            except ConflictError as exc:
-                crashed = worker_crashed(exc)
-                if crashed is None:
-                    raise
-                raise crashed from exc
+            body = await self.http.request_json("POST", f"{API}/get_info", json={"model_id": self.model_id})
             self._info = TrainerInfo.model_validate(body)
             return self._info
 
@@ -507,42 +497,6 @@ class TrainingClient:
 
 def _config(config: Mapping[str, float | str] | None) -> dict[str, float | str] | None:
     return None if config is None else dict(config)
-
-
-def _ce_datum(d: Datum, weights: torch.Tensor | None, i: int) -> Datum:
-    """The datum reduced to what a cross-entropy pass needs; weights default to zeros (no gradient)."""
-    target = d.loss_fn_inputs.get("target_tokens")
-    if target is None:
-        field = f"data[{i}].loss_fn_inputs.target_tokens"
-        raise InvalidRequestError(f"{field}: required by forward_backward_custom", field=field)
-    if weights is None:
-        weights = torch.zeros(target.shape or [target.size], dtype=torch.float32)
-    return Datum(model_input=d.model_input,
-                 loss_fn_inputs={"target_tokens": target, "weights": TensorData.from_torch(weights.detach())})
-
-
-def _linearize(loss_fn: CustomLossFn, datums: list[Datum],
-               fwd: ForwardBackwardOutput) -> tuple[float, dict[str, float], list[torch.Tensor]]:
-    """Run the user's loss on leaf logprob tensors; return its value, metrics and d(loss)/d(logprobs)."""
-    leaves = [out["logprobs"].to_torch().clone().requires_grad_(True) for out in fwd.loss_fn_outputs]
-    loss, metrics = loss_fn(datums, leaves)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise InvalidRequestError("loss_fn must return (scalar tensor, metrics dict)", field="loss_fn")
-    loss.backward()
-    grads = [lp.grad if lp.grad is not None else torch.zeros_like(lp) for lp in leaves]
-    clean = {str(k): float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in (metrics or {}).items()}
-    return float(loss.detach()), clean, grads
-
-
-def _unsupported_custom(loss_type_input: str, output: str, precomputed_forward: Any) -> InvalidRequestError | None:
-    """The hosted custom-loss options firetitan does not serve (embedding heads, a reused forward)."""
-    for field, value, valid in (("loss_type_input", loss_type_input, "logprobs"), ("output", output, "logprobs")):
-        if value != valid:
-            return InvalidRequestError(f"{field} {value!r} is not supported; only {valid!r} is", field=field)
-    if precomputed_forward is not None:
-        return InvalidRequestError("precomputed_forward is not supported; the custom loss runs its own forward",
-                                   field="precomputed_forward")
-    return None
 
 
 def worker_crashed(exc: ConflictError) -> WorkerCrashedError | None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from firetitan.client.training import CustomLossFn
+from firetitan.client.custom_loss import CustomLossFn
 
 
 def _mask(datum: Any) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from firetitan.client.training import CustomLossFn
+from firetitan.client.custom_loss import CustomLossFn
 from firetitan.recipes.clients import Clients
 from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.run_state import RunCheckpoints

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from firetitan.client.training import CustomLossFn
+from firetitan.client.custom_loss import CustomLossFn
 from firetitan.runtime.protocols import TrainingClientLike
 from firetitan.runtime.remote import DEFAULT_TIMEOUT_S, call
 from firetitan.runtime.run_metrics import BusyTracker

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from firetitan.client.training import CustomLossFn
+from firetitan.client.custom_loss import CustomLossFn
 
 
 @runtime_checkable
