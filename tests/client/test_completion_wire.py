@@ -163,3 +163,29 @@ def test_compute_logprobs_is_one_echo_request() -> None:
         body = next(iter(m.requests.values()))[0].kwargs["json"]
     assert body["echo"] is True and body["max_tokens"] == 1 and body["logprobs"] is True
     assert logprobs == [None, -1.1, -1.2] and last == [None, None, -1.2]
+
+
+async def test_429_retry_after_http_date_is_a_floor_for_the_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full deployment answers 429 with Retry-After as an HTTP date; the retry waits at least that long."""
+    import asyncio
+    import email.utils
+    import time
+
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float, *a: object) -> None:
+        slept.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    answer = {"choices": [{"index": 0, "text": "z", "finish_reason": "stop", "raw_output": final_raw([4], ["v1"])}]}
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    with aioresponses() as m:
+        m.post(PATH, status=429, payload={"error": "full"}, headers={"Retry-After": when})
+        m.post(PATH, status=200, payload=answer)
+        s = sampler(stream=False)  # own backoff ~1 ms
+        (c,) = await s.sample_with_prompt_tokens(PROMPT, max_tokens=1)
+        await s.close()
+    assert c.completion_tokens == [4]
+    assert slept and slept[0] >= 28.0  # the date, less the second or two the clock moved meanwhile
