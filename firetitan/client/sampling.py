@@ -10,7 +10,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Generator, Mapping, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -124,8 +124,20 @@ class DeploymentSampler:
     def path(self) -> str:
         return "/inference/v1/completions" if self.api == "fireworks" else "/v1/completions"
 
-    async def close(self) -> None:
-        """Close this loop's HTTP session (sessions of other loops close when their loop shuts down)."""
+    def close(self) -> Awaitable[None]:
+        """Close this loop's HTTP session (sessions of other loops close when their loop shuts down).
+
+        Await it (`await sampler.close()`), or call it plainly as the official SDK's synchronous
+        `close()` is called: inside a running loop the closing is then scheduled on that loop; with
+        no loop running there is nothing to close here (every session closes with its own loop).
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return _Closed()
+        return loop.create_task(self._aclose())
+
+    async def _aclose(self) -> None:
         if self.routing is not None:
             await self.routing.cancel_lookup(asyncio.get_running_loop())
         await self._sessions.close()
@@ -401,3 +413,11 @@ class DeploymentSampler:
         if resp.status in (400, 422) and not isinstance(err, InvalidRequestError):
             err = InvalidRequestError(err.message, field=err.field, status_code=resp.status, body=payload)
         return err
+
+
+class _Closed:
+    """An already-finished close (awaiting it returns at once)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield

@@ -189,3 +189,19 @@ async def test_429_retry_after_http_date_is_a_floor_for_the_sampler(monkeypatch:
         await s.close()
     assert c.completion_tokens == [4]
     assert slept and slept[0] >= 28.0  # the date, less the second or two the clock moved meanwhile
+
+
+def test_close_works_awaited_and_as_the_official_sync_call() -> None:
+    import asyncio
+
+    s = sampler()
+    s.close()  # no loop running: nothing to close, and no coroutine left un-awaited
+
+    async def use() -> None:
+        await s._sessions.get()
+        s.close()  # plain call inside a loop: closing is scheduled there
+        await asyncio.sleep(0.05)
+        assert all(sess.closed for sess in list(s._sessions._sessions.values())) or not s._sessions._sessions
+        await s.close()  # awaited form
+
+    asyncio.run(use())
