@@ -318,7 +318,14 @@ class AdaptiveConcurrencyController(_GatedController):
         self._step_adjustments = 0
         # The last `history_limit` window adjustments (a ring: long runs keep bounded memory).
         self.history: deque[dict[str, Any]] = deque(maxlen=int(history_limit))
+        self.retry_exhaustions = 0
         super().__init__(int(initial))
+
+    def note_retry_exhausted(self, metrics: ServerMetrics | None) -> None:
+        """A request ran out of retries (the official sampler reports this; ours need not: its
+        failed attempts were released with their metrics already). Counted, nothing else."""
+        with self._gate.lock:
+            self.retry_exhaustions += 1
 
     @property
     def state(self) -> AdaptiveState:

@@ -66,6 +66,15 @@ class ServerMetrics:
     request_id: str | None = None  # the logical request id this client sent (shared by its retries)
     start_time: float | None = None  # time.monotonic() when the attempt began
 
+    @staticmethod
+    def from_headers(headers: Mapping[str, object], client_ttft: float | None = None,
+                     http_status_code: int | None = None, retry_attempt: int | None = None,
+                     client_latency: float | None = None, completion_tokens: int | None = None) -> ServerMetrics:
+        """The metrics in response headers alone (the official SDK's constructor of this type)."""
+        return parse_server_metrics({str(k): str(v) for k, v in headers.items()}, None, client_ttft=client_ttft,
+                                    http_status_code=http_status_code, retry_attempt=retry_attempt,
+                                    client_latency=client_latency, completion_tokens=completion_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -283,3 +283,12 @@ async def test_adaptive_adjusts_every_window_of_releases_and_summarises_steps() 
     assert ctl.step_completed()["requests"] == 0
     with pytest.raises(RuntimeError):
         ctl.release()
+
+
+def test_official_helpers_server_metrics_from_headers_and_retry_exhaustion() -> None:
+    m = ServerMetrics.from_headers({"fireworks-prefill-queue-duration": "0.25", "Fireworks-Prompt-Tokens": "12"},
+                                   http_status_code=200, retry_attempt=1)
+    assert m.prefill_queue_duration == 0.25 and m.prompt_tokens == 12 and m.retry_attempt == 1
+    ctl = AdaptiveConcurrencyController()
+    ctl.note_retry_exhausted(m)
+    assert ctl.retry_exhaustions == 1
