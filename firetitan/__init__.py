@@ -63,7 +63,7 @@ _LAZY: dict[str, str] = {
     "ReferenceClient": "firetitan.client.reference",
     "AdaptiveConcurrencyController": "firetitan.client.concurrency",
     "FixedConcurrencyController": "firetitan.client.concurrency",
-    "ServerMetrics": "firetitan.client.metrics",
+    "ServerMetrics": "firetitan.client.server_metrics",
     "load_model": "firetitan.models",
     "load_tokenizer": "firetitan.models",
     "BUILTIN_MODELS": "firetitan.models",
@@ -74,11 +74,11 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:
     from firetitan.client.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
     from firetitan.client.config import FiretitanProvisioningConfig
-    from firetitan.client.metrics import ServerMetrics
     from firetitan.client.provision import ensure_control_plane
     from firetitan.client.reference import ReferenceClient
     from firetitan.client.sampling import DeploymentSampler, SampledCompletion
     from firetitan.client.sampling_client import SamplingClient
+    from firetitan.client.server_metrics import ServerMetrics
     from firetitan.client.service import FiretitanServiceClient, ServiceClient
     from firetitan.client.training import TrainingClient
     from firetitan.logging import configure_logging, get_logger

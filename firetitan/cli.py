@@ -39,7 +39,8 @@ __all__ = ["PLUGIN_MODULES", "Command", "main", "register_command", "state_dir"]
 
 # Modules that register subcommands; a module that does not exist yet is skipped.
 PLUGIN_MODULES: tuple[str, ...] = (
-    "firetitan.server.control_plane.cli",  # serve, status, jobs
+    "firetitan.server.control_plane.cli",  # serve
+    "firetitan.status_cli",  # status
     "firetitan.bench.cli",  # bench
     "firetitan.demo.cli",  # demo
     "firetitan.recipes.cli",  # recipe runners

@@ -75,6 +75,19 @@ def test_doctor_text_uses_default_state_dir_without_env(
     assert "num_threads:" in out and "transformers:" in out
 
 
+def test_doctor_never_prints_secrets(tmp_path: Path) -> None:
+    secret = "sk-do-not-print-7d1c"
+    env = {"FIRETITAN_HOME": str(tmp_path / "home"), "FIRETITAN_API_KEY": secret, "FIRETITAN_HF_TOKEN": secret,
+           "FIRETITAN_CLIENT_SECRET": secret, "FIRETITAN_LOG_LEVEL": "warning"}
+    for args in (("doctor", "--json"), ("doctor",)):
+        out = run_cli(*args, env=env)
+        assert out.returncode == 0, out.stderr
+        assert secret not in out.stdout and secret not in out.stderr
+    report = json.loads(run_cli("doctor", "--json", env=env).stdout)
+    assert report["env"]["FIRETITAN_API_KEY"].startswith("<set, 20 characters")
+    assert report["env"]["FIRETITAN_LOG_LEVEL"] == "warning"  # not a secret: shown as is
+
+
 def test_no_command_prints_help_and_fails() -> None:
     out = run_cli()
     assert out.returncode == 2 and "doctor" in out.stdout

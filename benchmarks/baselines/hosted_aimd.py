@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from firetitan.client.concurrency import _GatedController
-from firetitan.client.metrics import ServerMetrics
+from firetitan.client.server_metrics import ServerMetrics
 
 
 def hosted_next_window(window: float, ema: float | None, samples: list[float], *, target: float = 0.5,

@@ -15,7 +15,7 @@ from firetitan.bench.harness import summarize
 from firetitan.bench.load import RLLoad, step_groups
 from firetitan.bench.simulated_deployment import QueueModel, SimConfig, perf_metrics
 from firetitan.client.concurrency import ConcurrencyController
-from firetitan.client.metrics import parse_server_metrics
+from firetitan.client.server_metrics import parse_server_metrics
 
 # Event-loop turns without any progress after which the client side is considered quiescent.
 _QUIET_TURNS = 3

@@ -11,11 +11,12 @@ from typing import Any
 import aiohttp
 
 from firetitan.bench.load import RLLoad, step_groups
-from firetitan.client.concurrency import ConcurrencyController, percentile
-from firetitan.client.metrics import ServerMetrics
+from firetitan.client.concurrency import ConcurrencyController
 from firetitan.client.sampling import ApiStyle, DeploymentSampler, SampledCompletion
+from firetitan.client.server_metrics import ServerMetrics
 from firetitan.errors import FiretitanError
 from firetitan.logging import get_logger
+from firetitan.stats import percentile
 
 log = get_logger("firetitan.bench.harness")
 
@@ -56,7 +57,7 @@ async def _sim_time(session: aiohttp.ClientSession, url: str) -> float | None:
 
 async def run_benchmark(opts: BenchOptions, load: RLLoad, controller: ConcurrencyController) -> dict[str, Any]:
     """Run `load.steps` RL steps against `opts.url`; returns a JSON-ready result dict."""
-    sampler = DeploymentSampler(opts.url, None, controller, api_key=opts.api_key, model=opts.model,
+    sampler = DeploymentSampler(opts.url, opts.model, opts.api_key, concurrency_controller=controller,
                                 http_timeout=opts.http_timeout, max_attempts=opts.max_attempts, api=opts.api,
                                 backoff_base=opts.backoff_base, not_ready_delay=1.0)
     series: list[tuple[float, int, int]] = []

@@ -9,7 +9,7 @@ from firetitan.client.concurrency import (
     FixedConcurrencyController,
 )
 from firetitan.errors import ConfigError
-from firetitan.server.process import WorkerProcess, spawn_worker
+from firetitan.process import WorkerProcess, spawn_worker
 
 SIM_MODULE = "firetitan.bench.simulated_deployment"
 

@@ -88,8 +88,23 @@ class CompletionBody(pydantic.BaseModel):
 
 
 class _SimRequest:
-    __slots__ = ("admit_vt", "arrival_vt", "cached", "cancelled", "concurrent", "done_vt", "finish_reason",
-                 "first_vt", "generated", "max_tokens", "prompt_len", "rng", "target_len", "wake")
+    __slots__ = (
+        "admit_vt",
+        "arrival_vt",
+        "cached",
+        "cancelled",
+        "concurrent",
+        "done_vt",
+        "emitted",
+        "finish_reason",
+        "first_vt",
+        "generated",
+        "max_tokens",
+        "prompt_len",
+        "rng",
+        "target_len",
+        "wake",
+    )
 
     def __init__(self, prompt_len: int, cached: int, max_tokens: int, rng: random.Random, eos_prob: float,
                  arrival_vt: float) -> None:
@@ -110,6 +125,7 @@ class _SimRequest:
         self.first_vt: float | None = None
         self.done_vt: float | None = None
         self.generated = 0
+        self.emitted: list[int] = []  # every token id sent so far: the final raw_output carries them all
         self.concurrent = 0
         self.cancelled = False
         self.wake: asyncio.Queue[None] = asyncio.Queue()
@@ -436,10 +452,8 @@ class SimulatedDeployment:
     def _emit(self, req: _SimRequest, start: int, end: int, body: CompletionBody, *,
               openai: bool) -> dict[str, Any]:
         ids = [req.rng.randrange(self.config.vocab_size - _SPECIAL_TOKENS) for _ in range(end - start)]
+        req.emitted.extend(ids)
         choice: dict[str, Any] = {"index": 0, "text": "".join(f" s{t}" for t in ids), "finish_reason": None}
-        if not openai or body.raw_output:
-            choice["raw_output"] = {"completion_token_ids": ids,
-                                    "policy_versions": [self.config.policy_version] * len(ids)}
         if body.logprobs:
             temp = max(body.temperature, 1e-3)
             content = []
@@ -450,8 +464,11 @@ class SimulatedDeployment:
             choice["logprobs"] = {"content": content}
         return {"id": "sim", "object": "text_completion", "model": body.model, "choices": [choice]}
 
-    def _final_fields(self, chunk: dict[str, Any], body: CompletionBody, req: _SimRequest) -> None:
+    def _final_fields(self, chunk: dict[str, Any], body: CompletionBody, req: _SimRequest, *, openai: bool) -> None:
         chunk["choices"][0]["finish_reason"] = req.finish_reason
+        if not openai or body.raw_output:  # complete, in the choice's final chunk only (the wire contract)
+            chunk["choices"][0]["raw_output"] = {"completion_token_ids": list(req.emitted),
+                                                 "policy_versions": [self.config.policy_version] * len(req.emitted)}
         chunk["choices"][0]["policy_version"] = self.config.policy_version
         chunk["usage"] = {"prompt_tokens": req.prompt_len, "completion_tokens": req.generated,
                           "total_tokens": req.prompt_len + req.generated}
@@ -460,7 +477,7 @@ class SimulatedDeployment:
 
     def _whole(self, body: CompletionBody, req: _SimRequest, *, openai: bool) -> web.Response:
         chunk = self._emit(req, 0, req.generated, body, openai=openai)
-        self._final_fields(chunk, body, req)
+        self._final_fields(chunk, body, req, openai=openai)
         chunk["simulation"] = True
         headers = {SIM_HEADER: "1", **{f"fireworks-{k}": str(v) for k, v in self._perf(req).items()
                                       if k not in ("simulation",)}}
@@ -483,7 +500,7 @@ class SimulatedDeployment:
                     self.outcomes["injected_truncation"] += 1
                     await resp.write(_sse(chunk))
                     return resp
-                self._final_fields(chunk, body, req)
+                self._final_fields(chunk, body, req, openai=openai)
                 chunk["simulation"] = True
                 await resp.write(_sse(chunk))
                 await resp.write(b"data: [DONE]\n\n")

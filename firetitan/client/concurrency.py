@@ -5,23 +5,33 @@ count of requests in flight and a FIFO of waiter futures, each woken on its own 
 `call_soon_threadsafe`. An `asyncio.Semaphore` would bind to the first loop that used it, and the
 SDK's samplers are used from the background loop and from `asyncio.run` in user code alike.
 
-The adaptive controller's decisions are pure functions (`next_window`) of an interval's statistics,
-so the math is tested directly; the class only collects statistics and applies the results.
+The adaptive controller's decisions are pure functions (`next_window`, in `client/aimd.py`) of an
+interval's statistics, so the math is tested directly; the class only collects statistics and
+applies the results.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import threading
 import time
 from collections import deque
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from firetitan.client.metrics import ServerMetrics
+from firetitan.client.aimd import (  # noqa: F401  (re-exported: the rule is part of this API)
+    AdaptiveParams,
+    AdaptiveState,
+    IntervalStats,
+    Phase,
+    interval_length,
+    littles_law_factor,
+    next_window,
+)
+from firetitan.client.server_metrics import ServerMetrics
 from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
+from firetitan.stats import percentile
 
 log = get_logger("firetitan.client.concurrency")
 
@@ -42,9 +52,9 @@ class ConcurrencyController(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    async def acquire(self, weight: int = 1) -> None: ...
+    async def acquire(self, *, weight: int = 1) -> None: ...
 
-    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None: ...
+    def release(self, metrics: ServerMetrics | None = None, *, weight: int = 1) -> None: ...
 
     def step_completed(self) -> dict[str, float]: ...
 
@@ -166,7 +176,7 @@ class _GatedController:
     def pending_decrease(self) -> int:
         return self._gate.debt
 
-    async def acquire(self, weight: int = 1) -> None:
+    async def acquire(self, *, weight: int = 1) -> None:
         waited = await self._gate.acquire(weight)
         with self._gate.lock:
             self._step_max_in_flight = max(self._step_max_in_flight, self._gate.in_flight)
@@ -176,7 +186,7 @@ class _GatedController:
         if waited:
             self._step_waited += 1
 
-    def release(self, metrics: ServerMetrics | None = None, weight: int = 1) -> None:
+    def release(self, metrics: ServerMetrics | None = None, *, weight: int = 1) -> None:
         with self._gate.lock:
             self._gate.release_locked(weight)
             self._step_requests += 1
@@ -240,138 +250,10 @@ class FixedConcurrencyController(_GatedController):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adaptive controller: pure math
-# ----------------------------------------------------------------------------------------------
-
-Phase = Literal["slow_start", "avoidance"]
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaptiveParams:
-    """Tuning of `AdaptiveConcurrencyController` (see docs/sampling.md for the reasoning)."""
-
-    min_window: float = 1.0
-    max_window: float = 256.0
-    prefill_queue_target: float = 0.5
-    signal_percentile: float = 0.95
-    slow_start_factor: float = 1.5
-    additive_increase: float = 1.0
-    max_increase_factor: float = 4.0
-    min_decrease_factor: float = 0.5
-    max_decrease_factor: float = 0.9
-    recovery_fraction: float = 0.5
-    hold_fraction: float = 0.2
-    saturation_fraction: float = 0.9
-    pq_floor: float = 1e-3
-
-
-@dataclasses.dataclass(frozen=True)
-class AdaptiveState:
-    window: float
-    phase: Phase = "slow_start"
-    last_good: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class IntervalStats:
-    """What one adjustment interval observed."""
-
-    pq: tuple[float, ...] = ()
-    latency: tuple[float, ...] = ()
-    max_in_flight: int = 0
-    waited: int = 0
-    congestion_errors: int = 0
-    server_concurrency: tuple[int, ...] = ()
-
-
-def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
-    """Linear-interpolated percentile, `q` in [0, 1]."""
-    if not values:
-        raise ValueError("percentile of no values")
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def interval_length(window: float, adjustment_interval: int) -> int:
-    """Releases per adjustment: at least one full window, so every sample the decision uses comes
-    from a request admitted under the current window (one "round trip", as in TCP)."""
-    return max(int(adjustment_interval), math.ceil(window))
-
-
-def littles_law_factor(signal: float, latency: float, target: float) -> float:
-    """Fraction of the window to keep so the queued share drops from signal/latency to target/latency.
-
-    By Little's law the share of in-flight requests waiting for prefill equals the share of their
-    latency spent waiting, so cutting the window by (signal - target) / latency removes just the
-    excess queue instead of a blind half.
-    """
-    if latency <= 0:
-        return 0.0
-    return 1.0 - (signal - target) / latency
-
-
-def next_window(state: AdaptiveState, stats: IntervalStats, p: AdaptiveParams) -> tuple[AdaptiveState, str]:
-    """One adjustment. Returns the new state and a short reason."""
-    w = state.window
-    saturated = stats.max_in_flight >= p.saturation_fraction * w or stats.waited > 0
-    signal = percentile(stats.pq, p.signal_percentile) if stats.pq else None
-
-    congested = (signal is not None and signal > p.prefill_queue_target) or (
-        signal is None and stats.congestion_errors > 0)
-    if congested:
-        if signal is not None and stats.latency:
-            lat = max(percentile(stats.latency, 0.5), signal)
-            factor = littles_law_factor(signal, lat, p.prefill_queue_target)
-        else:
-            factor = p.min_decrease_factor
-        factor = min(p.max_decrease_factor, max(p.min_decrease_factor, factor))
-        new_w = _clamp(w * factor, p)
-        if state.last_good is not None and w > state.last_good:
-            # A probe above the last good window failed (or slow start overshot): never fall below
-            # the window that was known to be fine.
-            new_w = max(new_w, _clamp(state.last_good, p))
-            return AdaptiveState(new_w, "avoidance", state.last_good), f"probe failed x{new_w / w:.2f}"
-        # Congestion at or below the remembered good window means the server got slower
-        # (weights changed, other tenants): the old operating point is no longer good.
-        return AdaptiveState(new_w, "avoidance", new_w), f"decrease x{factor:.2f}"
-
-    if not saturated:
-        # App-limited (e.g. the tail of an RL step): the queue says nothing about a larger window.
-        return state, "hold (not saturated)"
-    if signal is None:
-        return state, "hold (no signal)"
-
-    last_good = max(state.last_good or 0.0, w)
-    if state.phase == "slow_start":
-        if stats.server_concurrency and percentile(stats.server_concurrency, 0.9) < p.saturation_fraction * w:
-            # The server runs fewer of our requests than we send: its batch is full, the rest is
-            # about to queue. Leave slow start before the (late) queue signal forces a big decrease.
-            return AdaptiveState(w, "avoidance", last_good), "slow start exit (server full)"
-        new_w = _clamp(w * p.slow_start_factor, p)
-        return AdaptiveState(new_w, "slow_start", last_good), "slow start"
-    if state.last_good is not None and w < state.last_good:
-        # Recover quickly towards the last window that was known to be fine (CUBIC's memory).
-        step = max(p.additive_increase, (state.last_good - w) * p.recovery_fraction)
-        new_w = _clamp(min(state.last_good, w + step), p)
-        return AdaptiveState(new_w, "avoidance", last_good), "recover"
-    if signal > p.hold_fraction * p.prefill_queue_target:
-        # Close to the target: hold, so the tail percentile settles below the target, not on it.
-        return AdaptiveState(w, "avoidance", last_good), "hold (near target)"
-    headroom = p.prefill_queue_target / max(signal, p.pq_floor)
-    new_w = _clamp(w + p.additive_increase * min(headroom, p.max_increase_factor), p)
-    return AdaptiveState(new_w, "avoidance", last_good), "probe"
-
-
-def _clamp(w: float, p: AdaptiveParams) -> float:
-    return min(p.max_window, max(p.min_window, w))
-
-
-# ----------------------------------------------------------------------------------------------
 # Adaptive controller
 # ----------------------------------------------------------------------------------------------
+
+HISTORY_LIMIT = 4096  # window adjustments kept in `AdaptiveConcurrencyController.history`
 
 
 class AdaptiveConcurrencyController(_GatedController):
@@ -385,10 +267,21 @@ class AdaptiveConcurrencyController(_GatedController):
     """
 
     def __init__(self, initial_window: int = 8, min_window: int = 1, max_window: int = 256,
-                 prefill_queue_target: float = 0.5, adjustment_interval: int = 32, *,
-                 signal_percentile: float = 0.95, slow_start: bool = True, slow_start_factor: float = 1.5,
-                 additive_increase: float = 1.0, min_decrease_factor: float = 0.5,
-                 max_decrease_factor: float = 0.9, min_step_samples: int = 8) -> None:
+                 prefill_queue_target: float = 0.5, additive_increase: float = 1.0,
+                 multiplicative_decrease: float = 0.5, ema_alpha: float = 0.3, adjustment_interval: int = 32,
+                 shrink_cooldown_s: float = 1.0, *, signal_percentile: float = 0.95, slow_start: bool = True,
+                 slow_start_factor: float = 1.5, max_decrease_factor: float = 0.9, min_step_samples: int = 8,
+                 history_limit: int = HISTORY_LIMIT) -> None:
+        # The hosted SDK's parameters, in its order. `multiplicative_decrease` is the deepest cut one
+        # adjustment may make (our decrease is sized by Little's law between it and
+        # `max_decrease_factor`). `ema_alpha` and `shrink_cooldown_s` tune the hosted rule's EMA and
+        # cooldown, which this controller replaces (a percentile per window of releases, and a
+        # hold-off of one window after a decrease): accepted so hosted scripts run, otherwise unused.
+        min_decrease_factor = multiplicative_decrease
+        self.ema_alpha = ema_alpha
+        self.shrink_cooldown_s = shrink_cooldown_s
+        if history_limit < 1:
+            raise ConfigError(f"history_limit must be >= 1, got {history_limit}", field="history_limit")
         if min_window < 1 or max_window < min_window:
             raise ConfigError(f"need 1 <= min_window <= max_window, got {min_window}, {max_window}",
                               field="min_window")
@@ -402,8 +295,8 @@ class AdaptiveConcurrencyController(_GatedController):
             raise ConfigError(f"signal_percentile must be in [0, 1], got {signal_percentile}",
                               field="signal_percentile")
         if not 0 < min_decrease_factor <= max_decrease_factor < 1:
-            raise ConfigError("need 0 < min_decrease_factor <= max_decrease_factor < 1",
-                              field="min_decrease_factor")
+            raise ConfigError(f"need 0 < multiplicative_decrease <= max_decrease_factor < 1, got "
+                              f"{min_decrease_factor}, {max_decrease_factor}", field="multiplicative_decrease")
         self.params = AdaptiveParams(
             min_window=float(min_window), max_window=float(max_window),
             prefill_queue_target=float(prefill_queue_target), signal_percentile=signal_percentile,
@@ -423,8 +316,16 @@ class AdaptiveConcurrencyController(_GatedController):
         self._interval_concurrency: list[int] = []
         self._holdoff = 0
         self._step_adjustments = 0
-        self.history: list[dict[str, Any]] = []
+        # The last `history_limit` window adjustments (a ring: long runs keep bounded memory).
+        self.history: deque[dict[str, Any]] = deque(maxlen=int(history_limit))
+        self.retry_exhaustions = 0
         super().__init__(int(initial))
+
+    def note_retry_exhausted(self, metrics: ServerMetrics | None) -> None:
+        """A request ran out of retries (the official sampler reports this; ours need not: its
+        failed attempts were released with their metrics already). Counted, nothing else."""
+        with self._gate.lock:
+            self.retry_exhaustions += 1
 
     @property
     def state(self) -> AdaptiveState:

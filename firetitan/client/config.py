@@ -25,6 +25,15 @@ _ALIASES = {"model_name": "base_model", "training_shape": "training_shape_id",
 # Hardware is the shape's business; the hosted SDK accepts these with a warning and drops them.
 _DEPRECATED = ("accelerator_type", "accelerator_count", "node_count", "custom_image_tag", "region",
                "use_reservation", "reservation_target", "preemptible", "skip_validations")
+# Hosted-service knobs with no local meaning, and the hosted default of each: accepted so a hosted
+# script's config builds unchanged; a value other than the default is warned about and dropped.
+_HOSTED_ONLY: dict[str, Any] = {
+    "projection_head_dim": None, "max_lora_rank": None, "gradient_accumulation_steps": 1, "extra_args": None,
+    "extra_values": None, "deployment_extra_args": None, "deployment_extra_values": None,
+    "trainer_replica_count": None, "trainer_pending_timeout_s": 172800, "disable_inactivity_cleanup": False,
+    "reattach_settle_timeout_s": 600.0, "reattach_poll_interval_s": 5.0, "purpose": None, "managed_by": None,
+    "disable_speculative_decoding": False, "weight_sync_transport": None,
+}
 
 
 class FiretitanProvisioningConfig(BaseModel):
@@ -67,6 +76,19 @@ class FiretitanProvisioningConfig(BaseModel):
         "reachable (same host as the control plane), instead of through its gateway")
     account: str = "local"
     home: str | None = Field(default=None, description="state directory of the embedded control plane")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_hosted_only(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        out = dict(values)
+        for key in [k for k in out if k in _HOSTED_ONLY or k in _DEPRECATED]:
+            value = out.pop(key)
+            if key in _DEPRECATED or value != _HOSTED_ONLY[key]:
+                warnings.warn(f"{key}={value!r} is a hosted-service setting with no meaning locally; ignored",
+                              UserWarning, stacklevel=4)
+        return out
 
     @field_validator("trainer_job_id", "deployment_id", "reference_trainer_job_id")
     @classmethod

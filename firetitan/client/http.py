@@ -1,51 +1,36 @@
-"""A small JSON-over-HTTP client with timeouts, retries and typed errors, one session per event loop."""
+"""`HttpClient`: the SDK's handle on one firetitan service (base URL, key, retry policy) over the transport."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-import weakref
 from typing import Any
 
 import aiohttp
 
-from firetitan.errors import APIConnectionError, APITimeoutError, FiretitanError, from_response
-
-_RETRY_STATUS = frozenset({502, 503, 504})
+from firetitan.transport import LoopSessions, RetryPolicy, bearer, request_json
 
 
 class HttpClient:
-    """Talks to one firetitan service.
+    """Talks to one firetitan service; sessions are per event loop (see `LoopSessions`).
 
-    aiohttp sessions are bound to the event loop that created them, and SDK objects are used from
-    the background loop, from `asyncio.run` in user code and from notebooks alike, so a session is
-    kept per loop and closed with it.
+    `retries`/`backoff` are shorthand for `policy=RetryPolicy(max_attempts=retries + 1,
+    backoff_base=backoff)`; an explicit `policy` wins.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 60.0,
-                 retries: int = 3, backoff: float = 0.25) -> None:
+                 retries: int = 3, backoff: float = 0.25, policy: RetryPolicy | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-            weakref.WeakKeyDictionary()
-        )
+        self.policy = policy or RetryPolicy(max_attempts=retries + 1, backoff_base=backoff)
+        self._sessions = LoopSessions(bearer(api_key))
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return bearer(self.api_key)
 
-    def session(self) -> aiohttp.ClientSession:
+    async def session(self) -> aiohttp.ClientSession:
         """The session for the running loop (created on first use)."""
-        loop = asyncio.get_running_loop()
-        sess = self._sessions.get(loop)
-        if sess is None or sess.closed:
-            sess = aiohttp.ClientSession(headers=self.headers,
-                                         connector=aiohttp.TCPConnector(limit=0, force_close=False))
-            self._sessions[loop] = sess
-        return sess
+        return await self._sessions.get()
 
     def url(self, path: str) -> str:
         return path if path.startswith("http") else f"{self.base_url}/{path.lstrip('/')}"
@@ -54,55 +39,14 @@ class HttpClient:
                            retry: bool = True, params: dict[str, str] | None = None) -> Any:
         """Send one request and return the decoded JSON body (None for an empty body).
 
-        Connection errors and 502/503/504 are retried with jittered exponential backoff when
-        `retry` is set; every attempt is bounded by `timeout` seconds.
+        Transient failures (connection errors, timeouts, the policy's statuses incl. 429 with its
+        `Retry-After`) are retried per `self.policy` when `retry` is set; every attempt is bounded
+        by `timeout` seconds.
         """
-        attempts = self.retries + 1 if retry else 1
-        limit = self.timeout if timeout is None else timeout
-        last: FiretitanError | None = None
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (0.5 + random.random()))
-            try:
-                async with self.session().request(
-                    method, self.url(path), json=json, params=params,
-                    timeout=aiohttp.ClientTimeout(total=limit),
-                ) as resp:
-                    body = await _read_body(resp)
-                    if resp.status < 400:
-                        return body
-                    err = from_response(resp.status, body)
-                    if resp.status in _RETRY_STATUS:
-                        last = err
-                        continue
-                    raise err
-            except TimeoutError as exc:
-                last = APITimeoutError(f"{method} {path} timed out after {limit:.1f}s")
-                last.__cause__ = exc
-            except aiohttp.ClientError as exc:
-                last = APIConnectionError(f"{method} {self.url(path)} failed: {type(exc).__name__}: {exc}")
-                last.__cause__ = exc
-        assert last is not None
-        raise last
+        return await request_json(await self.session(), method, self.url(path), json,
+                                  timeout=self.timeout if timeout is None else timeout,
+                                  policy=self.policy if retry else self.policy.once(), params=params)
 
     async def close(self) -> None:
         """Close the session of the running loop; sessions of other loops close with their loops."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        sess = self._sessions.pop(loop, None)
-        if sess is not None and not sess.closed:
-            await sess.close()
-
-
-async def _read_body(resp: aiohttp.ClientResponse) -> Any:
-    text = await resp.text()
-    if not text:
-        return None
-    if "json" in (resp.content_type or ""):
-        try:
-            return await resp.json(content_type=None)
-        except ValueError:
-            return text
-    return text
+        await self._sessions.close()

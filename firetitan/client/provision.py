@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from firetitan.errors import APITimeoutError, ConfigError, WorkerCrashedError
-from firetitan.logging import get_logger
-from firetitan.server.control_plane.home import (
+from firetitan.home import (
     HomeLayout,
     control_plane_lock_held,
     flock_exclusive,
@@ -19,7 +18,8 @@ from firetitan.server.control_plane.home import (
     resolve_home,
     running_control_plane,
 )
-from firetitan.server.process import spawn_worker
+from firetitan.logging import get_logger
+from firetitan.process import spawn_worker
 
 log = get_logger("firetitan.client.provision")
 CONTROL_PLANE_MODULE = "firetitan.server.control_plane"

@@ -16,9 +16,9 @@ import itertools
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from ipaddress import ip_address
 from urllib.parse import urlsplit
 
+from firetitan.bind import is_loopback
 from firetitan.logging import get_logger
 
 log = get_logger("firetitan.client.replicas")
@@ -28,15 +28,6 @@ FetchReplicas = Callable[[], Awaitable[list[str]]]
 
 def _host(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def reachable_replica_urls(deployment: dict, gateway_url: str) -> list[str]:
@@ -53,7 +44,7 @@ def reachable_replica_urls(deployment: dict, gateway_url: str) -> list[str]:
         if not url or replica.get("state") != "READY":
             continue
         host = _host(url)
-        if host == gateway or (is_loopback_host(host) and is_loopback_host(gateway)):
+        if host == gateway or (is_loopback(host) and is_loopback(gateway)):
             out.append(str(url).rstrip("/"))
     return out
 

@@ -275,33 +275,46 @@ class FiretitanServiceClient:
 
     # ------------------------------------------------------------------ training clients
 
-    def create_training_client(self, base_model: str | None = None, lora_rank: int | None = None,
-                               **kwargs: Any) -> TrainingClient:
-        """The policy's training client (provisions on first call; later calls return the same one)."""
-        return run_sync(self.create_training_client_async(base_model, lora_rank, **kwargs))
+    def create_training_client(self, base_model: str | None = None, lora_rank: int = 0, seed: int | None = None,
+                               train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
+                               lora_alpha: int | None = 32, user_metadata: dict[str, str] | None = None,
+                               projection_head_dim: int | None = None,
+                               lora_init_method: str | None = None) -> TrainingClient:
+        """The policy's training client (provisions on first call; later calls return the same one).
 
-    async def create_training_client_async(self, base_model: str | None = None, lora_rank: int | None = None,
-                                           **kwargs: Any) -> TrainingClient:
+        As hosted, the managed config is authoritative: the model arguments are the config's
+        (`FiretitanProvisioningConfig`); a differing `base_model` or non-zero `lora_rank` is
+        warned about and ignored.
+        """
+        return run_sync(self.create_training_client_async(base_model, lora_rank))
+
+    async def create_training_client_async(self, base_model: str | None = None, lora_rank: int = 0,
+                                           seed: int | None = None, train_mlp: bool = True, train_attn: bool = True,
+                                           train_unembed: bool = True, lora_alpha: int | None = 32,
+                                           user_metadata: dict[str, str] | None = None,
+                                           projection_head_dim: int | None = None,
+                                           lora_init_method: str | None = None) -> TrainingClient:
         return await run_coroutine(self._training(base_model, lora_rank))
 
     async def _training(self, base_model: str | None, lora_rank: int | None) -> TrainingClient:
-        # As hosted: the managed config is authoritative; a differing request is warned and ignored.
         if base_model is not None and base_model != self.config.base_model:
             log.warning("base_model_ignored", requested=base_model, configured=self.config.base_model)
-        if lora_rank is not None and lora_rank != self.config.lora_rank:
+        if lora_rank and lora_rank != self.config.lora_rank:
             log.warning("lora_rank_ignored", requested=lora_rank, configured=self.config.lora_rank)
         await self._ensure_provisioned()
         assert self._training_client is not None
         return self._training_client
 
     def create_reference_client(self, base_model: str | None = None, *, lora_rank: int | None = None,
-                                policy_client: TrainingClient | None = None) -> ReferenceClient:
+                                policy_client: TrainingClient | None = None,
+                                user_metadata: dict[str, str] | None = None) -> ReferenceClient:
         """A frozen reference: the LoRA policy's trainer with adapters off, else a forward-only trainer."""
         return run_sync(self.create_reference_client_async(base_model, lora_rank=lora_rank,
                                                            policy_client=policy_client))
 
     async def create_reference_client_async(self, base_model: str | None = None, *, lora_rank: int | None = None,
-                                            policy_client: TrainingClient | None = None) -> ReferenceClient:
+                                            policy_client: TrainingClient | None = None,
+                                            user_metadata: dict[str, str] | None = None) -> ReferenceClient:
         return await run_coroutine(self._make_reference(policy_client))
 
     async def _make_reference(self, policy_client: TrainingClient | None) -> ReferenceClient:
@@ -439,9 +452,8 @@ class FiretitanServiceClient:
             await self._hotload(model_path)
         if tokenizer is None:
             tokenizer = await asyncio.to_thread(self._default_tokenizer)
-        return DeploymentSampler(self._deployment["inferenceUrl"], tokenizer, controller, self._api_key,
-                                 model=str(self._deployment["name"]),
-                                 direct_replicas=self.config.direct_replica_routing, fanout=fanout,
+        return DeploymentSampler(self._deployment["inferenceUrl"], str(self._deployment["name"]), self._api_key,
+                                 tokenizer, controller, direct_replicas=self.config.direct_replica_routing, fanout=fanout,
                                  stream=stream)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
@@ -457,9 +469,15 @@ class FiretitanServiceClient:
                                                  stream=stream)
         return SamplingClient(sampler, base_model=self.config.base_model, model_path=model_path)
 
-    async def create_sampling_client_async(self, model_path: str | None = None, *, tokenizer: Any = None,
+    async def create_sampling_client_async(self, model_path: str | None = None, base_model: str | None = None,
+                                           retry_config: Any = None, deployment_sampler: DeploymentSampler | None = None,
+                                           *, training_client: TrainingClient | None = None, tokenizer: Any = None,
                                            concurrency_controller: Any = None, fanout: FanOut = "requests",
                                            stream: bool = True) -> SamplingClient:
+        if deployment_sampler is not None:
+            if model_path is not None:
+                await self.hotload_sampler_snapshot_async(model_path)
+            return SamplingClient(deployment_sampler, base_model=self.config.base_model, model_path=model_path)
         sampler = await self.create_deployment_sampler_async(model_path, tokenizer=tokenizer,
                                                              concurrency_controller=concurrency_controller,
                                                              fanout=fanout, stream=stream)
@@ -467,7 +485,8 @@ class FiretitanServiceClient:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def list_checkpoints(self, job_id: str | None = None) -> list[dict[str, Any]]:
+    def list_checkpoints(self, job_id: str | None = None, *, page_size: int = 200) -> list[dict[str, Any]]:
+        """The job's train states (this service's trainer job by default); one page holds them all."""
         return run_sync(self._list_checkpoints(job_id))
 
     async def _list_checkpoints(self, job_id: str | None) -> list[dict[str, Any]]:

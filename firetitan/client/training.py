@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pydantic
-import torch
 
 from firetitan.checkpoints.identity import new_client_suffix
+from firetitan.client.custom_loss import CustomLossFn, ce_datum, linearize, unsupported_options
 from firetitan.client.http import HttpClient
-from firetitan.errors import FiretitanError, InvalidRequestError
+from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, WorkerCrashedError
 from firetitan.futures import (
     APIFuture,
     add_shutdown_hook,
@@ -39,14 +39,12 @@ from firetitan.types import (
     OptimStepResponse,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
-    TensorData,
     coerce_adam_params,
     coerce_datum,
 )
 
 log = get_logger("firetitan.client.training")
 
-CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
 API = "/api/v1"
 
 
@@ -235,7 +233,13 @@ class TrainingClient:
             return body
 
     async def _call(self, endpoint: str, body: dict[str, Any], seq: int) -> dict[str, Any]:
-        return await self._result(await self._submit(endpoint, body, seq))
+        try:
+            return await self._result(await self._submit(endpoint, body, seq))
+        except ConflictError as exc:
+            crashed = worker_crashed(exc)
+            if crashed is None:
+                raise
+            raise crashed from exc
 
     def _op(self, endpoint: str, body: dict[str, Any], parse: Callable[[dict[str, Any]], Any]) -> APIFuture[Any]:
         seq = self._reserve()
@@ -279,8 +283,10 @@ class TrainingClient:
                 "disable_adapter": disable_adapter}
         return self._op("forward", body, ForwardBackwardOutput.model_validate)
 
-    async def forward_async(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
-        return await self.forward(*args, **kwargs)
+    async def forward_async(self, data: Sequence[Any], loss_fn: str = "cross_entropy",
+                            loss_fn_config: Mapping[str, float | str] | None = None, *,
+                            disable_adapter: bool = False) -> ForwardBackwardOutput:
+        return await self.forward(data, loss_fn, loss_fn_config, disable_adapter=disable_adapter)
 
     def forward_backward(self, data: Sequence[Any], loss_fn: str,
                          loss_fn_config: Mapping[str, float | str] | None = None) -> APIFuture[ForwardBackwardOutput]:
@@ -293,10 +299,15 @@ class TrainingClient:
                                            "loss_fn_config": _config(loss_fn_config)}}
         return self._op("forward_backward", body, ForwardBackwardOutput.model_validate)
 
-    async def forward_backward_async(self, *args: Any, **kwargs: Any) -> ForwardBackwardOutput:
-        return await self.forward_backward(*args, **kwargs)
+    async def forward_backward_async(self, data: Sequence[Any], loss_fn: str,
+                                     loss_fn_config: Mapping[str, float | str] | None = None) -> ForwardBackwardOutput:
+        return await self.forward_backward(data, loss_fn, loss_fn_config)
 
-    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:
+    def forward_backward_custom(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
+                                loss_type_input: str = "logprobs", output: str = "logprobs",
+                                pooling: str = "mean",
+                                precomputed_forward: ForwardBackwardOutput | None = None
+                                ) -> APIFuture[ForwardBackwardOutput]:
         """Any differentiable loss of the per-token logprobs, computed here with torch autograd.
 
         A forward pass fetches the logprobs; `loss_fn(data, logprobs)` runs locally on leaf tensors
@@ -304,17 +315,27 @@ class TrainingClient:
         `weights = -dLoss/dlogprob` puts exactly that gradient on the model (CE is `sum(-lp * w)`).
         `metrics["loss:sum"]` is the custom loss, `surrogate_loss:sum` the CE value; the user's
         metrics are merged in. Two seq_ids are reserved now, so later calls stay ordered after it.
+        The hosted SDK's `output` / `pooling` (embedding heads) and `precomputed_forward` are not
+        served: only their defaults are accepted.
         """
+        unsupported = unsupported_options(loss_type_input, output, precomputed_forward)
+        if unsupported is not None:
+            return failed(unsupported)
         try:
             datums, _ = _wire_data(data)
-            fwd_wire = [_ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
+            fwd_wire = [ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
         except InvalidRequestError as exc:
             return failed(exc)
         seq = self._reserve(2)
         return self._guard(run_coroutine(self._custom(seq, datums, fwd_wire, loss_fn)), seq, seq + 1)
 
-    async def forward_backward_custom_async(self, data: Sequence[Any], loss_fn: CustomLossFn) -> ForwardBackwardOutput:
-        return await self.forward_backward_custom(data, loss_fn)
+    async def forward_backward_custom_async(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
+                                            loss_type_input: str = "logprobs",
+                                            output: str = "logprobs", pooling: str = "mean",
+                                            precomputed_forward: ForwardBackwardOutput | None = None
+                                            ) -> ForwardBackwardOutput:
+        return await self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input, output=output,
+                                                  pooling=pooling, precomputed_forward=precomputed_forward)
 
     async def _custom(self, seq: int, datums: list[Datum], fwd_wire: list[dict[str, Any]],
                       loss_fn: CustomLossFn) -> ForwardBackwardOutput:
@@ -322,8 +343,8 @@ class TrainingClient:
         try:
             fwd = ForwardBackwardOutput.model_validate(
                 await self._call("forward", {"forward_input": {"data": fwd_wire, "loss_fn": "cross_entropy"}}, seq))
-            value, user_metrics, grads = await asyncio.to_thread(_linearize, loss_fn, datums, fwd)
-            bwd_wire = [_ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
+            value, user_metrics, grads = await asyncio.to_thread(linearize, loss_fn, datums, fwd)
+            bwd_wire = [ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
             second_started = True
             out = ForwardBackwardOutput.model_validate(await self._call(
                 "forward_backward", {"forward_backward_input": {"data": bwd_wire, "loss_fn": "cross_entropy"}},
@@ -341,12 +362,19 @@ class TrainingClient:
 
     # ------------------------------------------------------------------ optimizer
 
-    def optim_step(self, adam_params: Any = None) -> APIFuture[OptimStepResponse]:
+    def optim_step(self, adam_params: Any = None, grad_accumulation_normalization: str | None = None,
+                   emit_grad_norm_metrics: bool | str | None = None) -> APIFuture[OptimStepResponse]:
         """One AdamW step with exactly these hyperparameters (they may change every step).
 
         `grad_clip_norm > 0` clips the global gradient norm first; `metrics["grad_norm"]` is the
-        norm before clipping. Accepts our `AdamParams`, `tinker.AdamParams` or a dict.
+        norm before clipping (always reported, whatever `emit_grad_norm_metrics` says). Accepts our
+        `AdamParams`, `tinker.AdamParams` or a dict. Gradients are normalised as the loss functions
+        define them: `grad_accumulation_normalization` accepts None only.
         """
+        if grad_accumulation_normalization is not None:
+            return failed(InvalidRequestError(
+                f"grad_accumulation_normalization {grad_accumulation_normalization!r} is not supported; firetitan "
+                "normalises as each loss function defines (pass None)", field="grad_accumulation_normalization"))
         try:
             params = coerce_adam_params(adam_params)
         except pydantic.ValidationError as exc:
@@ -354,44 +382,57 @@ class TrainingClient:
         body = {"adam_params": params.model_dump(mode="json", exclude_none=True)}
         return self._op("optim_step", body, OptimStepResponse.model_validate)
 
-    async def optim_step_async(self, adam_params: Any = None) -> OptimStepResponse:
-        return await self.optim_step(adam_params)
+    async def optim_step_async(self, adam_params: Any = None, grad_accumulation_normalization: str | None = None,
+                               emit_grad_norm_metrics: bool | str | None = None) -> OptimStepResponse:
+        return await self.optim_step(adam_params, grad_accumulation_normalization, emit_grad_norm_metrics)
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_weights_for_sampler(self, name: str, checkpoint_type: str | None = None,
-                                 ttl_seconds: int | None = None) -> APIFuture[SamplerSnapshot]:
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None, *, checkpoint_type: str | None = None,
+                                 export_precision: str | None = None, metadata: Any = None
+                                 ) -> APIFuture[SamplerSnapshot]:
         """A sampler snapshot named `<name>-<session_id>`; `.path` is its public identity.
 
         Full-parameter: a `base` first, then `delta`s against it; LoRA: a PEFT adapter.
-        `checkpoint_type` ("base" | "delta") overrides the automatic choice.
+        `checkpoint_type` ("base" | "delta") overrides the automatic choice. `ttl_seconds`,
+        `export_precision` and `metadata` are the hosted SDK's and ignored here (snapshots are kept
+        by the store's retention; weights keep the trainer's dtype).
         """
         body = {"path": name, "client_suffix": self.session_id, "checkpoint_type": checkpoint_type}
         return self._op("save_weights_for_sampler", body, SamplerSnapshot.model_validate)
 
-    async def save_weights_for_sampler_async(self, name: str, checkpoint_type: str | None = None,
-                                             ttl_seconds: int | None = None) -> SamplerSnapshot:
-        return await self.save_weights_for_sampler(name, checkpoint_type, ttl_seconds)
+    async def save_weights_for_sampler_async(self, name: str, ttl_seconds: int | None = None, *,
+                                             checkpoint_type: str | None = None, export_precision: str | None = None,
+                                             metadata: Any = None) -> SamplerSnapshot:
+        return await self.save_weights_for_sampler(name, ttl_seconds, checkpoint_type=checkpoint_type,
+                                                   export_precision=export_precision, metadata=metadata)
 
-    def save_state(self, name: str, overwrite: bool = False) -> APIFuture[SaveWeightsResponse]:
-        """Weights and optimizer state (DCP) for exact resume; `.path` loads with `load_state*`."""
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False, *,
+                   timeout: float | None = None) -> APIFuture[SaveWeightsResponse]:
+        """Weights and optimizer state (DCP) for exact resume; `.path` loads with `load_state*`.
+
+        `ttl_seconds` and `timeout` are the hosted SDK's and ignored here (await the future with
+        your own timeout)."""
         return self._op("save_weights", {"path": name, "overwrite": overwrite}, SaveWeightsResponse.model_validate)
 
-    async def save_state_async(self, name: str, overwrite: bool = False) -> SaveWeightsResponse:
-        return await self.save_state(name, overwrite)
+    async def save_state_async(self, name: str, ttl_seconds: int | None = None,
+                               overwrite: bool = False) -> SaveWeightsResponse:
+        return await self.save_state(name, ttl_seconds, overwrite)
 
-    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+    def load_state(self, path: str, weights_access_token: str | None = None) -> APIFuture[LoadWeightsResponse]:
         """Load weights from a train state; the optimizer starts fresh."""
         return self._op("load_weights", {"path": path, "optimizer": False}, LoadWeightsResponse.model_validate)
 
-    async def load_state_async(self, path: str) -> LoadWeightsResponse:
+    async def load_state_async(self, path: str, weights_access_token: str | None = None) -> LoadWeightsResponse:
         return await self.load_state(path)
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+    def load_state_with_optimizer(self, path: str, weights_access_token: str | None = None
+                                  ) -> APIFuture[LoadWeightsResponse]:
         """Load weights and optimizer state: training continues exactly as if never interrupted."""
         return self._op("load_weights", {"path": path, "optimizer": True}, LoadWeightsResponse.model_validate)
 
-    async def load_state_with_optimizer_async(self, path: str) -> LoadWeightsResponse:
+    async def load_state_with_optimizer_async(self, path: str, weights_access_token: str | None = None
+                                              ) -> LoadWeightsResponse:
         return await self.load_state_with_optimizer(path)
 
     # ------------------------------------------------------------------ info
@@ -458,26 +499,10 @@ def _config(config: Mapping[str, float | str] | None) -> dict[str, float | str] 
     return None if config is None else dict(config)
 
 
-def _ce_datum(d: Datum, weights: torch.Tensor | None, i: int) -> Datum:
-    """The datum reduced to what a cross-entropy pass needs; weights default to zeros (no gradient)."""
-    target = d.loss_fn_inputs.get("target_tokens")
-    if target is None:
-        field = f"data[{i}].loss_fn_inputs.target_tokens"
-        raise InvalidRequestError(f"{field}: required by forward_backward_custom", field=field)
-    if weights is None:
-        weights = torch.zeros(target.shape or [target.size], dtype=torch.float32)
-    return Datum(model_input=d.model_input,
-                 loss_fn_inputs={"target_tokens": target, "weights": TensorData.from_torch(weights.detach())})
-
-
-def _linearize(loss_fn: CustomLossFn, datums: list[Datum],
-               fwd: ForwardBackwardOutput) -> tuple[float, dict[str, float], list[torch.Tensor]]:
-    """Run the user's loss on leaf logprob tensors; return its value, metrics and d(loss)/d(logprobs)."""
-    leaves = [out["logprobs"].to_torch().clone().requires_grad_(True) for out in fwd.loss_fn_outputs]
-    loss, metrics = loss_fn(datums, leaves)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise InvalidRequestError("loss_fn must return (scalar tensor, metrics dict)", field="loss_fn")
-    loss.backward()
-    grads = [lp.grad if lp.grad is not None else torch.zeros_like(lp) for lp in leaves]
-    clean = {str(k): float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in (metrics or {}).items()}
-    return float(loss.detach()), clean, grads
+def worker_crashed(exc: ConflictError) -> WorkerCrashedError | None:
+    """The control plane's gateway answers 409 on `rlorTrainerJobId` when the job is no longer
+    running: the trainer died (mid-call or before it). Callers must tell that from a state conflict
+    (a snapshot chain, a name taken), so it becomes `WorkerCrashedError`."""
+    if exc.field == "rlorTrainerJobId" and type(exc) is ConflictError:
+        return WorkerCrashedError(exc.message, field=exc.field, status_code=exc.status_code, body=exc.body)
+    return None

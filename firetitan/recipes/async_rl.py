@@ -9,6 +9,7 @@ from pydantic import Field
 
 from firetitan.recipes.rl import RewardFn, RLConfig, run_rl
 from firetitan.recipes.supervised import ProgressFn
+from firetitan.runtime.protocols import ServiceLike
 
 
 class AsyncRLConfig(RLConfig):
@@ -22,7 +23,7 @@ class AsyncRLConfig(RLConfig):
 
 
 async def async_rl(cfg: AsyncRLConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Sequence[Mapping[str, Any]],
-                   reward_fn: RewardFn, *, service: Any = None,
+                   reward_fn: RewardFn, *, service: ServiceLike | None = None,
                    on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Rollouts for step s+1.. are sampled while step s trains; stale samples are never trained on."""
     return await run_rl(cfg, rows, eval_rows, reward_fn, name="async_rl", service=service, on_progress=on_progress)

@@ -13,6 +13,7 @@ from firetitan.client.sampling import FanOut
 from firetitan.logging import get_logger
 from firetitan.models import load_tokenizer
 from firetitan.recipes.config import RecipeConfig, stable_job_id
+from firetitan.runtime.protocols import ReferenceLike, SamplerLike, ServiceLike, TrainingClientLike
 from firetitan.runtime.remote import call
 
 log = get_logger("firetitan.recipes")
@@ -20,15 +21,15 @@ log = get_logger("firetitan.recipes")
 
 @dataclass
 class Clients:
-    service: Any
-    training: Any
-    tokenizer: Any
-    sampler: Any = None
-    reference: Any = None
+    service: ServiceLike
+    training: TrainingClientLike
+    tokenizer: Any  # a Hugging Face tokenizer
+    sampler: SamplerLike | None = None
+    reference: ReferenceLike | None = None
     hot_load: Callable[[str], Awaitable[None]] | None = None
 
 
-def _hot_loader(service: Any, timeout_s: float) -> Callable[[str], Awaitable[None]]:
+def _hot_loader(service: ServiceLike, timeout_s: float) -> Callable[[str], Awaitable[None]]:
     async def hot_load(identity: str) -> None:
         # Returns once every replica serves `identity`; rollouts keep running meanwhile.
         await call(service.hotload_sampler_snapshot_async(identity), timeout=timeout_s,
@@ -39,7 +40,7 @@ def _hot_loader(service: Any, timeout_s: float) -> Callable[[str], Awaitable[Non
 
 @asynccontextmanager
 async def open_clients(cfg: RecipeConfig, *, name: str, deployment: bool, reference: bool = False,
-                       service: Any = None, concurrency_controller: Any = None,
+                       service: ServiceLike | None = None, concurrency_controller: Any = None,
                        fanout: FanOut = "requests", stream: bool = True) -> AsyncIterator[Clients]:
     """Create (or reuse `service`) and yield the run's clients; everything created here is closed on exit.
 

@@ -15,6 +15,7 @@ from firetitan.recipes.data import supervised_datum
 from firetitan.recipes.objectives import dpo_loss
 from firetitan.recipes.supervised import Evaluation, ProgressFn, StepInputs, run_supervised
 from firetitan.recipes.text import encode_completion, encode_prompt, masked_logprobs
+from firetitan.runtime.protocols import ServiceLike
 from firetitan.runtime.remote import call
 
 Pair = Mapping[str, str]  # {"prompt", "chosen", "rejected"}
@@ -79,7 +80,7 @@ def preference_scores(data: Sequence[Any], outputs: Sequence[Any], reference: Se
     return {"eval_pref_accuracy": sum(wins) / len(wins), "eval_margin": sum(margins) / len(margins)}
 
 
-async def dpo(cfg: DPOConfig, train: Sequence[Pair], eval_set: Sequence[Pair] = (), *, service: Any = None,
+async def dpo(cfg: DPOConfig, train: Sequence[Pair], eval_set: Sequence[Pair] = (), *, service: ServiceLike | None = None,
               on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Direct preference optimisation on `{"prompt", "chosen", "rejected"}` rows."""
     cfg.log_dir.mkdir(parents=True, exist_ok=True)

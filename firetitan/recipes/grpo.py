@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from firetitan.recipes.rl import RewardFn, RLConfig, run_rl
 from firetitan.recipes.supervised import ProgressFn
+from firetitan.runtime.protocols import ServiceLike
 
 
 class GRPOConfig(RLConfig):
@@ -15,6 +16,6 @@ class GRPOConfig(RLConfig):
 
 
 async def grpo(cfg: GRPOConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Sequence[Mapping[str, Any]],
-               reward_fn: RewardFn, *, service: Any = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+               reward_fn: RewardFn, *, service: ServiceLike | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Sample a batch with the current weights, train one step on it, sync, repeat."""
     return await run_rl(cfg, rows, eval_rows, reward_fn, name="grpo", service=service, on_progress=on_progress)

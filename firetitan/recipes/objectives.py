@@ -6,13 +6,13 @@ Each `*_loss` builder returns `loss_fn(data, logprobs) -> (scalar loss, metrics)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-LossFn = Callable[[Sequence[Any], Sequence[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+from firetitan.client.custom_loss import CustomLossFn
 
 
 def _mask(datum: Any) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _pairs(data: Sequence[Any]) -> range:
     return range(0, len(data), 2)
 
 
-def dpo_loss(reference: Sequence[float], beta: float = 0.1) -> LossFn:
+def dpo_loss(reference: Sequence[float], beta: float = 0.1) -> CustomLossFn:
     """`mean(-logsigmoid(beta * ((lp_c - ref_c) - (lp_r - ref_r))))`; `reference` = per-datum sums."""
     if not 0 < beta:
         raise ValueError(f"beta: must be > 0, got {beta}")
@@ -63,7 +63,7 @@ def log_odds(avg_logprob: torch.Tensor) -> torch.Tensor:
     return lp - torch.log(-torch.expm1(lp))
 
 
-def orpo_loss(lam: float = 1.0) -> LossFn:
+def orpo_loss(lam: float = 1.0) -> CustomLossFn:
     """ORPO: chosen NLL (token mean) + `lam` * -logsigmoid(log_odds(chosen) - log_odds(rejected)), batch mean."""
 
     def loss_fn(data: Sequence[Any], logprobs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

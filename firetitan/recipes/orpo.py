@@ -12,6 +12,7 @@ from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.dpo import pair_datums, preference_scores
 from firetitan.recipes.objectives import orpo_loss
 from firetitan.recipes.supervised import Evaluation, ProgressFn, StepInputs, run_supervised
+from firetitan.runtime.protocols import ServiceLike
 
 
 class ORPOConfig(RecipeConfig):
@@ -22,7 +23,7 @@ class ORPOConfig(RecipeConfig):
 
 
 async def orpo(cfg: ORPOConfig, train: Sequence[Mapping[str, str]], eval_set: Sequence[Mapping[str, str]] = (), *,
-               service: Any = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+               service: ServiceLike | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Odds-ratio preference optimisation on `{"prompt", "chosen", "rejected"}` rows."""
     async with open_clients(cfg, name="orpo", deployment=False, service=service) as clients:
         tok = clients.tokenizer

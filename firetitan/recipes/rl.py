@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -15,21 +16,22 @@ from pydantic import Field, model_validator
 from firetitan.client.concurrency import FixedConcurrencyController
 from firetitan.client.sampling import FanOut
 from firetitan.logging import get_logger
-from firetitan.recipes.checkpoints import RunCheckpoints
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.data import rl_datum
+from firetitan.recipes.run_state import RunCheckpoints
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.recipes.text import encode_prompt
 from firetitan.runtime.advantages import group_advantages, is_constant
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
 from firetitan.runtime.pipeline import StepResult, TrainerPipeline
+from firetitan.runtime.protocols import ServiceLike
 from firetitan.runtime.remote import call
 from firetitan.runtime.remote import gather as anyio_gather
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 from firetitan.types import AdamParams
 
@@ -70,6 +72,16 @@ class RLConfig(RecipeConfig):
         return self
 
 
+@dataclass
+class Saved:
+    """How far the run's side effects have got: the last step whose train state is recorded, the last
+    step whose weights the deployment serves, and the policy version last evaluated."""
+
+    state: int
+    sync: int
+    eval: int | None = None
+
+
 def group_datums(group: RolloutGroup, *, normalize: bool) -> list[Any]:
     """Datums of one group with group-relative advantages; constant-reward groups contribute none."""
     if is_constant(group.rewards):
@@ -90,7 +102,7 @@ def sample_version(sample: Any, registry: PolicyVersionRegistry, admitted: int) 
 
 
 async def run_rl(cfg: RLConfig, rows: Sequence[Mapping[str, Any]], eval_rows: Sequence[Mapping[str, Any]],
-                 reward_fn: RewardFn, *, name: str, service: Any = None,
+                 reward_fn: RewardFn, *, name: str, service: ServiceLike | None = None,
                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
     # Admission already bounds the requests in flight (max_concurrent_rollouts groups of group_size), so
     # a second, adaptive limit only adds a ramp: it starts at 8 requests (one group at a time) and takes
@@ -128,7 +140,7 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
     loss_config = {"clip_low_threshold": cfg.clip_low, "clip_high_threshold": cfg.clip_high} \
         if cfg.loss_fn == "ppo" else None
     last_eval: dict[str, Any] = {}
-    saved = {"state": start_step, "sync": start_step, "eval": None}
+    saved = Saved(state=start_step, sync=start_step)
 
     async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
         started = time.monotonic()
@@ -160,7 +172,7 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         loading = time.monotonic()
         await hot_load(result.path)
         registry.publish(step, result.path)
-        saved["sync"] = step
+        saved.sync = step
         done = time.monotonic()
         # snapshot_s: queued behind the step's training + written; hot_load_s: until the deployment serves it
         metrics.log("weight_sync", step, identity=result.path, hot_load_s=round(done - loading, 4),
@@ -168,13 +180,13 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
 
     async def record_state(step: int, result: Any, cursor_state: Any) -> None:
         checkpoints.record(step, result.path, cursor_state)
-        saved["state"] = step
+        saved.state = step
 
     async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
         if due(step, cfg.sync_every) or step == start_step:
             await registry.wait_for(step)  # evaluate the weights of this very step, once served
         pv = registry.current()
-        if saved["eval"] == pv.version:
+        if saved.eval == pv.version:
             return  # already evaluated these weights
         prompts = [encode_prompt(tok, r["prompt"]) for r in eval_rows]
         groups = await anyio_gather([sampler.sample_with_prompt_tokens(
@@ -185,7 +197,7 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity,
                                              {"eval_reward": sum(rewards) / len(rewards), "served_by": served,
                                               "requested_step": step}))
-        saved["eval"] = pv.version
+        saved.eval = pv.version
 
     jobs = [
         PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
@@ -215,12 +227,12 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         await loop.run()
         report(await pipeline.drain())
         final = loop.trainer_step
-        if saved["state"] < final:
+        if saved.state < final:
             res = await call(training.save_state(f"{name}-state-{final:06d}", overwrite=True), timeout=cfg.timeout_s,
                              what="final save_state")
             await record_state(final, res, cursor.state())
-        if eval_rows and saved["eval"] != final:
-            if saved["sync"] < final:
+        if eval_rows and saved.eval != final:
+            if saved.sync < final:
                 res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
                                  timeout=cfg.timeout_s, what="final sampler snapshot")
                 await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")

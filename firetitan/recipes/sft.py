@@ -13,6 +13,7 @@ from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.data import supervised_datum
 from firetitan.recipes.supervised import Evaluation, ProgressFn, StepInputs, run_supervised
 from firetitan.recipes.text import encode_completion, encode_prompt, masked_logprobs
+from firetitan.runtime.protocols import ServiceLike
 
 
 class SFTConfig(RecipeConfig):
@@ -36,7 +37,7 @@ def nll_scores(data: Sequence[Any], outputs: Sequence[Any]) -> dict[str, float]:
 
 
 async def sft(cfg: SFTConfig, train: Sequence[Mapping[str, str]], eval_set: Sequence[Mapping[str, str]] = (), *,
-              service: Any = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+              service: ServiceLike | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Supervised fine-tuning on `{"prompt", "completion"}` rows; returns the run summary."""
     async with open_clients(cfg, name="sft", deployment=False, service=service) as clients:
         tok = clients.tokenizer

@@ -9,14 +9,15 @@ from typing import Any
 
 import anyio
 
-from firetitan.recipes.checkpoints import RunCheckpoints
+from firetitan.client.custom_loss import CustomLossFn
 from firetitan.recipes.clients import Clients
 from firetitan.recipes.config import RecipeConfig
+from firetitan.recipes.run_state import RunCheckpoints
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks
 from firetitan.runtime.pipeline import StepResult, TrainerPipeline
 from firetitan.runtime.remote import call
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.types import AdamParams, Datum
 
 ProgressFn = Callable[[int, int, dict[str, Any]], None]
@@ -25,7 +26,7 @@ ProgressFn = Callable[[int, int, dict[str, Any]], None]
 @dataclass
 class StepInputs:
     data: list[Datum]
-    custom_loss: Callable[..., Any] | None = None  # None: built-in cross_entropy
+    custom_loss: CustomLossFn | None = None  # None: built-in cross_entropy
     meta: dict[str, Any] | None = None
 
 

@@ -2,12 +2,12 @@
 
 from firetitan.runtime.advantages import group_advantages
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import BusyTracker, RunMetrics, StalenessHistogram
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks
 from firetitan.runtime.pipeline import StepResult, TrainerPipeline
 from firetitan.runtime.remote import call
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import Admission, BatchAssembler, RolloutGroup, RolloutWorkers
+from firetitan.runtime.run_metrics import BusyTracker, RunMetrics, StalenessHistogram
 from firetitan.runtime.staleness import StalenessGate, is_trainable, may_start
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 

@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from firetitan.runtime.metrics import BusyTracker
+from firetitan.client.custom_loss import CustomLossFn
+from firetitan.runtime.protocols import TrainingClientLike
 from firetitan.runtime.remote import DEFAULT_TIMEOUT_S, call
+from firetitan.runtime.run_metrics import BusyTracker
 
 
 @dataclass
@@ -50,7 +52,7 @@ class TrainerPipeline:
     `drain` awaits the rest. Every await is bounded by `timeout_s` and raises `APITimeoutError`.
     """
 
-    def __init__(self, client: Any, *, max_in_flight: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, client: TrainingClientLike, *, max_in_flight: int = 2, timeout_s: float = DEFAULT_TIMEOUT_S,
                  busy: BusyTracker | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be >= 1, got {max_in_flight}")
@@ -66,7 +68,7 @@ class TrainerPipeline:
 
     async def submit(self, step: int, data: Sequence[Any], adam_params: Any, *, loss_fn: str = "cross_entropy",
                      loss_fn_config: dict[str, Any] | None = None,
-                     custom_loss: Callable[..., Any] | None = None,
+                     custom_loss: CustomLossFn | None = None,
                      meta: dict[str, Any] | None = None) -> list[StepResult]:
         done: list[StepResult] = []
         while len(self._queue) >= self.max_in_flight:

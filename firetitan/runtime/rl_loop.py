@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.periodic import PeriodicTasks
 from firetitan.runtime.rollouts import Admission, BatchAssembler, RolloutFn, RolloutGroup, RolloutWorkers
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.staleness import StalenessGate, staleness
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 

@@ -19,8 +19,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.remote import call
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.staleness import StalenessGate, is_trainable, staleness
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 
 DEFAULT_DEPLOYMENT = "default"
+KEEP_VERSIONS = 1024  # published versions remembered (history, identity -> version)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,9 @@ class PolicyVersionRegistry:
         self._by_identity: dict[str, int] = {}
         if initial_identity is not None:
             self._by_identity[initial_identity] = initial_version
-        self.history: list[PolicyVersion] = list(self._current.values())
+        # Both bounded: a run publishes one version per sync, and nothing older than the staleness
+        # bound is ever looked up again.
+        self.history: deque[PolicyVersion] = deque(self._current.values(), maxlen=KEEP_VERSIONS)
         self._listeners: list[Callable[[PolicyVersion], None]] = []
         self._changed = anyio.Event()
 
@@ -63,6 +67,8 @@ class PolicyVersionRegistry:
         self._current[deployment] = pv
         if identity is not None:
             self._by_identity[identity] = version
+            while len(self._by_identity) > KEEP_VERSIONS:
+                del self._by_identity[next(iter(self._by_identity))]  # the oldest published
         self.history.append(pv)
         for fn in self._listeners:
             fn(pv)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import pydantic
 from aiohttp import web
 
+from firetitan.bind import require_key_off_loopback
 from firetitan.errors import (
     ConfigError,
     FiretitanError,
@@ -295,24 +295,6 @@ def _env_max_body() -> int | None:
     if value <= 0:
         raise ConfigError(f"${MAX_BODY_ENV} must be positive, got {value}", field=MAX_BODY_ENV)
     return value
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only (127/8, ::1, `localhost`)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def require_key_off_loopback(host: str, api_key: str | None) -> None:
-    """Refuse to listen where other machines can reach us unless requests need a key."""
-    if not api_key and not is_loopback(host):
-        raise ConfigError(f"--host {host!r} is reachable from other machines: pass --api-key or set "
-                          "$FIRETITAN_WORKER_API_KEY (the control plane hands its workers theirs)",
-                          field="api_key")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

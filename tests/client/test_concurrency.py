@@ -16,10 +16,10 @@ from firetitan.client.concurrency import (
     interval_length,
     littles_law_factor,
     next_window,
-    percentile,
 )
-from firetitan.client.metrics import ServerMetrics, parse_server_metrics
+from firetitan.client.server_metrics import ServerMetrics, parse_server_metrics
 from firetitan.errors import ConfigError
+from firetitan.stats import percentile
 
 P = AdaptiveParams()  # target 0.5, p95 signal, slow start x1.5
 
@@ -171,7 +171,7 @@ def test_acquire_from_two_loops_in_two_threads_never_exceeds_the_window() -> Non
 
 
 async def test_shrink_with_requests_in_flight_blocks_until_the_debt_is_paid() -> None:
-    ctl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=1000, min_decrease_factor=0.1,
+    ctl = AdaptiveConcurrencyController(initial_window=16, adjustment_interval=1000, multiplicative_decrease=0.1,
                                         slow_start=False)
     for _ in range(16):
         await ctl.acquire()
@@ -224,38 +224,38 @@ async def test_cancelled_waiter_leaks_no_slot() -> None:
 
 async def test_weighted_requests_take_their_slots_first_come_first_served() -> None:
     ctl = FixedConcurrencyController(8)
-    await ctl.acquire(6)
-    heavy = asyncio.create_task(ctl.acquire(4))  # 6 + 4 > 8: waits
+    await ctl.acquire(weight=6)
+    heavy = asyncio.create_task(ctl.acquire(weight=4))  # 6 + 4 > 8: waits
     await asyncio.sleep(0.01)
-    light = asyncio.create_task(ctl.acquire(1))  # would fit, but queues behind the heavy one
+    light = asyncio.create_task(ctl.acquire(weight=1))  # would fit, but queues behind the heavy one
     await asyncio.sleep(0.01)
     assert not heavy.done() and not light.done() and ctl.in_flight == 6
-    ctl.release(None, 6)
+    ctl.release(None, weight=6)
     await asyncio.wait_for(asyncio.gather(heavy, light), timeout=5)
     assert ctl.in_flight == 5
-    ctl.release(None, 4)
+    ctl.release(None, weight=4)
     ctl.release()
     # A request heavier than the whole window runs once nothing else does, instead of never.
-    await asyncio.wait_for(ctl.acquire(20), timeout=5)
+    await asyncio.wait_for(ctl.acquire(weight=20), timeout=5)
     assert ctl.in_flight == 20 and ctl.pending_decrease == 12
-    blocked = asyncio.create_task(ctl.acquire(1))
+    blocked = asyncio.create_task(ctl.acquire(weight=1))
     await asyncio.sleep(0.01)
     assert not blocked.done()
-    ctl.release(None, 20)
+    ctl.release(None, weight=20)
     await asyncio.wait_for(blocked, timeout=5)
     ctl.release()
     with pytest.raises(RuntimeError):
-        ctl.release(None, 2)
+        ctl.release(None, weight=2)
     with pytest.raises(ValueError):
-        await ctl.acquire(0)
+        await ctl.acquire(weight=0)
 
 
 async def test_cancelling_a_heavy_waiter_lets_lighter_ones_behind_it_in() -> None:
     ctl = FixedConcurrencyController(4)
-    await ctl.acquire(3)
-    heavy = asyncio.create_task(ctl.acquire(4))
+    await ctl.acquire(weight=3)
+    heavy = asyncio.create_task(ctl.acquire(weight=4))
     await asyncio.sleep(0.01)
-    light = asyncio.create_task(ctl.acquire(1))
+    light = asyncio.create_task(ctl.acquire(weight=1))
     await asyncio.sleep(0.01)
     assert not light.done()
     heavy.cancel()
@@ -266,8 +266,8 @@ async def test_cancelling_a_heavy_waiter_lets_lighter_ones_behind_it_in() -> Non
 
 async def test_adaptive_counts_weighted_releases_as_sequences() -> None:
     ctl = AdaptiveConcurrencyController(initial_window=8, adjustment_interval=8)
-    await ctl.acquire(8)
-    ctl.release(ServerMetrics(prefill_queue_duration=0.0), 8)  # one request of 8 choices: a full interval
+    await ctl.acquire(weight=8)
+    ctl.release(ServerMetrics(prefill_queue_duration=0.0), weight=8)  # one request of 8 choices: a full interval
     assert ctl.window_size == 12 and ctl.in_flight == 0
 
 
@@ -283,3 +283,12 @@ async def test_adaptive_adjusts_every_window_of_releases_and_summarises_steps() 
     assert ctl.step_completed()["requests"] == 0
     with pytest.raises(RuntimeError):
         ctl.release()
+
+
+def test_official_helpers_server_metrics_from_headers_and_retry_exhaustion() -> None:
+    m = ServerMetrics.from_headers({"fireworks-prefill-queue-duration": "0.25", "Fireworks-Prompt-Tokens": "12"},
+                                   http_status_code=200, retry_attempt=1)
+    assert m.prefill_queue_duration == 0.25 and m.prompt_tokens == 12 and m.retry_attempt == 1
+    ctl = AdaptiveConcurrencyController()
+    ctl.note_retry_exhausted(m)
+    assert ctl.retry_exhaustions == 1

@@ -12,11 +12,11 @@ import pytest
 from aiohttp import web
 
 from firetitan.bench.simulated_deployment import InProcessSimulation, SimConfig
-from firetitan.client import sampling
 from firetitan.client.concurrency import FixedConcurrencyController
 from firetitan.client.replicas import ReplicaRouting, reachable_replica_urls
 from firetitan.client.sampling import DeploymentSampler
 from firetitan.server.control_plane.proxy import forward
+from firetitan.transport import RetryPolicy
 
 PROMPT = [11, 12, 13, 14]
 DEP_PATH = "/v1/accounts/local/deployments/d"
@@ -114,7 +114,8 @@ async def deployment() -> AsyncIterator[FakeDeployment]:
 
 
 def direct_sampler(url: str) -> DeploymentSampler:
-    return DeploymentSampler(url, None, FixedConcurrencyController(16), http_timeout=30, direct_replicas=True)
+    return DeploymentSampler(url, concurrency_controller=FixedConcurrencyController(16), http_timeout=30,
+                             direct_replicas=True)
 
 
 async def test_requests_go_straight_to_both_replicas(deployment: FakeDeployment) -> None:
@@ -130,11 +131,11 @@ async def test_a_dead_replica_is_routed_around_at_once(deployment: FakeDeploymen
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     backoffs: list[int] = []
 
-    def no_backoff(attempt: int, **_: Any) -> float:
+    def no_backoff(_policy: RetryPolicy, attempt: int, *_: Any, **__: Any) -> float:
         backoffs.append(attempt)
         return 0.0
 
-    monkeypatch.setattr(sampling, "backoff_delay", no_backoff)
+    monkeypatch.setattr(RetryPolicy, "delay", no_backoff)
     async with direct_sampler(deployment.url) as sampler:
         await sampler.sample_with_prompt_tokens(PROMPT, n=2, max_tokens=2)
         dead = deployment.replicas[1]
@@ -163,7 +164,7 @@ async def test_closing_the_sampler_cancels_a_lookup_in_flight() -> None:
         await asyncio.sleep(60)
         return []
 
-    sampler = DeploymentSampler("http://127.0.0.1:9/v1/accounts/a/deployments/d", None, direct_replicas=True)
+    sampler = DeploymentSampler("http://127.0.0.1:9/v1/accounts/a/deployments/d", direct_replicas=True)
     assert sampler.routing is not None
     sampler.routing._fetch = slow_fetch
     waiter = asyncio.ensure_future(sampler.routing.acquire())

@@ -12,7 +12,7 @@ from aioresponses import CallbackResult, aioresponses
 
 from firetitan.bench.simulated_deployment import FaultConfig, InProcessSimulation, SimConfig
 from firetitan.client.concurrency import AdaptiveConcurrencyController, FixedConcurrencyController
-from firetitan.client.sampling import DeploymentSampler, backoff_delay, parse_retry_after
+from firetitan.client.sampling import DeploymentSampler
 from firetitan.errors import (
     ConfigError,
     DeploymentSamplerTimeoutError,
@@ -33,7 +33,7 @@ async def sim() -> AsyncIterator[InProcessSimulation]:
 def sampler_for(url: str, **kw: object) -> DeploymentSampler:
     kw.setdefault("backoff_base", 0.01)
     kw.setdefault("backoff_max", 0.05)
-    return DeploymentSampler(url, None, kw.pop("controller", FixedConcurrencyController(4)),  # type: ignore[arg-type]
+    return DeploymentSampler(url, concurrency_controller=kw.pop("controller", FixedConcurrencyController(4)),  # type: ignore[arg-type]
                              http_timeout=30, **kw)  # type: ignore[arg-type]
 
 
@@ -133,7 +133,8 @@ async def test_chat_template_is_applied_on_the_client(sim: InProcessSimulation) 
     tok = load_tokenizer("firetitan/nano-qwen3")
     messages = [{"role": "user", "content": "hello there"}]
     expected = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    async with DeploymentSampler(sim.url, tok, FixedConcurrencyController(4), http_timeout=30) as s:
+    async with DeploymentSampler(sim.url, tokenizer=tok, concurrency_controller=FixedConcurrencyController(4),
+                                 http_timeout=30) as s:
         out = await s.sample_with_tokens(messages, n=2, max_tokens=4)
         assert [c.prompt_tokens for c in out] == [list(expected)] * 2
         batch = await s.sample_with_tokens([messages, messages], n=1, max_tokens=2)
@@ -165,7 +166,7 @@ def threaded_sim() -> Iterator[str]:
 
 def test_one_sampler_from_a_new_event_loop_every_step(threaded_sim: str) -> None:
     ctl = AdaptiveConcurrencyController(initial_window=2)
-    s = DeploymentSampler(threaded_sim, None, ctl, http_timeout=30)
+    s = DeploymentSampler(threaded_sim, concurrency_controller=ctl, http_timeout=30)
     for _ in range(3):  # what the seed walkthrough does: asyncio.run per step
         out = asyncio.run(s.sample_with_prompt_tokens(PROMPT, n=3, max_tokens=2))
         assert len(out) == 3
@@ -248,21 +249,26 @@ def test_fanout_must_be_known() -> None:
         DeploymentSampler("http://x", fanout="threads")  # type: ignore[arg-type]
 
 
-def test_backoff_and_retry_after_parsing() -> None:
+def test_the_samplers_backoff_and_retry_after() -> None:
     import random
 
+    from firetitan.transport import parse_retry_after
+
     rng = random.Random(0)
-    delays = [backoff_delay(a, base=2.0, cap=30.0, rng=rng) for a in range(1, 8)]
+    policy = sampler_for("http://x", backoff_base=2.0, backoff_max=30.0).policy
+    delays = [policy.delay(a, rng=rng) for a in range(1, 8)]
     assert 1.0 <= delays[0] < 3.0 and all(d < 45.0 for d in delays)
-    assert backoff_delay(1, base=0.01, cap=0.05, retry_after=3.0) == 3.0
-    assert parse_retry_after("1.5") == 1.5 and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    fast = sampler_for("http://x").policy  # backoff 0.01..0.05
+    assert fast.delay(1, retry_after=3.0) == 3.0
+    # An HTTP date is honoured too (a past one means "now").
+    assert parse_retry_after("1.5") == 1.5 and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
 @pytest.mark.slow
 async def test_against_the_real_deployment_worker(tmp_path: object) -> None:
     """One end-to-end check on the real worker with the nano model."""
     from firetitan.models import load_tokenizer
-    from firetitan.server.process import spawn_worker
+    from firetitan.process import spawn_worker
 
     worker = await asyncio.to_thread(
         spawn_worker, "firetitan.server.deployment",
@@ -271,7 +277,7 @@ async def test_against_the_real_deployment_worker(tmp_path: object) -> None:
     try:
         tok = load_tokenizer("firetitan/nano-qwen3")
         ctl = AdaptiveConcurrencyController(initial_window=2)
-        async with DeploymentSampler(worker.url, tok, ctl, http_timeout=120) as s:
+        async with DeploymentSampler(worker.url, tokenizer=tok, concurrency_controller=ctl, http_timeout=120) as s:
             out = await s.sample_with_tokens([{"role": "user", "content": "count to three"}], n=3, max_tokens=6,
                                              logprobs=True)
             assert len(out) == 3
@@ -292,7 +298,8 @@ async def test_against_the_real_deployment_worker(tmp_path: object) -> None:
         groups = {}
         for fanout in ("requests", "choices"):
             for streamed in (True, False):
-                async with DeploymentSampler(worker.url, tok, FixedConcurrencyController(8), http_timeout=120,
+                async with DeploymentSampler(worker.url, tokenizer=tok, concurrency_controller=FixedConcurrencyController(8),
+                                                     http_timeout=120,
                                              fanout=fanout, stream=streamed) as s:
                     groups[fanout, streamed] = await s.sample_with_prompt_tokens(
                         prompt, n=3, max_tokens=6, temperature=0.0, logprobs=True)

@@ -14,8 +14,8 @@ from firetitan.client.config import FiretitanProvisioningConfig
 from firetitan.client.service import FiretitanServiceClient
 from firetitan.errors import ConfigError
 from firetitan.futures import run_sync
-from firetitan.server.control_plane.home import HomeLayout, read_discovery
-from firetitan.server.process import stop_pid
+from firetitan.home import HomeLayout, read_discovery
+from firetitan.process import stop_pid
 
 
 def test_seed_keyword_arguments_validate_into_a_config() -> None:

@@ -10,7 +10,8 @@ import asyncio
 import pytest
 import torch
 
-from firetitan.client.training import TrainingClient, _linearize, _TurnGate
+from firetitan.client.custom_loss import linearize
+from firetitan.client.training import TrainingClient, _TurnGate
 from firetitan.errors import InvalidRequestError
 from firetitan.types import Datum, ForwardBackwardOutput, ModelInput, TensorData
 
@@ -50,7 +51,7 @@ def test_linearize_returns_the_gradient_of_the_user_loss() -> None:
         margin = lps[0].sum() - lps[1].sum()  # DPO-like: mixes datums
         return -torch.nn.functional.logsigmoid(margin), {"margin:mean": margin}
 
-    value, metrics, grads = _linearize(pairwise, data, fwd)
+    value, metrics, grads = linearize(pairwise, data, fwd)
     margin = sum(lp_a) - sum(lp_b)
     sig = torch.sigmoid(torch.tensor(-margin)).item()  # d/dm of -logsigmoid(m) is -sigmoid(-m)
     assert value == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(margin)).item())
@@ -62,7 +63,7 @@ def test_linearize_returns_the_gradient_of_the_user_loss() -> None:
 def test_linearize_rejects_a_non_scalar_loss() -> None:
     fwd = ForwardBackwardOutput(loss_fn_outputs=[{"logprobs": TensorData.from_list([-1.0, -2.0], "float32")}])
     with pytest.raises(InvalidRequestError):
-        _linearize(lambda ds, lps: (lps[0] * 2, {}), [Datum(model_input=ModelInput.from_ints([1, 2]))], fwd)
+        linearize(lambda ds, lps: (lps[0] * 2, {}), [Datum(model_input=ModelInput.from_ints([1, 2]))], fwd)
 
 
 def test_malformed_inputs_fail_the_future_before_anything_is_sent() -> None:

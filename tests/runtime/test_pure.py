@@ -92,3 +92,14 @@ def test_cursor_state_redoes_untrained(tmp_path) -> None:
     # seeded shuffle: a permutation per epoch, identical after reload
     assert sorted(c.index(p) for p in range(10)) == list(range(10))
     assert [c.index(p) for p in range(10, 20)] == [resumed.index(p) for p in range(10, 20)]
+
+
+def test_version_registry_memory_is_bounded() -> None:
+    from firetitan.runtime.versions import KEEP_VERSIONS, PolicyVersionRegistry
+
+    reg = PolicyVersionRegistry("base")
+    for v in range(1, KEEP_VERSIONS + 50):
+        reg.publish(v, f"snap-{v}")
+    assert len(reg.history) == KEEP_VERSIONS and reg.history[-1].version == KEEP_VERSIONS + 49
+    assert reg.version_of(f"snap-{KEEP_VERSIONS + 49}") == KEEP_VERSIONS + 49
+    assert reg.version_of("snap-1") is None and reg.version_of("base") is None  # the oldest are forgotten

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 
 delays = st.lists(st.sampled_from([0.0, 0.0005, 0.002, 0.006]), min_size=1, max_size=12)

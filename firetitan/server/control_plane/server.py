@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
 
+from firetitan.bind import is_loopback
 from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
 from firetitan.server.common import serve_app, write_ready_file
@@ -28,15 +28,6 @@ log = get_logger("firetitan.control_plane")
 API_KEY_ENV = "FIRETITAN_API_KEY"
 # The exit status of a server that found another one already running for its state directory.
 EXIT_ALREADY_RUNNING = 3
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_api_key(layout: HomeLayout, host: str, explicit: str | None) -> str:

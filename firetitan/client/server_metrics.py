@@ -26,7 +26,8 @@ _INT_KEYS = {
 _STR_KEYS = {
     "backend-host": "backend_host",
     "deployment": "deployment",
-    "x-request-id": "request_id",
+    "x-request-id": "response_request_id",
+    "pod-template-hash": "pod_template_hash",
 }
 
 
@@ -37,29 +38,42 @@ class ServerMetrics:
     Durations are seconds in the server's clock (for the simulated deployment: model seconds).
     """
 
+    # The hosted SDK's fields, in its order (so positional construction means the same thing).
+    num_concurrent_requests: int | None = None
     prefill_queue_duration: float | None = None
     generation_queue_duration: float | None = None
     server_ttft: float | None = None
+    cached_prompt_tokens: int | None = None
+    prompt_tokens: int | None = None
     server_processing_time: float | None = None
     tokenizer_queue_duration: float | None = None
     tokenizer_duration: float | None = None
     prefill_duration: float | None = None
     generation_duration: float | None = None
-    num_concurrent_requests: int | None = None
-    prompt_tokens: int | None = None
-    cached_prompt_tokens: int | None = None
-    backend_host: str | None = None
-    deployment: str | None = None
-    request_id: str | None = None
-    # client side
     client_ttft: float | None = None
     client_latency: float | None = None
     completion_tokens: int | None = None
     http_status_code: int | None = None
     transport_error: bool = False
-    retry_attempt: int = 0
+    retry_attempt: int | None = None
     error: str | None = None
+    response_request_id: str | None = None  # the server's `x-request-id` echo
+    backend_host: str | None = None
+    deployment: str | None = None
+    pod_template_hash: str | None = None
+    # firetitan's extras
+    _: dataclasses.KW_ONLY
+    request_id: str | None = None  # the logical request id this client sent (shared by its retries)
     start_time: float | None = None  # time.monotonic() when the attempt began
+
+    @staticmethod
+    def from_headers(headers: Mapping[str, object], client_ttft: float | None = None,
+                     http_status_code: int | None = None, retry_attempt: int | None = None,
+                     client_latency: float | None = None, completion_tokens: int | None = None) -> ServerMetrics:
+        """The metrics in response headers alone (the official SDK's constructor of this type)."""
+        return parse_server_metrics({str(k): str(v) for k, v in headers.items()}, None, client_ttft=client_ttft,
+                                    http_status_code=http_status_code, retry_attempt=retry_attempt,
+                                    client_latency=client_latency, completion_tokens=completion_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

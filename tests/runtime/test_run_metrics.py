@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from firetitan.runtime.metrics import BusyTracker, RunMetrics, StalenessHistogram
+from firetitan.runtime.run_metrics import BusyTracker, RunMetrics, StalenessHistogram
 
 
 def test_eval_records_prompt_file_and_snapshot(tmp_path: Path) -> None:
