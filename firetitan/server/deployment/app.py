@@ -27,9 +27,8 @@ from firetitan.server.deployment.completions import (
     parse_completion,
     usage,
 )
-from firetitan.server.deployment.engine import Engine, WeightSwap
+from firetitan.server.deployment.engine import Engine, EngineRequest, StepOutput, WeightSwap
 from firetitan.server.deployment.hotload import HotLoadState, LoadingState, SnapshotLoader
-from firetitan.server.deployment.request import EngineRequest, StepOutput
 from firetitan.server.deployment.schemas import CompletionBody, HotLoadBody
 
 log = get_logger("firetitan.deployment")
@@ -149,7 +148,7 @@ class DeploymentService:
         unfinished = {r.request_id for r in engine_reqs}
         try:
             for req in engine_reqs:
-                self.engine.submit(req, ignore_eos=body.ignore_eos)
+                self.engine.submit(req)
             if body.stream:
                 return await self._stream(request, body, queue, choices, engine_reqs, unfinished, shaper,
                                           base_id, created, model_name)
@@ -164,6 +163,9 @@ class DeploymentService:
                 self._sinks.pop(req.request_id, None)
                 if req.request_id in unfinished:
                     self.engine.abort(req.request_id)  # client gone or handler failed: free slot and cache
+
+    def _echo_text(self, state: ChoiceState) -> str:
+        return self.tokenizer.decode(state.prompt) if state.echo else ""
 
     async def _next(self, request: web.Request, queue: asyncio.Queue[tuple[int, StepOutput]]
                     ) -> tuple[int, StepOutput]:
@@ -184,7 +186,7 @@ class DeploymentService:
             message = failed[0].metrics.get("error", "the request was aborted by the engine")
             return web.json_response({"error": {"type": "EngineError", "message": message, "field": None}},
                                      status=500)
-        out_choices = [shaper.choice(c.index, c.prompt, c.tokens, c.text, c.finish_reason, 0) for c in choices]
+        out_choices = [shaper.whole(c, self._echo_text(c)) for c in choices]
         perf = dict(choices[0].metrics)
         payload: dict[str, Any] = {"id": f"cmpl-{base_id}", "object": "text_completion", "created": created,
                                    "model": model_name, "choices": out_choices, "usage": usage(choices)}
@@ -209,7 +211,6 @@ class DeploymentService:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         pending = [first]
-        sent_prompt: set[int] = set()
         try:
             while True:
                 while not queue.empty():
@@ -222,9 +223,10 @@ class DeploymentService:
                 final_metrics = None
                 for index, outs in by_choice.items():
                     state = choices[index]
-                    tokens = [t for o in outs for t in o.tokens]
-                    text = "".join(o.text for o in outs)
-                    offset = len(state.text)
+                    echoed = next((o.prompt for o in outs if o.prompt), None) or []
+                    tokens = [*echoed, *(t for o in outs for t in o.tokens)]
+                    text = (self._echo_text(state) if echoed else "") + "".join(o.text for o in outs)
+                    offset = len(state.text) + (len(self._echo_text(state)) if state.echo else 0)
                     for o in outs:
                         state.add(o)
                     if state.finish_reason in ("error", "abort"):
@@ -232,9 +234,7 @@ class DeploymentService:
                         err = {"error": {"message": state.metrics.get("error", "aborted"), "code": 500}}
                         await response.write(f"event: error\ndata: {json.dumps(err)}\n\n".encode())
                         return response
-                    prompt = None if index in sent_prompt else state.prompt
-                    sent_prompt.add(index)
-                    chunk_choices.append(shaper.choice(index, prompt, tokens, text, state.finish_reason, offset))
+                    chunk_choices.append(shaper.chunk(state, tokens, text, 0 if echoed else offset))
                     if state.finish_reason is not None:
                         unfinished.discard(engine_reqs[index].request_id)
                         final_metrics = state.metrics

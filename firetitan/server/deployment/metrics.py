@@ -25,9 +25,9 @@ def render(engine: Engine, deployment_id: str, current_identity: str | None) -> 
     metric("firetitan_kv_cache_used_tokens", "gauge", "KV cache positions held by running requests.",
            [("", engine.cached_tokens)])
     metric("firetitan_kv_cache_reserved_tokens", "gauge", "Worst-case tokens reserved by admitted requests.",
-           [("", engine.scheduler.reserved_tokens)])
+           [("", engine.reserved_tokens)])
     metric("firetitan_kv_cache_capacity_tokens", "gauge", "Admission budget of cached tokens.",
-           [("", engine.scheduler.max_cached_tokens)])
+           [("", engine.max_cached_tokens)])
     metric("firetitan_generation_tokens_per_second", "gauge", "Output tokens per second over the last 10 s.",
            [("", round(stats.tokens_per_second(), 3))])
     metric("firetitan_generation_tokens_total", "counter", "Output tokens generated.",

@@ -12,7 +12,7 @@ import torch
 from deployment_http_helpers import TIMEOUT, metrics, post, stream
 
 from firetitan.models import load_model
-from firetitan.server.deployment.sampling import sampling_log_probs
+from firetitan.server.deployment.engine.sampler import sampling_log_probs
 from firetitan.server.process import WorkerProcess
 
 NANO = "firetitan/nano-qwen3"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from firetitan.server.deployment.detokenize import IncrementalText
-from firetitan.server.deployment.engine_scheduler import Scheduler
-from firetitan.server.deployment.request import EngineRequest, RequestState, SamplingOptions
-from firetitan.server.deployment.sampling import sample, sampling_log_probs
+from firetitan.server.deployment.engine.request import EngineRequest, RequestState, SamplingOptions
+from firetitan.server.deployment.engine.sampler import sample, sampling_log_probs
+from firetitan.server.deployment.engine.scheduler import Scheduler
 
 
 def _lp(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -110,12 +110,10 @@ def test_scheduler_admits_under_both_limits_in_fifo_order() -> None:
         sched.add(r)
     first = sched.schedule()
     assert [r.request_id for r in first.admitted] == ["a"]  # b would need 30 + 71 > 100
-    sched.start_running(first.admitted)
     assert sched.schedule().admitted == []  # FIFO: c waits behind b
     sched.finish(reqs[0], RequestState.FINISHED, "stop")
     second = sched.schedule()
     assert [r.request_id for r in second.admitted] == ["b", "c"]
-    sched.start_running(second.admitted)
     assert sched.reserved_tokens == 81 and reqs[0].state is RequestState.FINISHED
     sched.admitting = False
     sched.add(_req("d", 1, 1))

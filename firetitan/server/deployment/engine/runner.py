@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
-from firetitan.server.deployment.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
+from firetitan.server.deployment.engine.sampler import sample
+from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
 
 
 class ModelRunner:
@@ -20,7 +23,7 @@ class ModelRunner:
     Supports Qwen2/Qwen3/Llama-shaped decoders with full attention.
     """
 
-    def __init__(self, model: torch.nn.Module, max_slots: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0) -> None:
         cfg = model.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -36,6 +39,7 @@ class ModelRunner:
         self.max_positions = int(cfg.max_position_embeddings)
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = next(model.parameters()).dtype
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
                                  max_capacity=self.max_positions)
 
@@ -65,7 +69,13 @@ class ModelRunner:
 
     @torch.no_grad()
     def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V].
+        """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V]."""
+        hidden = self._prefill_hidden(slots, prompts)
+        last = torch.tensor([len(p) for p in prompts]) - 1
+        return self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1)
+
+    def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Fill the KV rows of `slots` with the prompts; returns the final hidden states [B, T, H].
 
         Prompts are right-padded to the longest: with a causal mask the padding sits after every real
         token, so it never changes them; its keys are written past each sequence's length and are
@@ -90,8 +100,7 @@ class ModelRunner:
             hidden = self._layer_tail(layer, residual, out)
         for slot, length in zip(slots, lengths, strict=True):
             self.cache.lengths[slot] = length
-        last = torch.tensor(lengths) - 1
-        return self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1)
+        return hidden
 
     @torch.no_grad()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -122,3 +131,67 @@ class ModelRunner:
         for slot in range(bsz):
             cache.lengths[slot] += 1
         return self._logits(hidden).squeeze(1)
+
+    @torch.no_grad()
+    def execute(self, decision: StepDecision) -> RunnerOutput:
+        """Compute one scheduler decision: free, decode, prefill, copy shared prompts, sample."""
+        cache = self.cache
+        for slot in decision.freed:
+            cache.free(slot)
+        assert cache.active == len(decision.decode), "the scheduler and the KV cache disagree on slots"
+        logits: list[torch.Tensor] = []
+        if decision.decode:
+            logits.append(self.decode([r.output_ids[-1] for r in decision.decode]))
+        prompt_logits: list[torch.Tensor] = []
+        echoes: list[list[TokenOut] | None] = []
+        if decision.prefill:
+            prompts = [r.prompt for r in decision.prefill]
+            slots = cache.allocate(len(prompts))
+            hidden = self._prefill_hidden(slots, prompts)
+            last = torch.tensor([len(p) for p in prompts]) - 1
+            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1))
+            for row, request in enumerate(decision.prefill):
+                if request.options.echo:
+                    rows = self._logits(hidden[row : row + 1, : len(request.prompt)])[0]
+                    echoes.append(_prompt_logprobs(request, rows, decision.policy_version))
+                else:
+                    echoes.append(None)
+        if decision.copy:
+            slots = cache.allocate(len(decision.copy))
+            for slot, (request, donor) in zip(slots, decision.copy, strict=True):
+                assert donor.slot is not None
+                cache.copy_prefix(donor.slot, slot, len(request.prompt))
+                if donor.prompt_logits is not None:
+                    prompt_logits.append(donor.prompt_logits)
+                else:  # the donor was prefilled in this very step
+                    prompt_logits.append(prompt_logits[decision.prefill.index(donor)])
+        if prompt_logits:
+            logits.append(torch.stack(prompt_logits))
+        batch = decision.batch
+        opts = [r.options for r in batch]
+        result = sample(torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
+                        [o.top_p for o in opts], [r.generator for r in batch], self.generator)
+        top: list[list[tuple[int, float]] | None] = [None] * len(batch)
+        for i, o in enumerate(opts):
+            if o.top_logprobs > 0:
+                values, ids = torch.topk(result.raw[i], o.top_logprobs)
+                top[i] = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return RunnerOutput(result.tokens.tolist(), result.logprobs.tolist(), result.sampling_logprobs.tolist(),
+                            top, prompt_logits, echoes)
+
+
+def _prompt_logprobs(request: EngineRequest, logits: torch.Tensor, version: str) -> list[TokenOut]:
+    """Teacher-forced logprobs of the prompt's own tokens; the first has no context (reported as 0.0)."""
+    raw = torch.log_softmax(logits.float(), dim=-1)  # row t predicts token t + 1
+    prompt = request.prompt
+    ids = torch.tensor(prompt[1:], dtype=torch.long)
+    values = raw[torch.arange(len(prompt) - 1), ids].tolist() if len(prompt) > 1 else []
+    k = request.options.top_logprobs
+    tops: list[list[tuple[int, float]] | None] = [None] * len(prompt)
+    if k > 0 and len(prompt) > 1:
+        top_v, top_i = torch.topk(raw[:-1], k, dim=-1)
+        for t in range(len(prompt) - 1):
+            tops[t + 1] = list(zip(top_i[t].tolist(), top_v[t].tolist(), strict=True))
+        tops[0] = [(prompt[0], 0.0)]  # no distribution for the first token; clients drop this row
+    lps = [0.0, *values]
+    return [TokenOut(tok, lp, lp, version, top) for tok, lp, top in zip(prompt, lps, tops, strict=True)]
