@@ -13,7 +13,7 @@ from typing import Any
 
 from firetitan.bench.harness import summarize
 from firetitan.bench.load import RLLoad, step_groups
-from firetitan.bench.simulated_deployment import QueueModel, SimConfig, perf_metrics
+from firetitan.bench.queue_model import QueueModel, SimConfig, perf_metrics
 from firetitan.client.concurrency import ConcurrencyController
 from firetitan.client.metrics import parse_server_metrics
 

@@ -21,6 +21,7 @@ class Limits:
     vocab_size: int
     max_positions: int
     max_cached_tokens: int
+    max_choices: int = 128  # prompts x n in one request
 
 
 @dataclass
@@ -45,21 +46,36 @@ def _token_list(value: Any, where: str, vocab: int) -> list[int]:
     return out
 
 
+def _checked_encode(encode: Callable[[str], list[int]], text: str, where: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (valid JSON, not valid text)
+        raise InvalidRequestError(f"{where} is not valid Unicode text ({exc.reason} at {exc.start})",
+                                  field="prompt") from None
+    return encode(text)
+
+
 def parse_prompts(prompt: Any, encode: Callable[[str], list[int]], vocab: int) -> list[list[int]]:
     """Token ids, text, or a list of either → one token list per prompt."""
     if isinstance(prompt, str):
-        return [_token_list(encode(prompt), "prompt (tokenized)", vocab)]
+        return [_token_list(_checked_encode(encode, prompt, "prompt"), "prompt (tokenized)", vocab)]
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequestError("prompt must be a non-empty list of token ids, a string, or a list of those",
                                   field="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return [_token_list(encode(p), f"prompt[{i}] (tokenized)", vocab) for i, p in enumerate(prompt)]
+        return [_token_list(_checked_encode(encode, p, f"prompt[{i}]"), f"prompt[{i}] (tokenized)", vocab)
+                for i, p in enumerate(prompt)]
     if all(isinstance(p, list) for p in prompt):
         return [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
     return [_token_list(prompt, "prompt", vocab)]
 
 
 def parse_completion(body: CompletionBody, encode: Callable[[str], list[int]], limits: Limits) -> ParsedCompletion:
+    if isinstance(body.prompt, list) and len(body.prompt) * body.n > limits.max_choices \
+            and all(isinstance(p, str | list) for p in body.prompt):
+        raise InvalidRequestError(
+            f"{len(body.prompt)} prompts x n = {body.n} asks for {len(body.prompt) * body.n} choices; "
+            f"one request may ask for at most {limits.max_choices}", field="n")
     prompts = parse_prompts(body.prompt, encode, limits.vocab_size)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     stop_ids = frozenset(body.stop_token_ids or ())

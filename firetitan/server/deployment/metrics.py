@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from firetitan.server.deployment.engine import PREFILL_QUEUE_BUCKETS, Engine
+from firetitan.server.deployment.backend import EngineBackend
+from firetitan.server.deployment.engine import PREFILL_QUEUE_BUCKETS
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(engine: Engine, deployment_id: str, current_identity: str | None) -> str:
+def render(engine: EngineBackend, deployment_id: str, current_identity: str | None) -> str:
     stats = engine.stats
     label = f'deployment="{_esc(deployment_id)}"'
     lines: list[str] = []

@@ -126,3 +126,26 @@ def test_request_state_machine_rejects_illegal_transitions() -> None:
     req.advance(RequestState.FINISHED)
     with pytest.raises(RuntimeError):
         req.advance(RequestState.RUNNING)
+
+
+def test_scheduler_never_admits_past_the_slot_limit_within_one_step() -> None:
+    sched = Scheduler(max_running_seqs=2, max_cached_tokens=10_000)
+    for i in range(5):
+        sched.add(_req(f"r{i}", 3, 4))  # identical prompts: the followers would be copies
+    decision = sched.schedule()
+    assert len(decision.admitted) == 2 and len(sched.running) == 2
+    assert [r.slot for r in sched.running] == [0, 1]
+
+
+def test_running_order_matches_slots_after_finishes() -> None:
+    sched = Scheduler(max_running_seqs=4, max_cached_tokens=10_000)
+    reqs = [_req(f"r{i}", 2 + i, 4) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    sched.schedule()
+    sched.finish(reqs[0], RequestState.FINISHED, "stop")
+    sched.finish(reqs[3], RequestState.FINISHED, "stop")
+    decision = sched.schedule()
+    assert decision.freed == [0, 0]  # the KV cache replays the same moves: r3 into 0, then r2 into 0
+    assert [r.request_id for r in sched.running] == ["r2", "r1"]
+    assert all(r.slot == i for i, r in enumerate(sched.running))

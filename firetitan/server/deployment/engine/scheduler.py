@@ -114,7 +114,7 @@ class Scheduler:
         step_leaders: dict[tuple[int, ...], EngineRequest] = {}
         while self.admitting and self.waiting:
             head = self.waiting[0]
-            if len(self.running) >= self.max_running_seqs:
+            if len(self.running) + len(decision.prefill) + len(decision.copy) >= self.max_running_seqs:
                 break
             if self.reserved_tokens + head.reserved_tokens > self.max_cached_tokens:
                 break
