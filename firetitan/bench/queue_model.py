@@ -50,7 +50,7 @@ class SimConfig(pydantic.BaseModel):
     faults: FaultConfig = pydantic.Field(default_factory=FaultConfig)
 
 
-class _SimRequest:
+class SimRequest:
     __slots__ = ("admit_vt", "arrival_vt", "cached", "cancelled", "concurrent", "done_vt", "finish_reason",
                  "first_vt", "generated", "max_tokens", "owner", "prompt_len", "rng", "sent", "target_len")
 
@@ -86,14 +86,14 @@ class QueueModel:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.vt = 0.0  # model seconds
-        self.waiting: deque[_SimRequest] = deque()
-        self.running: list[_SimRequest] = []
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
         self.prefix_cache: OrderedDict[str, None] = OrderedDict()
         self.tokens_out = 0
         self.completed = 0
         self.busy_vt = 0.0
 
-    def submit(self, prompt: list[int], max_tokens: int, seed: int) -> _SimRequest:
+    def submit(self, prompt: list[int], max_tokens: int, seed: int) -> SimRequest:
         key = hashlib.blake2b(json.dumps(prompt[:-1]).encode(), digest_size=12).hexdigest()
         cached = 0
         if len(prompt) > 1 and key in self.prefix_cache:
@@ -103,7 +103,7 @@ class QueueModel:
             self.prefix_cache[key] = None
             if len(self.prefix_cache) > PREFIX_CACHE_ENTRIES:
                 self.prefix_cache.popitem(last=False)
-        req = _SimRequest(len(prompt), cached, max_tokens, random.Random(seed), self.config.eos_prob, self.vt)
+        req = SimRequest(len(prompt), cached, max_tokens, random.Random(seed), self.config.eos_prob, self.vt)
         self.waiting.append(req)
         return req
 
@@ -131,7 +131,7 @@ class QueueModel:
         step = cfg.decode_base_s + cfg.decode_per_seq_s * len(self.running)
         return prefill_tokens * cfg.prefill_per_token_s + cfg.tick_tokens * step
 
-    def advance(self, dt: float) -> list[_SimRequest]:
+    def advance(self, dt: float) -> list[SimRequest]:
         """Finish the tick of length `dt` started after `admit()`: emit tokens, return requests that
         progressed (their `wake` queues are signalled by the caller's choice)."""
         cfg = self.config
@@ -139,8 +139,8 @@ class QueueModel:
         self.vt += dt
         self.busy_vt += dt
         prefill_end = self.vt - cfg.tick_tokens * step
-        progressed: list[_SimRequest] = []
-        still: list[_SimRequest] = []
+        progressed: list[SimRequest] = []
+        still: list[SimRequest] = []
         for r in self.running:
             if r.cancelled:
                 continue
@@ -166,7 +166,7 @@ class QueueModel:
                 "completed": self.completed, "capacity": self.config.capacity}
 
 
-def perf_metrics(req: _SimRequest, config: SimConfig) -> dict[str, Any]:
+def perf_metrics(req: SimRequest, config: SimConfig) -> dict[str, Any]:
     """The `perf_metrics` of a simulated request, in model seconds."""
     admit = req.admit_vt if req.admit_vt is not None else req.arrival_vt
     first = req.first_vt if req.first_vt is not None else admit

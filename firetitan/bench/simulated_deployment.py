@@ -36,7 +36,7 @@ from firetitan.bench.queue_model import (
     FaultConfig,
     QueueModel,
     SimConfig,
-    _SimRequest,
+    SimRequest,
     perf_metrics,
 )
 from firetitan.errors import InvalidRequestError
@@ -83,7 +83,7 @@ class QueueModelEngine:
         self.stats = EngineStats()
         self._emit = emit
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self._by_id: dict[str, _SimRequest] = {}  # only to resolve aborts
+        self._by_id: dict[str, SimRequest] = {}  # only to resolve aborts
         self._seed_counter = 0
         self._anchor = time.monotonic()  # wall time of model time 0
         self._tick_start = 0.0  # model time the last tick began (arrivals during it land inside it)
@@ -209,7 +209,7 @@ class QueueModelEngine:
             case Stop():
                 self._stopped.set()
 
-    def _output(self, sim: _SimRequest) -> tuple[EngineRequest, StepOutput]:
+    def _output(self, sim: SimRequest) -> tuple[EngineRequest, StepOutput]:
         request = sim.owner
         assert request is not None
         opts = request.options
