@@ -77,17 +77,25 @@ class StartupWeights(Mapping[str, torch.Tensor]):
         self._known = frozenset(names)
         self._pending: dict[str, torch.Tensor] | None = None
 
+    def _load(self) -> dict[str, torch.Tensor]:
+        from firetitan.models import load_model
+
+        return dict(load_model(self.base_model).state_dict())
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        # `dict(weights)` calls keys() and then reads each key once: load once for the whole copy.
+        self._pending = self._load()
+        return list(self._names)
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._known:
             raise KeyError(key)
-        if self._pending is None or key not in self._pending:
-            from firetitan.models import load_model
-
-            self._pending = dict(load_model(self.base_model).state_dict())
-        value = self._pending.pop(key)
-        if not self._pending:
-            self._pending = None
-        return value
+        if self._pending is not None and key in self._pending:
+            value = self._pending.pop(key)
+            if not self._pending:
+                self._pending = None
+            return value
+        return self._load()[key]  # a lone read keeps nothing
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
