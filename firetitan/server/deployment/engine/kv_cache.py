@@ -8,7 +8,8 @@ import torch
 class SlotKVCache:
     """Keys and values for up to `num_slots` sequences, each up to `capacity` positions.
 
-    Per layer the tensors are [num_slots, kv_heads, capacity, head_dim]. Live sequences always occupy
+    Per layer the tensors are [num_slots + 1, kv_heads, capacity, head_dim]: the extra row `staging` holds
+    the one prompt being prefilled in chunks until it is whole and moves to a live slot. Live sequences always occupy
     slots 0..active-1: freeing a slot moves the last live sequence into the hole, so the decode batch
     is `k[:active]` with no gather. Capacity grows by doubling on demand (never past `max_capacity`).
     """
@@ -24,7 +25,8 @@ class SlotKVCache:
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.lengths: list[int] = [0] * num_slots
+        self.staging = num_slots  # row of the prompt being prefilled in chunks
+        self.lengths: list[int] = [0] * (num_slots + 1)
         self.active = 0
         self._initial = min(initial_capacity, max_capacity)
 
@@ -43,13 +45,14 @@ class SlotKVCache:
         while new_cap < positions:
             new_cap *= 2
         new_cap = min(new_cap, self.max_capacity)
-        shape = (self.num_slots, self.kv_heads, new_cap, self.head_dim)
+        shape = (self.num_slots + 1, self.kv_heads, new_cap, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        if self.capacity and self.active:
+        if self.capacity:
+            rows = [*range(self.active), self.staging] if self.lengths[self.staging] else list(range(self.active))
             for layer in range(self.num_layers):
-                new_k[layer][: self.active, :, : self.capacity] = self.k[layer][: self.active]
-                new_v[layer][: self.active, :, : self.capacity] = self.v[layer][: self.active]
+                new_k[layer][rows, :, : self.capacity] = self.k[layer][rows]
+                new_v[layer][rows, :, : self.capacity] = self.v[layer][rows]
         self.k, self.v, self.capacity = new_k, new_v, new_cap
 
     def allocate(self, count: int) -> range:
@@ -87,4 +90,4 @@ class SlotKVCache:
     def reset(self) -> None:
         """Drop every sequence and the storage (used only when nothing is running)."""
         self.k, self.v, self.capacity, self.active = [], [], 0, 0
-        self.lengths = [0] * self.num_slots
+        self.lengths = [0] * (self.num_slots + 1)

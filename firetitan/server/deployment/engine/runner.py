@@ -102,6 +102,29 @@ class ModelRunner:
             self.cache.lengths[slot] = length
         return hidden
 
+    def _prefill_chunk(self, slot: int, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Prompt positions [start, start + len(tokens)) into `slot`, attending to the cached prefix."""
+        count = len(tokens)
+        end = start + count
+        self.cache.ensure_capacity(end + 1)
+        ids = torch.tensor([list(tokens)], dtype=torch.long)
+        positions = torch.arange(start, end).unsqueeze(0)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        mask = (torch.arange(end).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)).view(1, 1, count, end)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            self.cache.k[index][slot, :, start:end] = k[0]
+            self.cache.v[index][slot, :, start:end] = v[0]
+            keys = self.cache.k[index][slot : slot + 1, :, :end]
+            values = self.cache.v[index][slot : slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        self.cache.lengths[slot] = end
+        return hidden
+
     @torch.no_grad()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..B-1 (B = len(tokens)); returns logits [B, V].
@@ -165,9 +188,20 @@ class ModelRunner:
                     prompt_logits.append(donor.prompt_logits)
                 else:  # the donor was prefilled in this very step
                     prompt_logits.append(prompt_logits[decision.prefill.index(donor)])
+        chunk = decision.chunk
+        if chunk is not None:
+            prompt = chunk.request.prompt
+            hidden = self._prefill_chunk(cache.staging, prompt[chunk.start : chunk.end], chunk.start)
+            if chunk.last:  # the prompt is whole: it moves to the next live slot and samples its first token
+                slot = cache.allocate(1).start
+                cache.copy_prefix(cache.staging, slot, len(prompt))
+                cache.lengths[cache.staging] = 0
+                prompt_logits.append(self._logits(hidden[:, -1:])[0, 0])
         if prompt_logits:
             logits.append(torch.stack(prompt_logits))
         batch = decision.batch
+        if not batch:  # only a middle chunk ran
+            return RunnerOutput([], [], [], [], [], echoes)
         opts = [r.options for r in batch]
         result = sample(torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
                         [o.top_p for o in opts], [r.generator for r in batch], self.generator)

@@ -17,6 +17,22 @@ from firetitan.server.deployment.engine.request import (
 )
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of `request`, computed into the KV cache's staging row this step.
+
+    The last chunk (`end == len(prompt)`) moves the prompt to the next live slot and samples its first token.
+    """
+
+    request: EngineRequest
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.request.prompt)
+
+
 @dataclass
 class StepDecision:
     """Everything the runner needs for one step, in slot order; the runner reads nothing else.
@@ -31,15 +47,18 @@ class StepDecision:
     decode: list[EngineRequest] = field(default_factory=list)
     prefill: list[EngineRequest] = field(default_factory=list)
     copy: list[tuple[EngineRequest, EngineRequest]] = field(default_factory=list)  # (request, donor)
+    chunk: PrefillChunk | None = None  # a prompt longer than the step budget, one piece per step
     policy_version: str = ""
 
     @property
     def empty(self) -> bool:
-        return not self.decode and not self.prefill and not self.copy
+        return not self.decode and not self.prefill and not self.copy and self.chunk is None
 
     @property
     def admitted(self) -> list[EngineRequest]:
-        return self.prefill + [r for r, _ in self.copy]
+        """Requests that join the decode batch this step (slots after `decode`, in this order)."""
+        done = [self.chunk.request] if self.chunk is not None and self.chunk.last else []
+        return self.prefill + [r for r, _ in self.copy] + done
 
     @property
     def batch(self) -> list[EngineRequest]:
@@ -85,10 +104,12 @@ class Scheduler:
         self._live: dict[str, EngineRequest] = {}  # id -> request, only to resolve aborts
         self._prefixes: dict[tuple[int, ...], EngineRequest] = {}  # prompt -> running request holding its KV
         self._freed: list[int] = []
+        self.partial: EngineRequest | None = None  # admitted, its prompt prefilled a chunk per step
+        self._computed = 0  # prompt positions of `partial` already in the KV cache
 
     @property
     def num_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + (self.partial is not None)
 
     def add(self, request: EngineRequest) -> None:
         self._live[request.request_id] = request
@@ -111,8 +132,11 @@ class Scheduler:
             if request.first_decode is None:
                 request.first_decode = now
         prefill_tokens = 0
+        if self.partial is not None:  # the chunked prompt goes first; FIFO keeps the others behind it
+            decision.chunk = self._next_chunk(self.max_prefill_tokens)
+            prefill_tokens = decision.chunk.end - decision.chunk.start
         step_leaders: dict[tuple[int, ...], EngineRequest] = {}
-        while self.admitting and self.waiting:
+        while self.admitting and self.waiting and self.partial is None:
             head = self.waiting[0]
             if len(self.running) + len(decision.prefill) + len(decision.copy) >= self.max_running_seqs:
                 break
@@ -125,22 +149,41 @@ class Scheduler:
             cost = 0 if donor is not None else len(head.prompt)
             if decision.admitted and cost and prefill_tokens + cost > self.max_prefill_tokens:
                 break
+            # A prompt longer than the whole budget is prefilled in chunks (never echoed ones: their
+            # prompt logprobs need every position's logits at once), so it cannot stall running decodes.
+            chunked = cost > self.max_prefill_tokens and not head.options.echo
+            if chunked and (decision.admitted or prefill_tokens):
+                break  # next step, with the whole budget
             self.waiting.popleft()
             head.advance(RequestState.RUNNING)
             head.prefill_start = now
             self.reserved_tokens += head.reserved_tokens
             prefill_tokens += cost
+            if chunked:
+                self.partial, self._computed = head, 0
+                decision.chunk = self._next_chunk(self.max_prefill_tokens)
+                break
             if donor is None:
                 decision.prefill.append(head)
                 step_leaders.setdefault(key, head)
             else:
                 decision.copy.append((head, donor))
-        # Slots follow the decision's row order: decode, then prefill, then copy.
+        if decision.chunk is not None and decision.chunk.last:
+            self.partial = None
+        # Slots follow the decision's row order: decode, then prefill, then copy, then a finished chunk.
         for request in decision.admitted:
             request.slot = len(self.running)
             request.prefill_version = self.policy_version
             self.running.append(request)
         return decision
+
+    def _next_chunk(self, budget: int) -> PrefillChunk:
+        request = self.partial
+        assert request is not None
+        start = self._computed
+        end = min(len(request.prompt), start + budget)
+        self._computed = end
+        return PrefillChunk(request, start, end)
 
     def update(self, decision: StepDecision, output: RunnerOutput) -> list[tuple[EngineRequest, StepOutput]]:
         """Apply a step's tokens to its requests; finished ones leave (their slots are freed next step)."""
@@ -151,7 +194,8 @@ class Scheduler:
             request.prefill_end = stamp
         for request, _donor in decision.copy:
             request.cached_prompt_tokens = len(request.prompt)
-        for request in decision.prefill:
+        whole = [decision.chunk.request] if decision.chunk is not None and decision.chunk.last else []
+        for request in decision.prefill + whole:
             if not request.options.echo:
                 self._prefixes.setdefault(tuple(request.prompt), request)
         echoes = dict(zip((id(r) for r in decision.prefill), output.prompt_logprobs, strict=True))
@@ -207,6 +251,8 @@ class Scheduler:
                     last.slot = slot
                 self._freed.append(slot)
             request.slot = None
+            if request is self.partial:
+                self.partial = None
         elif request.state is RequestState.WAITING:
             self.waiting.remove(request)
         key = tuple(request.prompt)
@@ -220,7 +266,8 @@ class Scheduler:
 
     def abort_all(self) -> list[EngineRequest]:
         """Take every request out (a failed step or a stop); the caller resets the KV cache."""
-        gone = list(self.running) + list(self.waiting)
+        gone = list(self.running) + list(self.waiting) + ([self.partial] if self.partial is not None else [])
+        self.partial = None
         for request in gone:
             request.slot = None
             request.prompt_logits = None
