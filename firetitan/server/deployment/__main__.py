@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="choices queued beyond the running ones before answering 429 with Retry-After")
     parser.add_argument("--max-choices-per-request", type=int, default=128, help="prompts x n in one request")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
+    parser.add_argument("--max-kv-tokens", type=int, default=None,
+                        help="KV cache memory bound, in positions over all rows (slots + 1); caps the context")
     return parser.parse_args(argv)
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                                   api_key=args.api_key, seed=args.seed,
                                   max_waiting_requests=args.max_waiting_requests,
                                   max_choices_per_request=args.max_choices_per_request,
-                                  max_prefill_tokens=args.max_prefill_tokens)
+                                  max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's
     # module teardown, which takes seconds with torch + transformers loaded, so a stop is prompt.

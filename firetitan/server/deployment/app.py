@@ -51,7 +51,8 @@ class DeploymentSettings:
     seed: int = 0
     max_waiting_requests: int = 1024  # choices queued beyond the running ones; more -> 429 + Retry-After
     max_choices_per_request: int = 128  # prompts x n in one request; more -> 400 naming `n`
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled per engine step (the first admission always goes)
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per engine step (longer prompts: in chunks)
+    max_kv_tokens: int | None = None  # KV memory bound in positions over all rows; None: rows x model context
 
 
 class DeploymentService:
@@ -64,7 +65,8 @@ class DeploymentService:
         if serving is None:
             serving = embedded_serving(settings.base_model, max_running_seqs=settings.max_running_seqs,
                                        max_cached_tokens=settings.max_cached_tokens, seed=settings.seed,
-                                       max_prefill_tokens=settings.max_prefill_tokens)
+                                       max_prefill_tokens=settings.max_prefill_tokens,
+                                       max_kv_tokens=settings.max_kv_tokens)
         self.serving = serving
         self.model = serving.model
         self.tokenizer = serving.tokenizer

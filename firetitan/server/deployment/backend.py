@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from firetitan.server.deployment.engine import Engine, EngineRequest, EngineStats, StepOutput, WeightSwap
+from firetitan.server.deployment.engine.runner import kv_row_positions
 
 Emit = Callable[[list[tuple[EngineRequest, StepOutput]]], None]
 
@@ -105,7 +106,7 @@ class StartupWeights(Mapping[str, torch.Tensor]):
 
 
 def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_tokens: int, seed: int,
-                     max_prefill_tokens: int) -> Serving:
+                     max_prefill_tokens: int, max_kv_tokens: int | None = None) -> Serving:
     """The built-in torch engine over a model loaded in this process."""
     from firetitan.models import load_model, load_tokenizer
 
@@ -116,10 +117,11 @@ def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_token
     def make_engine(emit: Emit) -> EngineBackend:
         return Engine(model, tokenizer, emit=emit, policy_version=base_model, max_running_seqs=max_running_seqs,
                       max_cached_tokens=max_cached_tokens, eos_token_ids=eos, seed=seed,
-                      max_prefill_tokens=max_prefill_tokens)
+                      max_prefill_tokens=max_prefill_tokens, max_kv_tokens=max_kv_tokens)
 
     cfg = model.config
-    return Serving(make_engine, tokenizer, int(cfg.vocab_size), int(cfg.max_position_embeddings), model=model,
+    context = kv_row_positions(int(cfg.max_position_embeddings), max_running_seqs, max_kv_tokens)
+    return Serving(make_engine, tokenizer, int(cfg.vocab_size), context, model=model,
                    startup_weights=StartupWeights(base_model, list(model.state_dict())))
 
 

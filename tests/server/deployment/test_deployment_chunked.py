@@ -79,3 +79,38 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_decodes_keep_going() 
             full = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
         want = full[len(prompt) - 1 : -1].gather(1, torch.tensor(tokens[rid]).unsqueeze(1)).squeeze(1)
         assert torch.allclose(torch.tensor(logprobs[rid]), want, atol=1e-4), rid
+
+
+def test_kv_memory_stays_under_its_bound_and_shrinks_after_a_long_request() -> None:
+    model = load_model(NANO)
+    slots, per_row = 6, 512
+    runner = ModelRunner(model, max_slots=slots, max_kv_tokens=(slots + 1) * per_row)
+    cache = runner.cache
+    bound = (slots + 1) * per_row * cache.bytes_per_position  # the stated bound: max_kv_tokens positions
+    assert cache.bound_bytes == bound and runner.max_positions == per_row
+    sched = Scheduler(slots, 100_000, 64, max_positions=runner.max_positions)
+    gen = torch.Generator().manual_seed(1)
+    shorts = [_request(f"s{i}", [1, 30 + i, 40 + i, 50 + i], 60) for i in range(5)]
+    long = _request("long", [1, *torch.randint(3, 4000, (309,), generator=gen).tolist()], 10)
+    for r in [*shorts, long]:
+        sched.add(r)
+    tokens: dict[str, list[int]] = {}
+    logprobs: dict[str, list[float]] = {}
+    capacities = []
+    while sched.num_requests:
+        decision = sched.schedule()
+        out = runner.execute(decision)
+        for req, o in sched.update(decision, out):
+            tokens.setdefault(req.request_id, []).extend(t.token_id for t in o.tokens)
+            logprobs.setdefault(req.request_id, []).extend(t.logprob for t in o.tokens)
+        assert cache.allocated_bytes <= bound
+        capacities.append(cache.capacity)
+    assert max(capacities) == per_row  # the long request needed the rows to grow to the bound ...
+    long_done = capacities.index(per_row) + 10
+    assert capacities[-1] <= per_row // 2 and min(capacities[long_done:]) < per_row  # ... and they shrank back
+    for r in shorts:  # the shorts decoded across the grow and the shrink; their logprobs are intact
+        seq = r.prompt + tokens[r.request_id]
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
+        want = full[len(r.prompt) - 1 : -1].gather(1, torch.tensor(tokens[r.request_id]).unsqueeze(1)).squeeze(1)
+        assert torch.allclose(torch.tensor(logprobs[r.request_id]), want, atol=1e-4), r.request_id

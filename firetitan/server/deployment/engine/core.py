@@ -100,10 +100,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
-                 seed: int = 0, max_prefill_tokens: int = 4096) -> None:
+                 seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, max_running_seqs, seed=seed)
+        self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens)
         self.scheduler = Scheduler(max_running_seqs, max_cached_tokens, max_prefill_tokens,
                                    eos_token_ids=eos_token_ids, max_positions=self.runner.max_positions,
                                    policy_version=policy_version)

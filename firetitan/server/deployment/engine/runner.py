@@ -15,6 +15,18 @@ from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
 
 
+def kv_row_positions(max_positions: int, max_slots: int, max_kv_tokens: int | None) -> int:
+    """The longest sequence served: the model's context, or less so that every KV row (the slots and the
+    staging row) at that length fits in `max_kv_tokens` positions (the KV memory bound)."""
+    if max_kv_tokens is None:
+        return max_positions
+    per_row = max_kv_tokens // (max_slots + 1)
+    if per_row < 2:
+        raise ConfigError(f"--max-kv-tokens {max_kv_tokens} leaves under 2 positions for each of "
+                          f"{max_slots + 1} KV rows (--max-running-seqs + 1)", field="max_kv_tokens")
+    return min(max_positions, per_row)
+
+
 class ModelRunner:
     """Computes logits; decides nothing.
 
@@ -23,7 +35,8 @@ class ModelRunner:
     Supports Qwen2/Qwen3/Llama-shaped decoders with full attention.
     """
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None
+                 ) -> None:
         cfg = model.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -40,6 +53,7 @@ class ModelRunner:
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = next(model.parameters()).dtype
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+        self.max_positions = kv_row_positions(self.max_positions, max_slots, max_kv_tokens)
         self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
                                  max_capacity=self.max_positions)
 
@@ -161,6 +175,7 @@ class ModelRunner:
         cache = self.cache
         for slot in decision.freed:
             cache.free(slot)
+        cache.shrink()
         assert cache.active == len(decision.decode), "the scheduler and the KV cache disagree on slots"
         logits: list[torch.Tensor] = []
         if decision.decode:
