@@ -31,8 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from firetitan.models import load_model, load_tokenizer
-from firetitan.server.deployment.engine import Engine
-from firetitan.server.deployment.request import EngineRequest, SamplingOptions, StepOutput
+from firetitan.server.deployment.engine import Engine, EngineRequest, SamplingOptions, StepOutput
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_throughput.json"
 
@@ -65,14 +64,14 @@ def run_engine(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
     try:
         # Warm-up (allocations, first-call overheads) outside the timing.
         remaining[0] = 1
-        engine.submit(EngineRequest("warmup", prompts[0], SamplingOptions(max_tokens=4)), ignore_eos=True)
+        engine.submit(EngineRequest("warmup", prompts[0], SamplingOptions(max_tokens=4, ignore_eos=True)))
         done.wait(120)
         done.clear()
         remaining[0], produced[0] = len(prompts), 0
         started = time.perf_counter()
         for i, prompt in enumerate(prompts):
-            engine.submit(EngineRequest(f"r{i}", prompt, SamplingOptions(max_tokens=max_tokens, seed=i)),
-                          ignore_eos=True)
+            engine.submit(EngineRequest(f"r{i}", prompt, SamplingOptions(max_tokens=max_tokens, seed=i,
+                                                                         ignore_eos=True)))
         if not done.wait(3600):
             raise RuntimeError("engine benchmark did not finish")
         elapsed = time.perf_counter() - started

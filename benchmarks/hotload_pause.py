@@ -43,7 +43,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, prompt: list[int]
                      started: asyncio.Event) -> list[tuple[float, str]]:
     """(arrival time, policy version) per token of one streamed completion."""
     arrivals: list[tuple[float, str]] = []
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "raw_output": True, "ignore_eos": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "logprobs": True, "ignore_eos": True}
     async with session.post(f"{url}/inference/v1/completions", json=body) as resp:
         resp.raise_for_status()
         buf = b""
@@ -56,7 +56,8 @@ async def one_stream(session: aiohttp.ClientSession, url: str, prompt: list[int]
                 if payload == "[DONE]":
                     return arrivals
                 for choice in json.loads(payload)["choices"]:
-                    arrivals.extend((now, v) for v in choice["raw_output"]["policy_versions"])
+                    # Per-token versions as they arrive (raw_output is whole, on the final chunk only).
+                    arrivals.extend((now, e["policy_version"]) for e in choice["logprobs"]["content"])
                 started.set()
     return arrivals
 

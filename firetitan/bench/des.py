@@ -13,7 +13,7 @@ from typing import Any
 
 from firetitan.bench.harness import summarize
 from firetitan.bench.load import RLLoad, step_groups
-from firetitan.bench.simulated_deployment import QueueModel, SimConfig, perf_metrics
+from firetitan.bench.queue_model import QueueModel, SimConfig, SimRequest, perf_metrics
 from firetitan.client.concurrency import ConcurrencyController
 from firetitan.client.server_metrics import parse_server_metrics
 
@@ -32,15 +32,16 @@ async def run_des(config: SimConfig, load: RLLoad, controller: ConcurrencyContro
     series: list[dict[str, float]] = []
     steps: list[dict[str, Any]] = []
     seeds = iter(range(1, 1 << 62))
+    finished: dict[SimRequest, asyncio.Event] = {}  # set when the request's last token is out
 
     async def one(prompt: list[int], max_tokens: int) -> None:
         nonlocal progress, tokens
         await controller.acquire()
         progress += 1
         req = model.submit(prompt, max_tokens, next(seeds))
+        done = finished[req] = asyncio.Event()
         try:
-            while req.done_vt is None:
-                await req.wake.get()
+            await done.wait()
         finally:
             perf = perf_metrics(req, model.config)
             metrics = parse_server_metrics(None, perf, completion_tokens=req.generated)
@@ -70,7 +71,8 @@ async def run_des(config: SimConfig, load: RLLoad, controller: ConcurrencyContro
             prefill = model.admit()
             dt = model.tick_duration(prefill)
             for r in model.advance(dt):
-                r.wake.put_nowait(None)
+                if r.done_vt is not None:
+                    finished.pop(r).set()
             series.append({"t": model.vt - t_start, "window": controller.window_size,
                            "in_flight": controller.in_flight, "running": len(model.running)})
         await asyncio.gather(*tasks)

@@ -23,6 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-cached-tokens", type=int, default=65536,
                         help="admission budget: sum of prompt + max_tokens over running requests")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed for requests without their own")
+    parser.add_argument("--max-waiting-requests", type=int, default=1024,
+                        help="choices queued beyond the running ones before answering 429 with Retry-After")
+    parser.add_argument("--max-choices-per-request", type=int, default=128, help="prompts x n in one request")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
+    parser.add_argument("--max-kv-tokens", type=int, default=None,
+                        help="KV cache memory bound, in positions over all rows (slots + 1); caps the context")
     return parser.parse_args(argv)
 
 
@@ -41,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = DeploymentSettings(base_model=args.base_model, deployment_id=args.deployment_id,
                                   store_dir=args.store_dir, replica_index=args.replica_index,
                                   max_running_seqs=args.max_running_seqs, max_cached_tokens=args.max_cached_tokens,
-                                  api_key=args.api_key, seed=args.seed)
+                                  api_key=args.api_key, seed=args.seed,
+                                  max_waiting_requests=args.max_waiting_requests,
+                                  max_choices_per_request=args.max_choices_per_request,
+                                  max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's
     # module teardown, which takes seconds with torch + transformers loaded, so a stop is prompt.

@@ -19,6 +19,7 @@ from firetitan.errors import ConfigError, ConflictError, FiretitanError
 from firetitan.logging import get_logger
 from firetitan.server.common import json_response, make_app, parse_body
 from firetitan.server.deployment import metrics as prom
+from firetitan.server.deployment.backend import Serving, embedded_serving
 from firetitan.server.deployment.completions import (
     ChoiceState,
     Limits,
@@ -27,10 +28,9 @@ from firetitan.server.deployment.completions import (
     parse_completion,
     usage,
 )
-from firetitan.server.deployment.engine import Engine, WeightSwap
+from firetitan.server.deployment.engine import EngineRequest, StepOutput, WeightSwap
 from firetitan.server.deployment.hotload import HotLoadState, LoadingState, SnapshotLoader
-from firetitan.server.deployment.request import EngineRequest, StepOutput
-from firetitan.server.deployment.schemas import CompletionBody, HotLoadBody
+from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadBody
 
 log = get_logger("firetitan.deployment")
 
@@ -49,45 +49,44 @@ class DeploymentSettings:
     max_cached_tokens: int = 65536
     api_key: str | None = None
     seed: int = 0
+    max_waiting_requests: int = 1024  # choices queued beyond the running ones; more -> 429 + Retry-After
+    max_choices_per_request: int = 128  # prompts x n in one request; more -> 400 naming `n`
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per engine step (longer prompts: in chunks)
+    max_kv_tokens: int | None = None  # KV memory bound in positions over all rows; None: rows x model context
 
 
 class DeploymentService:
     """Owns the model, the engine thread and hot-load state; routes call into it."""
 
-    def __init__(self, settings: DeploymentSettings) -> None:
-        from firetitan.models import load_model, load_tokenizer
-
-        self.settings = settings
-        self.model = load_model(settings.base_model)
-        self.tokenizer = load_tokenizer(settings.base_model)
-        cfg = self.model.config
-        self.limits = Limits(vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings),
-                             max_cached_tokens=settings.max_cached_tokens)
+    def __init__(self, settings: DeploymentSettings, serving: Serving | None = None) -> None:
         if settings.max_cached_tokens < 2:
             raise ConfigError("--max-cached-tokens must be at least 2", field="max_cached_tokens")
+        self.settings = settings
+        if serving is None:
+            serving = embedded_serving(settings.base_model, max_running_seqs=settings.max_running_seqs,
+                                       max_cached_tokens=settings.max_cached_tokens, seed=settings.seed,
+                                       max_prefill_tokens=settings.max_prefill_tokens,
+                                       max_kv_tokens=settings.max_kv_tokens)
+        self.serving = serving
+        self.model = serving.model
+        self.tokenizer = serving.tokenizer
+        self.limits = Limits(vocab_size=serving.vocab_size, max_positions=serving.max_positions,
+                             max_cached_tokens=settings.max_cached_tokens,
+                             max_choices=settings.max_choices_per_request)
         self.store = SnapshotStore(settings.store_dir) if settings.store_dir else None
-        startup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.loader = SnapshotLoader(self.store, startup, startup) if self.store else None
+        # Weights held: the live model, plus (after a base hot-load) that base for later deltas. The
+        # startup weights LoRA merges need are re-read from the model on demand, not cloned.
+        self.loader = None
+        if self.store and self.model is not None and serving.startup_weights is not None:
+            self.loader = SnapshotLoader(self.store, self.model.state_dict(), serving.startup_weights)
         self.hot = HotLoadState(base_model=settings.base_model)
         self._hot_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sinks: dict[str, _IndexedSink] = {}
         self._token_text: dict[int, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.engine = Engine(self.model, self.tokenizer, emit=self._emit, policy_version=settings.base_model,
-                             max_running_seqs=settings.max_running_seqs,
-                             max_cached_tokens=settings.max_cached_tokens,
-                             eos_token_ids=self._eos_ids(), seed=settings.seed)
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
+        self.engine = serving.make_engine(self._emit)
+        self._outstanding = 0  # choices submitted and not yet finished (event-loop thread only)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
@@ -131,6 +130,10 @@ class DeploymentService:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, CompletionBody)
         parsed = parse_completion(body, lambda s: self.tokenizer.encode(s, add_special_tokens=False), self.limits)
+        wanted = len(parsed.prompts) * parsed.n
+        room = self.settings.max_running_seqs + self.settings.max_waiting_requests - self._outstanding
+        if wanted > room:
+            return _too_busy(wanted, self._outstanding, self.settings)
         base_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         created = int(time.time())
         model_name = body.model or self.settings.deployment_id
@@ -141,15 +144,16 @@ class DeploymentService:
             for j in range(parsed.n):
                 index = p * parsed.n + j
                 rid = f"{base_id}-{index}-{uuid.uuid4().hex[:8]}"
-                seeded = opts if opts.seed is None or j == 0 else _reseed(opts, opts.seed + j)
+                seeded = opts if opts.seed is None or j == 0 else _reseed(opts, (opts.seed + j) % MAX_SEED)
                 engine_reqs.append(EngineRequest(rid, prompt, seeded))
                 choices.append(ChoiceState(index, prompt))
                 self._sinks[rid] = _IndexedSink(queue, index)
         shaper = Shaper(self.token_text, body.raw_output, parsed.want_logprobs, parsed.top_logprobs)
         unfinished = {r.request_id for r in engine_reqs}
+        self._outstanding += len(engine_reqs)
         try:
             for req in engine_reqs:
-                self.engine.submit(req, ignore_eos=body.ignore_eos)
+                self.engine.submit(req)
             if body.stream:
                 return await self._stream(request, body, queue, choices, engine_reqs, unfinished, shaper,
                                           base_id, created, model_name)
@@ -160,10 +164,14 @@ class DeploymentService:
                     unfinished.discard(engine_reqs[index].request_id)
             return self._full_response(body, choices, shaper, base_id, created, model_name)
         finally:
+            self._outstanding -= len(engine_reqs)
             for req in engine_reqs:
                 self._sinks.pop(req.request_id, None)
                 if req.request_id in unfinished:
                     self.engine.abort(req.request_id)  # client gone or handler failed: free slot and cache
+
+    def _echo_text(self, state: ChoiceState) -> str:
+        return self.tokenizer.decode(state.prompt) if state.echo else ""
 
     async def _next(self, request: web.Request, queue: asyncio.Queue[tuple[int, StepOutput]]
                     ) -> tuple[int, StepOutput]:
@@ -184,10 +192,11 @@ class DeploymentService:
             message = failed[0].metrics.get("error", "the request was aborted by the engine")
             return web.json_response({"error": {"type": "EngineError", "message": message, "field": None}},
                                      status=500)
-        out_choices = [shaper.choice(c.index, c.prompt, c.tokens, c.text, c.finish_reason, 0) for c in choices]
+        out_choices = [shaper.whole(c, self._echo_text(c)) for c in choices]
         perf = dict(choices[0].metrics)
         payload: dict[str, Any] = {"id": f"cmpl-{base_id}", "object": "text_completion", "created": created,
-                                   "model": model_name, "choices": out_choices, "usage": usage(choices)}
+                                   "model": model_name, "choices": out_choices, "usage": usage(choices),
+                                   **self.serving.marks}
         if body.perf_metrics_in_response:
             payload["perf_metrics"] = perf
         return web.json_response(payload, headers=metric_headers(perf))
@@ -209,7 +218,6 @@ class DeploymentService:
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         pending = [first]
-        sent_prompt: set[int] = set()
         try:
             while True:
                 while not queue.empty():
@@ -222,9 +230,10 @@ class DeploymentService:
                 final_metrics = None
                 for index, outs in by_choice.items():
                     state = choices[index]
-                    tokens = [t for o in outs for t in o.tokens]
-                    text = "".join(o.text for o in outs)
-                    offset = len(state.text)
+                    echoed = next((o.prompt for o in outs if o.prompt), None) or []
+                    tokens = [*echoed, *(t for o in outs for t in o.tokens)]
+                    text = (self._echo_text(state) if echoed else "") + "".join(o.text for o in outs)
+                    offset = len(state.text) + (len(self._echo_text(state)) if state.echo else 0)
                     for o in outs:
                         state.add(o)
                     if state.finish_reason in ("error", "abort"):
@@ -232,9 +241,7 @@ class DeploymentService:
                         err = {"error": {"message": state.metrics.get("error", "aborted"), "code": 500}}
                         await response.write(f"event: error\ndata: {json.dumps(err)}\n\n".encode())
                         return response
-                    prompt = None if index in sent_prompt else state.prompt
-                    sent_prompt.add(index)
-                    chunk_choices.append(shaper.choice(index, prompt, tokens, text, state.finish_reason, offset))
+                    chunk_choices.append(shaper.chunk(state, tokens, text, 0 if echoed else offset))
                     if state.finish_reason is not None:
                         unfinished.discard(engine_reqs[index].request_id)
                         final_metrics = state.metrics
@@ -242,9 +249,13 @@ class DeploymentService:
                                          "created": created, "model": model_name, "choices": chunk_choices}
                 if not unfinished:
                     chunk["usage"] = usage(choices)
+                    chunk.update(self.serving.marks)
                     if body.perf_metrics_in_response:
                         chunk["perf_metrics"] = final_metrics or choices[0].metrics
                 data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                if not unfinished and request.get(DROP_DONE):
+                    await response.write(data)  # fault injection (the simulation): a stream cut before [DONE]
+                    return response
                 if not unfinished:
                     # Last chunk, [DONE] and the end of the body in one write (one syscall, one packet).
                     await response.write_eof(data + b"data: [DONE]\n\n")
@@ -337,6 +348,21 @@ class DeploymentService:
                     serving=self.engine.policy_version)
 
 
+# Request key a fault-injecting middleware sets to end this stream without `[DONE]` (tests, simulation).
+DROP_DONE = "firetitan.drop_done"
+# Retry-After for a full queue: long enough for a batch of decode steps to free slots.
+_BUSY_RETRY_AFTER_S = 1
+
+
+def _too_busy(wanted: int, outstanding: int, settings: DeploymentSettings) -> web.Response:
+    limit = settings.max_running_seqs + settings.max_waiting_requests
+    message = (f"the deployment holds {outstanding} choices (limit {limit} = --max-running-seqs "
+               f"{settings.max_running_seqs} + --max-waiting-requests {settings.max_waiting_requests}); "
+               f"{wanted} more do not fit, retry after {_BUSY_RETRY_AFTER_S} s")
+    return web.json_response({"error": {"type": "RateLimitError", "message": message, "field": None}},
+                             status=429, headers={"Retry-After": str(_BUSY_RETRY_AFTER_S)})
+
+
 class _ClientGone(Exception):
     """The HTTP client disconnected; the handler's cleanup aborts its engine requests."""
 
@@ -366,8 +392,9 @@ async def _client_gone_middleware(request: web.Request, handler: Any) -> web.Str
         return web.Response(status=499)
 
 
-def build_app(settings: DeploymentSettings) -> web.Application:
-    service = DeploymentService(settings)
+def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> web.Application:
+    """The deployment's routes over `serving` (default: the embedded torch engine on `settings.base_model`)."""
+    service = DeploymentService(settings, serving)
     app = make_app(settings.api_key)
     app.middlewares.append(_client_gone_middleware)
     app["service"] = service
@@ -377,7 +404,8 @@ def build_app(settings: DeploymentSettings) -> web.Application:
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "deployment_id": settings.deployment_id,
                                   "policy_version": service.engine.policy_version,
-                                  "current_snapshot_identity": service.hot.current_identity})
+                                  "current_snapshot_identity": service.hot.current_identity,
+                                  **service.serving.marks})
 
     async def metrics(_request: web.Request) -> web.Response:
         text = prom.render(service.engine, settings.deployment_id, service.hot.current_identity)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from firetitan.errors import InvalidRequestError
-from firetitan.server.deployment.request import SamplingOptions, StepOutput, TokenOut
+from firetitan.server.deployment.engine.request import SamplingOptions, StepOutput, TokenOut
 from firetitan.server.deployment.schemas import CompletionBody
 
 # perf_metrics keys that also travel as `fireworks-<key>` response headers.
@@ -21,6 +21,7 @@ class Limits:
     vocab_size: int
     max_positions: int
     max_cached_tokens: int
+    max_choices: int = 128  # prompts x n in one request
 
 
 @dataclass
@@ -45,23 +46,36 @@ def _token_list(value: Any, where: str, vocab: int) -> list[int]:
     return out
 
 
+def _checked_encode(encode: Callable[[str], list[int]], text: str, where: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (valid JSON, not valid text)
+        raise InvalidRequestError(f"{where} is not valid Unicode text ({exc.reason} at {exc.start})",
+                                  field="prompt") from None
+    return encode(text)
+
+
 def parse_prompts(prompt: Any, encode: Callable[[str], list[int]], vocab: int) -> list[list[int]]:
     """Token ids, text, or a list of either → one token list per prompt."""
     if isinstance(prompt, str):
-        return [_token_list(encode(prompt), "prompt (tokenized)", vocab)]
+        return [_token_list(_checked_encode(encode, prompt, "prompt"), "prompt (tokenized)", vocab)]
     if not isinstance(prompt, list) or not prompt:
         raise InvalidRequestError("prompt must be a non-empty list of token ids, a string, or a list of those",
                                   field="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return [_token_list(encode(p), f"prompt[{i}] (tokenized)", vocab) for i, p in enumerate(prompt)]
+        return [_token_list(_checked_encode(encode, p, f"prompt[{i}]"), f"prompt[{i}] (tokenized)", vocab)
+                for i, p in enumerate(prompt)]
     if all(isinstance(p, list) for p in prompt):
         return [_token_list(p, f"prompt[{i}]", vocab) for i, p in enumerate(prompt)]
     return [_token_list(prompt, "prompt", vocab)]
 
 
 def parse_completion(body: CompletionBody, encode: Callable[[str], list[int]], limits: Limits) -> ParsedCompletion:
-    if body.echo:
-        raise InvalidRequestError("echo is not supported by this deployment", field="echo")
+    if isinstance(body.prompt, list) and len(body.prompt) * body.n > limits.max_choices \
+            and all(isinstance(p, str | list) for p in body.prompt):
+        raise InvalidRequestError(
+            f"{len(body.prompt)} prompts x n = {body.n} asks for {len(body.prompt) * body.n} choices; "
+            f"one request may ask for at most {limits.max_choices}", field="n")
     prompts = parse_prompts(body.prompt, encode, limits.vocab_size)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     stop_ids = frozenset(body.stop_token_ids or ())
@@ -89,29 +103,42 @@ def parse_completion(body: CompletionBody, encode: Callable[[str], list[int]], l
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(0, body.top_k or 0),
-            stop=stop, stop_token_ids=stop_ids, seed=body.seed, top_logprobs=top))
+            stop=stop, stop_token_ids=stop_ids, seed=body.seed, top_logprobs=top,
+            ignore_eos=body.ignore_eos, echo=body.echo))
     return ParsedCompletion(prompts, options, body.n, want, top)
 
 
 @dataclass
 class ChoiceState:
-    """Accumulates one choice's outputs (for non-streamed bodies and final usage)."""
+    """Accumulates one choice's outputs: the whole choice for JSON bodies, `raw_output` and usage."""
 
     index: int
     prompt: list[int]
     tokens: list[TokenOut] = field(default_factory=list)
+    echo: list[TokenOut] = field(default_factory=list)  # the prompt's rows when echo was asked
     text: str = ""
     finish_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    text_offset: int = 0
 
     def add(self, out: StepOutput) -> None:
+        if out.prompt:
+            self.echo = out.prompt
         self.tokens.extend(out.tokens)
         self.text += out.text
         if out.metrics:
             self.metrics.update(out.metrics)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+
+    def raw_output(self) -> dict[str, Any]:
+        """The complete `raw_output` (sent once, with the choice's end): every id, one version per token.
+
+        With echo the completion ids start with the echoed prompt (P + C, aligned with the logprob rows),
+        as the official SDK expects; the prompt rows carry the version that computed them.
+        """
+        rows = self.echo + self.tokens
+        return {"prompt_token_ids": self.prompt, "completion_token_ids": [t.token_id for t in rows],
+                "policy_versions": [t.policy_version for t in rows]}
 
 
 class Shaper:
@@ -143,19 +170,19 @@ class Shaper:
         return {"content": content, "tokens": texts, "token_logprobs": [t.logprob for t in tokens],
                 "top_logprobs": legacy_top if self.top else None, "text_offset": offsets}
 
-    def choice(self, index: int, prompt: list[int] | None, tokens: list[TokenOut], text: str,
-               finish_reason: str | None, text_offset: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": index, "text": text, "finish_reason": finish_reason,
+    def chunk(self, state: ChoiceState, tokens: list[TokenOut], text: str, text_offset: int) -> dict[str, Any]:
+        """One choice of a stream chunk: the new tokens and text; the complete raw_output only at the end."""
+        out: dict[str, Any] = {"index": state.index, "text": text, "finish_reason": state.finish_reason,
                                "logprobs": self._logprobs(tokens, text_offset) if self.want_logprobs else None}
         if tokens:
             out["policy_version"] = tokens[-1].policy_version
-        if self.raw_output:
-            raw: dict[str, Any] = {"completion_token_ids": [t.token_id for t in tokens],
-                                   "policy_versions": [t.policy_version for t in tokens]}
-            if prompt is not None:
-                raw["prompt_token_ids"] = prompt
-            out["raw_output"] = raw
+        if self.raw_output and state.finish_reason is not None:
+            out["raw_output"] = state.raw_output()
         return out
+
+    def whole(self, state: ChoiceState, prompt_text: str) -> dict[str, Any]:
+        """The whole choice of a JSON answer (echo: prompt text and rows first)."""
+        return self.chunk(state, state.echo + state.tokens, prompt_text + state.text, 0)
 
 
 def usage(choices: list[ChoiceState]) -> dict[str, int]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from firetitan.server.deployment.engine import PREFILL_QUEUE_BUCKETS, Engine
+from firetitan.server.deployment.backend import EngineBackend
+from firetitan.server.deployment.engine import PREFILL_QUEUE_BUCKETS
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(engine: Engine, deployment_id: str, current_identity: str | None) -> str:
+def render(engine: EngineBackend, deployment_id: str, current_identity: str | None) -> str:
     stats = engine.stats
     label = f'deployment="{_esc(deployment_id)}"'
     lines: list[str] = []
@@ -25,9 +26,9 @@ def render(engine: Engine, deployment_id: str, current_identity: str | None) -> 
     metric("firetitan_kv_cache_used_tokens", "gauge", "KV cache positions held by running requests.",
            [("", engine.cached_tokens)])
     metric("firetitan_kv_cache_reserved_tokens", "gauge", "Worst-case tokens reserved by admitted requests.",
-           [("", engine.scheduler.reserved_tokens)])
+           [("", engine.reserved_tokens)])
     metric("firetitan_kv_cache_capacity_tokens", "gauge", "Admission budget of cached tokens.",
-           [("", engine.scheduler.max_cached_tokens)])
+           [("", engine.max_cached_tokens)])
     metric("firetitan_generation_tokens_per_second", "gauge", "Output tokens per second over the last 10 s.",
            [("", round(stats.tokens_per_second(), 3))])
     metric("firetitan_generation_tokens_total", "counter", "Output tokens generated.",

@@ -12,7 +12,7 @@ import torch
 from deployment_http_helpers import TIMEOUT, metrics, post, stream
 
 from firetitan.models import load_model
-from firetitan.server.deployment.sampling import sampling_log_probs
+from firetitan.server.deployment.engine.sampler import sampling_log_probs
 from firetitan.server.process import WorkerProcess
 
 NANO = "firetitan/nano-qwen3"
@@ -36,7 +36,7 @@ async def test_stream_logprobs_equal_full_forward_at_temperature_one(worker: Wor
     chunks, headers = await stream(f"{worker.url}/inference/v1/completions", {
         "prompt": prompt, "max_tokens": 12, "temperature": 1.0, "logprobs": True, "raw_output": True,
         "perf_metrics_in_response": True, "seed": 11, "ignore_eos": True})
-    tokens = [t for c in chunks for t in c["choices"][0]["raw_output"]["completion_token_ids"]]
+    tokens = chunks[-1]["choices"][0]["raw_output"]["completion_token_ids"]  # complete, on the final chunk
     content = [e for c in chunks for e in c["choices"][0]["logprobs"]["content"]]
     assert len(tokens) == 12 and [e["token_id"] for e in content] == tokens
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"

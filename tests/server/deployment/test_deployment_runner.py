@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from firetitan.models import load_model
-from firetitan.server.deployment.engine_runner import ModelRunner
+from firetitan.server.deployment.engine.runner import ModelRunner
 
 NANO = "firetitan/nano-qwen3"
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from firetitan.server.deployment.detokenize import IncrementalText
-from firetitan.server.deployment.engine_scheduler import Scheduler
-from firetitan.server.deployment.request import EngineRequest, RequestState, SamplingOptions
-from firetitan.server.deployment.sampling import sample, sampling_log_probs
+from firetitan.server.deployment.engine.request import EngineRequest, RequestState, SamplingOptions
+from firetitan.server.deployment.engine.sampler import sample, sampling_log_probs
+from firetitan.server.deployment.engine.scheduler import Scheduler
 
 
 def _lp(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -110,12 +110,10 @@ def test_scheduler_admits_under_both_limits_in_fifo_order() -> None:
         sched.add(r)
     first = sched.schedule()
     assert [r.request_id for r in first.admitted] == ["a"]  # b would need 30 + 71 > 100
-    sched.start_running(first.admitted)
     assert sched.schedule().admitted == []  # FIFO: c waits behind b
     sched.finish(reqs[0], RequestState.FINISHED, "stop")
     second = sched.schedule()
     assert [r.request_id for r in second.admitted] == ["b", "c"]
-    sched.start_running(second.admitted)
     assert sched.reserved_tokens == 81 and reqs[0].state is RequestState.FINISHED
     sched.admitting = False
     sched.add(_req("d", 1, 1))
@@ -128,3 +126,26 @@ def test_request_state_machine_rejects_illegal_transitions() -> None:
     req.advance(RequestState.FINISHED)
     with pytest.raises(RuntimeError):
         req.advance(RequestState.RUNNING)
+
+
+def test_scheduler_never_admits_past_the_slot_limit_within_one_step() -> None:
+    sched = Scheduler(max_running_seqs=2, max_cached_tokens=10_000)
+    for i in range(5):
+        sched.add(_req(f"r{i}", 3, 4))  # identical prompts: the followers would be copies
+    decision = sched.schedule()
+    assert len(decision.admitted) == 2 and len(sched.running) == 2
+    assert [r.slot for r in sched.running] == [0, 1]
+
+
+def test_running_order_matches_slots_after_finishes() -> None:
+    sched = Scheduler(max_running_seqs=4, max_cached_tokens=10_000)
+    reqs = [_req(f"r{i}", 2 + i, 4) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    sched.schedule()
+    sched.finish(reqs[0], RequestState.FINISHED, "stop")
+    sched.finish(reqs[3], RequestState.FINISHED, "stop")
+    decision = sched.schedule()
+    assert decision.freed == [0, 0]  # the KV cache replays the same moves: r3 into 0, then r2 into 0
+    assert [r.request_id for r in sched.running] == ["r2", "r1"]
+    assert all(r.slot == i for i, r in enumerate(sched.running))

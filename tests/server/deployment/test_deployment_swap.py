@@ -134,7 +134,7 @@ async def test_async_swap_mid_stream_and_sync_swap_after_drain(
     status, out = await hot_load(worker.url, {"identity": new.identity, "mode": "ASYNC"})
     assert status == 200, out
     chunks, _ = await task
-    versions = [v for c in chunks for v in c["choices"][0]["raw_output"]["policy_versions"]]
+    versions = chunks[-1]["choices"][0]["raw_output"]["policy_versions"]  # complete, on the final chunk
     assert versions[0] == old_version and versions[-1] == new.identity
     switch = versions.index(new.identity)
     assert set(versions[:switch]) == {old_version} and set(versions[switch:]) == {new.identity}
@@ -149,7 +149,7 @@ async def test_async_swap_mid_stream_and_sync_swap_after_drain(
     _, _, late_versions = await sample(worker.url, max_tokens=3)
     assert late_versions == {sync.identity}
     chunks, _ = await task
-    versions = {v for c in chunks for v in c["choices"][0]["raw_output"]["policy_versions"]}
+    versions = set(chunks[-1]["choices"][0]["raw_output"]["policy_versions"])
     assert versions == {new.identity}  # SYNC drained the running request on the old weights
     for _ in range(100):
         if (await hot_status(worker.url))["current_snapshot_identity"] == sync.identity:

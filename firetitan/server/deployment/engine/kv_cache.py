@@ -8,9 +8,12 @@ import torch
 class SlotKVCache:
     """Keys and values for up to `num_slots` sequences, each up to `capacity` positions.
 
-    Per layer the tensors are [num_slots, kv_heads, capacity, head_dim]. Live sequences always occupy
+    Per layer the tensors are [num_slots + 1, kv_heads, capacity, head_dim]: the extra row `staging` holds
+    the one prompt being prefilled in chunks until it is whole and moves to a live slot. Live sequences always occupy
     slots 0..active-1: freeing a slot moves the last live sequence into the hole, so the decode batch
-    is `k[:active]` with no gather. Capacity grows by doubling on demand (never past `max_capacity`).
+    is `k[:active]` with no gather. Capacity grows by doubling on demand (never past `max_capacity`) and
+    shrinks again once the long sequences have left, so memory is at most `bound_bytes` and, at rest,
+    follows the longest live sequence.
     """
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -24,9 +27,32 @@ class SlotKVCache:
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.lengths: list[int] = [0] * num_slots
+        self.staging = num_slots  # row of the prompt being prefilled in chunks
+        self.lengths: list[int] = [0] * (num_slots + 1)
         self.active = 0
         self._initial = min(initial_capacity, max_capacity)
+
+    @property
+    def bytes_per_position(self) -> int:
+        """Keys + values of one position in one row, over all layers."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def bound_bytes(self) -> int:
+        """The most this cache ever holds: every row (slots + staging) at `max_capacity`."""
+        return (self.num_slots + 1) * self.max_capacity * self.bytes_per_position
+
+    @property
+    def allocated_bytes(self) -> int:
+        return (self.num_slots + 1) * self.capacity * self.bytes_per_position if self.k else 0
+
+    def shrink(self) -> None:
+        """Give memory back when every live sequence fits in a quarter of the capacity (hysteresis)."""
+        longest = max(max(self.lengths[: self.active], default=0), self.lengths[self.staging]) + 1
+        if self.capacity <= self._initial or longest * 4 > self.capacity:
+            return
+        new_cap = max(self._initial, 1 << (2 * longest - 1).bit_length())
+        self._reallocate(min(new_cap, self.max_capacity), keep=longest)
 
     @property
     def used_tokens(self) -> int:
@@ -42,14 +68,27 @@ class SlotKVCache:
         new_cap = max(self._initial, self.capacity or 1)
         while new_cap < positions:
             new_cap *= 2
-        new_cap = min(new_cap, self.max_capacity)
-        shape = (self.num_slots, self.kv_heads, new_cap, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        if self.capacity and self.active:
-            for layer in range(self.num_layers):
-                new_k[layer][: self.active, :, : self.capacity] = self.k[layer][: self.active]
-                new_v[layer][: self.active, :, : self.capacity] = self.v[layer][: self.active]
+        self._reallocate(min(new_cap, self.max_capacity), keep=self.capacity)
+
+    def _reallocate(self, new_cap: int, keep: int) -> None:
+        """New storage of `new_cap` positions per row, keeping the first `keep` of every live row.
+
+        Layer by layer (allocate the new, copy, drop the old), so a resize holds at most one layer twice.
+        """
+        shape = (self.num_slots + 1, self.kv_heads, new_cap, self.head_dim)
+        keep = min(keep, self.capacity, new_cap)
+        rows = [*range(self.active), self.staging] if self.lengths[self.staging] else list(range(self.active))
+        new_k: list[torch.Tensor] = []
+        new_v: list[torch.Tensor] = []
+        for layer in range(self.num_layers):
+            k, v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+            if keep and rows:
+                k[rows, :, :keep] = self.k[layer][rows, :, :keep]
+                v[rows, :, :keep] = self.v[layer][rows, :, :keep]
+            if self.k:
+                self.k[layer] = self.v[layer] = torch.empty(0)
+            new_k.append(k)
+            new_v.append(v)
         self.k, self.v, self.capacity = new_k, new_v, new_cap
 
     def allocate(self, count: int) -> range:
@@ -87,4 +126,4 @@ class SlotKVCache:
     def reset(self) -> None:
         """Drop every sequence and the storage (used only when nothing is running)."""
         self.k, self.v, self.capacity, self.active = [], [], 0, 0
-        self.lengths = [0] * self.num_slots
+        self.lengths = [0] * (self.num_slots + 1)

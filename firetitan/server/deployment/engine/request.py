@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from firetitan.server.deployment.detokenize import IncrementalText
+
 
 class RequestState(enum.Enum):
     WAITING = "waiting"
@@ -38,6 +40,8 @@ class SamplingOptions:
     stop_token_ids: frozenset[int] = frozenset()
     seed: int | None = None
     top_logprobs: int = 0  # alternatives reported per token (raw logprobs)
+    ignore_eos: bool = False  # only max_tokens / stop ids / stop strings end the request
+    echo: bool = False  # also report the prompt's own logprobs (teacher-forced, first row unconditional)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class StepOutput:
     text: str
     finish_reason: str | None = None  # "stop" | "length" | "abort" when the request ended this step
     metrics: dict[str, Any] | None = None  # perf figures, set on the first and the last output
+    prompt: list[TokenOut] | None = None  # echo: the prompt's tokens and logprobs, on the first output
 
 
 @dataclass(eq=False)
@@ -83,6 +88,7 @@ class EngineRequest:
     cached_prompt_tokens: int = 0
     prefill_version: str | None = None
     prompt_logits: torch.Tensor | None = None  # last-position logits, kept while running for sharing
+    text: IncrementalText | None = None  # incremental detokenizer, attached when the engine accepts it
 
     def __post_init__(self) -> None:
         if self.options.seed is not None:

@@ -1,0 +1,13 @@
+"""The deployment's continuous-batching engine: core loop, scheduler, model runner, KV cache, sampler."""
+
+from firetitan.server.deployment.engine.core import PREFILL_QUEUE_BUCKETS, Engine, EngineStats, WeightSwap
+from firetitan.server.deployment.engine.request import (
+    EngineRequest,
+    RequestState,
+    SamplingOptions,
+    StepOutput,
+    TokenOut,
+)
+
+__all__ = ["PREFILL_QUEUE_BUCKETS", "Engine", "EngineRequest", "EngineStats", "RequestState", "SamplingOptions",
+           "StepOutput", "TokenOut", "WeightSwap"]

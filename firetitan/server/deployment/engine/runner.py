@@ -1,0 +1,246 @@
+"""Model runner: batched prefill and decode of a Qwen3-style transformers model over a slot KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from firetitan.errors import ConfigError
+from firetitan.server.deployment.engine.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
+from firetitan.server.deployment.engine.sampler import sample
+from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
+
+
+def kv_row_positions(max_positions: int, max_slots: int, max_kv_tokens: int | None) -> int:
+    """The longest sequence served: the model's context, or less so that every KV row (the slots and the
+    staging row) at that length fits in `max_kv_tokens` positions (the KV memory bound)."""
+    if max_kv_tokens is None:
+        return max_positions
+    per_row = max_kv_tokens // (max_slots + 1)
+    if per_row < 2:
+        raise ConfigError(f"--max-kv-tokens {max_kv_tokens} leaves under 2 positions for each of "
+                          f"{max_slots + 1} KV rows (--max-running-seqs + 1)", field="max_kv_tokens")
+    return min(max_positions, per_row)
+
+
+class ModelRunner:
+    """Computes logits; decides nothing.
+
+    Runs the model's own modules (embeddings, norms, projections, rotary embedding, MLP, lm_head) with
+    our attention over `SlotKVCache`, so hot-loaded weights (copied into those modules) are used as is.
+    Supports Qwen2/Qwen3/Llama-shaped decoders with full attention.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None
+                 ) -> None:
+        cfg = model.config
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ConfigError("only full-attention models are supported by the deployment engine",
+                              field="base_model")
+        self.model = model
+        self.config = cfg
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = int(cfg.max_position_embeddings)
+        self.vocab_size = int(cfg.vocab_size)
+        self.dtype = next(model.parameters()).dtype
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+        self.max_positions = kv_row_positions(self.max_positions, max_slots, max_kv_tokens)
+        self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
+                                 max_capacity=self.max_positions)
+
+    def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D]."""
+        attn = layer.self_attn
+        bsz, seq, _ = hidden.shape
+        shape = (bsz, seq, -1, self.head_dim)
+        q = attn.q_proj(hidden).view(shape)
+        k = attn.k_proj(hidden).view(shape)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _layer_tail(self, layer: torch.nn.Module, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        bsz, seq = attn_out.shape[0], attn_out.shape[2]
+        attn_out = attn_out.transpose(1, 2).reshape(bsz, seq, -1)
+        hidden = residual + layer.self_attn.o_proj(attn_out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(hidden)).float()
+
+    @torch.no_grad()
+    def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V]."""
+        hidden = self._prefill_hidden(slots, prompts)
+        last = torch.tensor([len(p) for p in prompts]) - 1
+        return self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1)
+
+    def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Fill the KV rows of `slots` with the prompts; returns the final hidden states [B, T, H].
+
+        Prompts are right-padded to the longest: with a causal mask the padding sits after every real
+        token, so it never changes them; its keys are written past each sequence's length and are
+        masked out (then overwritten) by decode.
+        """
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        self.cache.ensure_capacity(longest + 1)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        positions = torch.arange(longest).unsqueeze(0).expand(len(prompts), -1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        first, end = slots.start, slots.stop
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            self.cache.k[index][first:end, :, :longest] = k
+            self.cache.v[index][first:end, :, :longest] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        for slot, length in zip(slots, lengths, strict=True):
+            self.cache.lengths[slot] = length
+        return hidden
+
+    def _prefill_chunk(self, slot: int, tokens: Sequence[int], start: int) -> torch.Tensor:
+        """Prompt positions [start, start + len(tokens)) into `slot`, attending to the cached prefix."""
+        count = len(tokens)
+        end = start + count
+        self.cache.ensure_capacity(end + 1)
+        ids = torch.tensor([list(tokens)], dtype=torch.long)
+        positions = torch.arange(start, end).unsqueeze(0)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions)
+        mask = (torch.arange(end).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)).view(1, 1, count, end)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            self.cache.k[index][slot, :, start:end] = k[0]
+            self.cache.v[index][slot, :, start:end] = v[0]
+            keys = self.cache.k[index][slot : slot + 1, :, :end]
+            values = self.cache.v[index][slot : slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        self.cache.lengths[slot] = end
+        return hidden
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One step for the sequences in slots 0..B-1 (B = len(tokens)); returns logits [B, V].
+
+        Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
+        """
+        bsz = len(tokens)
+        cache = self.cache
+        pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long)
+        span = int(pos.max()) + 1
+        cache.ensure_capacity(span)
+        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, pos.unsqueeze(1))
+        rows = torch.arange(bsz)
+        mask = (torch.arange(span).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            cache.k[index][rows, :, pos] = k[:, :, 0]
+            cache.v[index][rows, :, pos] = v[:, :, 0]
+            keys = cache.k[index][:bsz, :, :span]
+            values = cache.v[index][:bsz, :, :span]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            hidden = self._layer_tail(layer, residual, out)
+        for slot in range(bsz):
+            cache.lengths[slot] += 1
+        return self._logits(hidden).squeeze(1)
+
+    @torch.no_grad()
+    def execute(self, decision: StepDecision) -> RunnerOutput:
+        """Compute one scheduler decision: free, decode, prefill, copy shared prompts, sample."""
+        cache = self.cache
+        for slot in decision.freed:
+            cache.free(slot)
+        cache.shrink()
+        assert cache.active == len(decision.decode), "the scheduler and the KV cache disagree on slots"
+        logits: list[torch.Tensor] = []
+        if decision.decode:
+            logits.append(self.decode([r.output_ids[-1] for r in decision.decode]))
+        prompt_logits: list[torch.Tensor] = []
+        echoes: list[list[TokenOut] | None] = []
+        if decision.prefill:
+            prompts = [r.prompt for r in decision.prefill]
+            slots = cache.allocate(len(prompts))
+            hidden = self._prefill_hidden(slots, prompts)
+            last = torch.tensor([len(p) for p in prompts]) - 1
+            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1))
+            for row, request in enumerate(decision.prefill):
+                if request.options.echo:
+                    rows = self._logits(hidden[row : row + 1, : len(request.prompt)])[0]
+                    echoes.append(_prompt_logprobs(request, rows, decision.policy_version))
+                else:
+                    echoes.append(None)
+        if decision.copy:
+            slots = cache.allocate(len(decision.copy))
+            for slot, (request, donor) in zip(slots, decision.copy, strict=True):
+                assert donor.slot is not None
+                cache.copy_prefix(donor.slot, slot, len(request.prompt))
+                if donor.prompt_logits is not None:
+                    prompt_logits.append(donor.prompt_logits)
+                else:  # the donor was prefilled in this very step
+                    prompt_logits.append(prompt_logits[decision.prefill.index(donor)])
+        chunk = decision.chunk
+        if chunk is not None:
+            prompt = chunk.request.prompt
+            hidden = self._prefill_chunk(cache.staging, prompt[chunk.start : chunk.end], chunk.start)
+            if chunk.last:  # the prompt is whole: it moves to the next live slot and samples its first token
+                slot = cache.allocate(1).start
+                cache.copy_prefix(cache.staging, slot, len(prompt))
+                cache.lengths[cache.staging] = 0
+                prompt_logits.append(self._logits(hidden[:, -1:])[0, 0])
+        if prompt_logits:
+            logits.append(torch.stack(prompt_logits))
+        batch = decision.batch
+        if not batch:  # only a middle chunk ran
+            return RunnerOutput([], [], [], [], [], echoes)
+        opts = [r.options for r in batch]
+        result = sample(torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
+                        [o.top_p for o in opts], [r.generator for r in batch], self.generator)
+        top: list[list[tuple[int, float]] | None] = [None] * len(batch)
+        for i, o in enumerate(opts):
+            if o.top_logprobs > 0:
+                values, ids = torch.topk(result.raw[i], o.top_logprobs)
+                top[i] = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return RunnerOutput(result.tokens.tolist(), result.logprobs.tolist(), result.sampling_logprobs.tolist(),
+                            top, prompt_logits, echoes)
+
+
+def _prompt_logprobs(request: EngineRequest, logits: torch.Tensor, version: str) -> list[TokenOut]:
+    """Teacher-forced logprobs of the prompt's own tokens; the first has no context (reported as 0.0)."""
+    raw = torch.log_softmax(logits.float(), dim=-1)  # row t predicts token t + 1
+    prompt = request.prompt
+    ids = torch.tensor(prompt[1:], dtype=torch.long)
+    values = raw[torch.arange(len(prompt) - 1), ids].tolist() if len(prompt) > 1 else []
+    k = request.options.top_logprobs
+    tops: list[list[tuple[int, float]] | None] = [None] * len(prompt)
+    if k > 0 and len(prompt) > 1:
+        top_v, top_i = torch.topk(raw[:-1], k, dim=-1)
+        for t in range(len(prompt) - 1):
+            tops[t + 1] = list(zip(top_i[t].tolist(), top_v[t].tolist(), strict=True))
+        tops[0] = [(prompt[0], 0.0)]  # no distribution for the first token; clients drop this row
+    lps = [0.0, *values]
+    return [TokenOut(tok, lp, lp, version, top) for tok, lp, top in zip(prompt, lps, tops, strict=True)]
