@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from firetitan.errors import FiretitanError, NotFoundError
+from firetitan.errors import NotFoundError
 from firetitan.logging import get_logger
 from firetitan.server.control_plane.controller import ControlPlane
 from firetitan.server.control_plane.resources import (
@@ -88,6 +88,7 @@ class TinkerGateway:
         self.snapshots: dict[str, Snapshot] = {}  # tinker sampler path -> snapshot
         self.samplers: dict[str, Snapshot | str] = {}  # sampling_session_id -> snapshot, or a base model
         self._reaper: asyncio.Task[None] | None = None
+        self.pool: Any = None  # the sampling DeploymentPool, set by add_tinker_routes
 
     # sessions ----------------------------------------------------------------------------------
     def create_session(self) -> str:
@@ -113,6 +114,8 @@ class TinkerGateway:
                     await self.cp.delete_job(ACCOUNT, model.job_id)
         for sampler_id in sess.samplers:
             self.samplers.pop(sampler_id, None)
+        if self.pool is not None:
+            await self.pool.drop_session(session_id)
         log.info("tinker_session_finished", session_id=session_id, models=len(sess.models))
 
     def start(self) -> None:
@@ -165,11 +168,16 @@ class TinkerGateway:
 
     async def worker_call(self, model: Model, path: str, body: dict[str, Any],
                           timeout: float = 600.0) -> tuple[int, Any]:
+        import aiohttp
+
         url = await self.trainer_url(model)
         with self.cp.trainer_activity(ACCOUNT, model.job_id):
-            async with self.cp.session.post(f"{url}/api/v1/{path}", json=body,
-                                            timeout=_timeout(timeout)) as resp:
-                return resp.status, await resp.json(content_type=None)
+            try:
+                async with self.cp.session.post(f"{url}/api/v1/{path}", json=body,
+                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    return resp.status, await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise Failure(f"trainer for {model.model_id!r} did not answer {path}: {exc!r}", "server") from exc
 
     async def load_info(self, model: Model) -> dict[str, Any]:
         status, body = await self.worker_call(model, "get_info", {"model_id": model.job_id})
@@ -197,12 +205,17 @@ class TinkerGateway:
         except Failure as exc:
             return self.futures.failed(exc.message, exc.category)
         if status != 200:
-            if body.get("seq_id") is not None:
-                with _quiet():
-                    await self.worker_call(model, "release_seq", {"model_id": model.job_id,
-                                                                  "seq_id": body["seq_id"]}, timeout=30.0)
+            await self.release(model, body.get("seq_id"))
             return self.futures.failed(_error_message(status, reply), "user" if status < 500 else "server")
         return self.futures.spawn(self._await_worker(model, str(reply["request_id"]), post))
+
+    async def release(self, model: Model, seq_id: Any) -> None:
+        """Tell the worker `seq_id` will never come (a rejected request), so later ones are not held."""
+        if not isinstance(seq_id, int):
+            return
+        with _quiet():
+            await self.worker_call(model, "release_seq", {"model_id": model.job_id, "seq_id": seq_id},
+                                   timeout=30.0)
 
     async def _await_worker(self, model: Model, worker_rid: str,
                             post: Callable[[dict[str, Any]], Outcome]) -> Outcome:
@@ -252,12 +265,6 @@ class TinkerGateway:
         return src.base_model, src.lora_rank
 
 
-def _timeout(seconds: float) -> Any:
-    import aiohttp
-
-    return aiohttp.ClientTimeout(total=seconds)
-
-
 class _quiet:
     """Swallow (and log) a failure of best-effort cleanup."""
 
@@ -265,7 +272,7 @@ class _quiet:
         return None
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        if exc is not None and isinstance(exc, FiretitanError | Failure | OSError):
+        if isinstance(exc, Exception):
             log.warning("tinker_cleanup_failed", error=repr(exc))
             return True
         return False

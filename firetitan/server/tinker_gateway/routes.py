@@ -33,12 +33,14 @@ def add_tinker_routes(app: web.Application, cp: ControlPlane) -> None:
     gw = TinkerGateway(cp)
     pool = DeploymentPool(cp)
     app[GATEWAY_KEY], app[POOL_KEY] = gw, pool
+    gw.pool = pool
 
     async def on_startup(app: web.Application) -> None:
         gw.start()
 
     async def on_cleanup(app: web.Application) -> None:
         await gw.close()
+        await pool.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.insert(0, on_cleanup)
@@ -150,7 +152,16 @@ async def forward_backward(request: web.Request) -> web.Response:
         if request.headers.get("Content-Encoding", "identity") not in ("identity", ""):
             raise InvalidRequestError("Content-Encoding: compressed bodies are not accepted (client/config "
                                       "leaves proto_compress_fwdbwd off)", field="Content-Encoding")
-        body, _ = wire.forward_backward_from_proto(await request.read())
+        raw = await request.read()
+        model_id, seq_id = wire.proto_address(raw)
+        try:
+            body, _ = wire.forward_backward_from_proto(raw)
+        except InvalidRequestError as exc:
+            if model_id is None or model_id not in gw.models:
+                raise
+            # Readable address, bad content: consume the seq id so the client's next call still runs.
+            await gw.release(gw.models[model_id], seq_id)
+            return _future(gw.futures.failed(exc.message), model_id)
     else:
         body = await _json(request)
         if request.path.endswith("/forward"):
@@ -328,7 +339,7 @@ async def asample(request: web.Request) -> web.Response:
 
     async def run() -> Outcome:
         prompt_lps = await _prompt_logprobs(gw, target, prompt) if body.get("prompt_logprobs") else None
-        dep_id = await pool.acquire(target)
+        dep_id = await pool.acquire(target, str(sid or "").split(":")[0])
         try:
             seqs = await sample(gw.cp, dep_id, prompt, n, body.get("sampling_params") or {})
         finally:

@@ -36,12 +36,14 @@ class DeploymentPool:
         self._deps: OrderedDict[str, str] = OrderedDict()  # key -> deployment id, least recent first
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._inflight: dict[str, int] = {}
+        self._owners: dict[str, set[str]] = {}  # key -> the sessions that sampled from it
         self._lock = asyncio.Lock()
 
-    async def acquire(self, target: Snapshot | str) -> str:
+    async def acquire(self, target: Snapshot | str, session_id: str) -> str:
         """A ready deployment id for `target` (creating, hot-loading or evicting as needed)."""
         key = target.identity if isinstance(target, Snapshot) else f"base:{target}"
         async with self._lock:
+            self._owners.setdefault(key, set()).add(session_id)
             if key in self._deps:
                 self._deps.move_to_end(key)
             else:
@@ -64,6 +66,25 @@ class DeploymentPool:
     def release(self, dep_id: str) -> None:
         self._inflight[dep_id] = max(0, self._inflight.get(dep_id, 0) - 1)
 
+    async def drop_session(self, session_id: str) -> None:
+        """Delete the deployments only this (finished) session used, so `close()` leaves no worker."""
+        async with self._lock:
+            for key in [k for k, owners in self._owners.items() if owners == {session_id}]:
+                del self._owners[key]
+                dep_id = self._deps.pop(key, None)
+                self._ready.pop(key, None)
+                if dep_id is not None:
+                    await self._delete(dep_id)
+            for owners in self._owners.values():
+                owners.discard(session_id)
+
+    async def _delete(self, dep_id: str) -> None:
+        self._inflight.pop(dep_id, None)
+        try:
+            await self.cp.delete_deployment(ACCOUNT, dep_id)
+        except FiretitanError as exc:
+            log.warning("tinker_sampling_delete_failed", deployment=dep_id, error=str(exc))
+
     async def _make_room(self) -> None:
         while len(self._deps) >= self.limit:
             idle = [k for k, d in self._deps.items() if not self._inflight.get(d)]
@@ -74,11 +95,8 @@ class DeploymentPool:
             key = idle[0]
             dep_id = self._deps.pop(key)
             self._ready.pop(key, None)
-            self._inflight.pop(dep_id, None)
-            try:
-                await self.cp.delete_deployment(ACCOUNT, dep_id)
-            except FiretitanError as exc:
-                log.warning("tinker_sampling_evict_failed", deployment=dep_id, error=str(exc))
+            self._owners.pop(key, None)
+            await self._delete(dep_id)
             log.info("tinker_sampling_evicted", key=key, deployment=dep_id)
 
     async def _bring_up(self, dep_id: str, target: Snapshot | str) -> None:
@@ -110,10 +128,7 @@ class DeploymentPool:
 
     async def close(self) -> None:
         for dep_id in list(self._deps.values()):
-            try:
-                await self.cp.delete_deployment(ACCOUNT, dep_id)
-            except FiretitanError:
-                pass
+            await self._delete(dep_id)
         self._deps.clear()
 
 

@@ -51,6 +51,18 @@ def _tensor_json(msg: Any) -> dict[str, Any]:
     return {"data": values.tolist(), "dtype": dtype, "shape": shape}
 
 
+def proto_address(body: bytes) -> tuple[str | None, int | None]:
+    """(model_id, seq_id) of a `ForwardBackwardRequest` whose content may be invalid; Nones if unreadable."""
+    from google.protobuf.message import DecodeError
+
+    msg = _pb().ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError:
+        return None, None
+    return (msg.model_id or None), msg.seq_id
+
+
 def forward_backward_from_proto(body: bytes) -> tuple[dict[str, Any], bool]:
     """A `ForwardBackwardRequest` protobuf -> (the worker's JSON body, forward_only)."""
     from google.protobuf.message import DecodeError
