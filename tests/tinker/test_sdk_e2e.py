@@ -122,12 +122,9 @@ def test_malformed_forward_backward_does_not_stall_the_next_call(trainer: tinker
     opt = trainer.optim_step(types.AdamParams(learning_rate=1e-3))
     with pytest.raises(tinker.RequestFailedError, match="outside the vocabulary"):
         fb.result(timeout=120)
-    started = time.monotonic()
-    try:
-        opt.result(timeout=120)
-    except tinker.RequestFailedError as exc:  # acceptable: a clear error instead of a hang
-        assert "seq" not in str(exc).lower() or "optim" in str(exc).lower(), exc
-    assert time.monotonic() - started < 120
+    # The rejected request consumed its seq id, so the optim_step behind it runs instead of waiting.
+    assert opt.result(timeout=120).metrics is not None
+    assert step(trainer) > 0
 
 
 def test_sampling_matches_forward(service: tinker.ServiceClient, trainer: tinker.TrainingClient) -> None:
