@@ -109,3 +109,15 @@ def test_future_table_keeps_a_bounded_number_of_finished_results() -> None:
             await table.get(table.failed("bad"))
 
     asyncio.run(scenario())
+
+
+def test_generated_api_key_is_accepted_by_the_tinker_sdk(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from tinker.lib._auth_token_provider import ApiKeyAuthProvider
+
+    from firetitan.server.control_plane.home import HomeLayout, load_or_create_api_key
+
+    key = load_or_create_api_key(HomeLayout(Path(str(tmp_path)) / "home"))
+    assert key.startswith("tml-")
+    assert asyncio.run(ApiKeyAuthProvider(api_key=key).get_token()) == key

@@ -7,6 +7,7 @@ import secrets
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ ACCOUNT = "tinker"
 SESSION_TTL_S = 120.0
 POLL_S = 25.0  # each long poll of a worker future (the SDK's own retrieve timeout is 45 s)
 START_TIMEOUT_S = 600.0
+MAX_ENTRIES = 10_000  # remembered sampler paths and sampling sessions, oldest forgotten first
 
 
 @dataclass
@@ -85,10 +87,20 @@ class TinkerGateway:
         self.futures = FutureTable()
         self.sessions: dict[str, Session] = {}
         self.models: dict[str, Model] = {}
-        self.snapshots: dict[str, Snapshot] = {}  # tinker sampler path -> snapshot
-        self.samplers: dict[str, Snapshot | str] = {}  # sampling_session_id -> snapshot, or a base model
+        # tinker sampler path -> snapshot; sampling_session_id -> snapshot or base model (each capped).
+        self.snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self.samplers: OrderedDict[str, Snapshot | str] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self.pool: Any = None  # the sampling DeploymentPool, set by add_tinker_routes
+
+    def remember_snapshot(self, path: str, snap: Snapshot) -> None:
+        _put(self.snapshots, path, snap)
+
+    def remember_sampler(self, sampler_id: str, target: Snapshot | str) -> None:
+        _put(self.samplers, sampler_id, target)
+        sess = self.sessions.get(sampler_id.split(":", 1)[0])
+        if sess is not None:
+            sess.samplers.add(sampler_id)
 
     # sessions ----------------------------------------------------------------------------------
     def create_session(self) -> str:
@@ -263,6 +275,13 @@ class TinkerGateway:
         if src is None:
             raise Failure(f"path: training run {src_model_id!r} is unknown to this server")
         return src.base_model, src.lora_rank
+
+
+def _put(table: OrderedDict[str, Any], key: str, value: Any) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > MAX_ENTRIES:
+        table.popitem(last=False)
 
 
 class _quiet:

@@ -220,13 +220,11 @@ async def save_weights_for_sampler(request: web.Request) -> web.Response:
 
     def post(reply: dict[str, Any]) -> Outcome:
         snap = Snapshot(str(reply["path"]), model.base_model, model.model_id, reply.get("policy_version"))
-        gw.snapshots[path] = snap
+        gw.remember_snapshot(path, snap)
         if not unnamed:
             return Outcome(json={"type": "save_weights_for_sampler", "path": path})
         sid = f"{model.session_id}:sample:{sampler_seq}"
-        gw.samplers[sid] = snap
-        if model.session_id in gw.sessions:
-            gw.sessions[model.session_id].samplers.add(sid)
+        gw.remember_sampler(sid, snap)
         return Outcome(json={"type": "save_weights_for_sampler", "sampling_session_id": sid})
 
     worker_body = {"seq_id": body.get("seq_id"), "path": name, "client_suffix": model.suffix}
@@ -306,9 +304,7 @@ async def create_sampling_session(request: web.Request) -> web.Response:
     except Failure as exc:
         raise InvalidRequestError(exc.message, field="model_path") from None
     sid = f"{session_id}:sample:{body.get('sampling_session_seq_id', 0)}"
-    gw.samplers[sid] = target
-    if session_id in gw.sessions:
-        gw.sessions[session_id].samplers.add(sid)
+    gw.remember_sampler(sid, target)
     return json_response({"type": "create_sampling_session", "sampling_session_id": sid})
 
 
