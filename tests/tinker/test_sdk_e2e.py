@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -198,3 +199,64 @@ def test_close_leaves_no_worker(tinker_server: TinkerServer) -> None:
     while mine & set(tinker_server.worker_pids()):
         assert time.monotonic() < deadline, f"workers left after close(): {mine & set(tinker_server.worker_pids())}"
         time.sleep(0.5)
+
+
+def _post(url: str, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/api/v1/" + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_a_silent_session_expires_and_its_trainer_stops(tmp_path: Path) -> None:
+    import os
+
+    home = tmp_path / "home"
+    args = ["--home", str(home), "--trainer-threads", "1", "--health-interval", "0.5", "--api-key", API_KEY]
+    os.environ["FIRETITAN_TINKER_SESSION_TTL"] = "4"
+    try:
+        worker = spawn_worker("firetitan.server.control_plane", args, ready_timeout=60, log_path=home / "cp.log")
+    finally:
+        del os.environ["FIRETITAN_TINKER_SESSION_TTL"]
+    server = TinkerServer(home, worker)
+    try:
+        status, session = _post(server.url, "create_session", {"tags": [], "user_metadata": None, "sdk_version": "x"})
+        assert status == 200
+        sid = str(session["session_id"])
+        status, fut = _post(server.url, "create_model", {"session_id": sid, "model_seq_id": 0, "base_model": BASE,
+                                                         "lora_config": {"rank": 2}})
+        assert status == 200 and fut["model_id"] == f"{sid}:train:0"
+        beating = threading.Event()
+        beating.set()
+
+        def beat() -> None:  # what the SDK does every 10 s, here every 0.5 s for the 4 s TTL
+            while beating.is_set():
+                _post(server.url, "session_heartbeat", {"session_id": sid})
+                time.sleep(0.5)
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        deadline = time.monotonic() + 300
+        while True:
+            status, done = _post(server.url, "retrieve_future", {"request_id": fut["request_id"]})
+            if done.get("type") == "create_model":
+                break
+            assert "error" not in done, done
+            assert time.monotonic() < deadline
+        beating.clear()
+        beater.join()
+        assert server.worker_pids(), "the model's trainer runs"
+        deadline = time.monotonic() + 60
+        while server.worker_pids():  # no heartbeat now: the session expires and its trainer is stopped
+            assert time.monotonic() < deadline, "trainer still running after the session expired"
+            time.sleep(0.5)
+        assert _post(server.url, "session_heartbeat", {"session_id": sid})[0] == 410
+    finally:
+        worker.stop(timeout=30)

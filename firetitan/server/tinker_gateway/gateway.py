@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
 import time
@@ -28,6 +29,7 @@ log = get_logger("firetitan.tinker_gateway")
 ACCOUNT = "tinker"
 # The SDK heartbeats every 10 s; a session silent this long is over and its models are stopped.
 SESSION_TTL_S = 120.0
+SESSION_TTL_ENV = "FIRETITAN_TINKER_SESSION_TTL"
 POLL_S = 25.0  # each long poll of a worker future (the SDK's own retrieve timeout is 45 s)
 START_TIMEOUT_S = 600.0
 MAX_ENTRIES = 10_000  # remembered sampler paths and sampling sessions, oldest forgotten first
@@ -92,6 +94,7 @@ class TinkerGateway:
         self.samplers: OrderedDict[str, Snapshot | str] = OrderedDict()
         self._reaper: asyncio.Task[None] | None = None
         self.pool: Any = None  # the sampling DeploymentPool, set by add_tinker_routes
+        self.session_ttl = float(os.environ.get(SESSION_TTL_ENV) or SESSION_TTL_S)
 
     def remember_snapshot(self, path: str, snap: Snapshot) -> None:
         _put(self.snapshots, path, snap)
@@ -140,9 +143,15 @@ class TinkerGateway:
 
     async def _reap_loop(self) -> None:
         while True:
-            await asyncio.sleep(SESSION_TTL_S / 4)
+            interval = min(5.0, self.session_ttl / 4)
+            slept_from = time.monotonic()
+            await asyncio.sleep(interval)
             now = time.monotonic()
-            for sid in [s.session_id for s in self.sessions.values() if now - s.last_seen > SESSION_TTL_S]:
+            if now - slept_from > 2 * interval + 1.0:
+                # The loop was blocked (or the machine asleep): heartbeats that arrived meanwhile are
+                # still queued behind this task, so judge silence on the next round instead.
+                continue
+            for sid in [s.session_id for s in self.sessions.values() if now - s.last_seen > self.session_ttl]:
                 log.info("tinker_session_expired", session_id=sid)
                 await self.finish_session(sid)
 
@@ -151,6 +160,9 @@ class TinkerGateway:
         model = self.models.get(model_id)
         if model is None:
             raise Failure(f"model_id {model_id!r} is unknown (known: {sorted(self.models)[:8]})")
+        sess = self.sessions.get(model.session_id)
+        if sess is not None:  # any use of a model keeps its session alive, heartbeat or not
+            sess.last_seen = time.monotonic()
         return model
 
     async def create_model(self, session_id: str, model_seq_id: int, base_model: str, rank: int) -> Model:
