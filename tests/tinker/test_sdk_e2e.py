@@ -125,6 +125,16 @@ def test_malformed_forward_backward_does_not_stall_the_next_call(trainer: tinker
         fb.result(timeout=120)
     # The rejected request consumed its seq id, so the optim_step behind it runs instead of waiting.
     assert opt.result(timeout=120).metrics is not None
+
+    # Refused by the gateway itself (a readable protobuf with content it cannot serve): same outcome.
+    image = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[5, 6]),
+                                     types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)])
+    fb = trainer.forward_backward([types.Datum(model_input=image, loss_fn_inputs={
+        "target_tokens": [6, 7, 8, 9], "weights": [1.0] * 4})], "cross_entropy")
+    opt = trainer.optim_step(types.AdamParams(learning_rate=1e-3))
+    with pytest.raises(tinker.RequestFailedError, match="encoded_text"):
+        fb.result(timeout=120)
+    assert opt.result(timeout=120).metrics is not None
     assert step(trainer) > 0
 
 
