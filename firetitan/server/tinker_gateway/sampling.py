@@ -59,7 +59,9 @@ class DeploymentPool:
             self.release(dep_id)
             async with self._lock:
                 if self._deps.get(key) == dep_id and ready.done():
+                    # A deployment that failed to come up is removed, so the next sample tries afresh.
                     del self._deps[key], self._ready[key]
+                    await self._delete(dep_id)
             raise
         return dep_id
 
