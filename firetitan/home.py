@@ -91,7 +91,8 @@ def load_or_create_api_key(layout: HomeLayout) -> str:
     if existing:
         return existing
     layout.root.mkdir(parents=True, exist_ok=True)
-    key = "ft-" + secrets.token_urlsafe(32)
+    # "tml-": the official tinker SDK refuses keys without it, client-side (docs/tinker-sdk.md).
+    key = "tml-" + secrets.token_urlsafe(32)
     try:
         fd = os.open(layout.api_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process won the race; use its key

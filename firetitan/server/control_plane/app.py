@@ -24,6 +24,7 @@ from firetitan.server.control_plane.resources import (
     UpdateDeploymentRequest,
 )
 from firetitan.server.control_plane.shapes import SHAPE_VERSION, SHAPES, resolve_shape
+from firetitan.server.tinker_gateway import add_tinker_routes
 
 CP_KEY = web.AppKey("control_plane", ControlPlane)
 PROXY_KEY = web.AppKey("proxy_session", aiohttp.ClientSession)
@@ -81,6 +82,7 @@ def build_app(cp: ControlPlane) -> web.Application:
     r.add_get(f"{acct}/trainingShapes/{{shape}}/versions/{{version}}", get_shape_version)
     r.add_get(f"{acct}/checkpoints", list_checkpoints)
     r.add_get(f"{acct}/snapshots/{{identity}}", get_snapshot)
+    add_tinker_routes(app, cp)
     return app
 
 
