@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from firetitan.logging import get_logger
-from firetitan.server.process import WorkerProcess, spawn_worker
+from firetitan.server.process import WorkerProcess, pid_alive, spawn_worker, stop_pid
 
 log = get_logger("firetitan.control_plane.supervisor")
 
@@ -140,3 +140,15 @@ def _log_tail(path: Path, n: int = 800) -> str:
     except OSError:
         return ""
     return f"; last log lines: {tail}" if tail else ""
+
+
+def kill_leftover(pid: int | None, module: str) -> None:
+    """Stop a worker that outlived a crashed control plane, only if the pid still runs that module."""
+    if not pid or not pid_alive(pid):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if module in cmdline:
+        stop_pid(pid, timeout=5.0)

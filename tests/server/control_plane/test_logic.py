@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from firetitan.errors import InvalidRequestError, NotFoundError
-from firetitan.server.control_plane.controller import _next_chain, split_threads
+from firetitan.server.control_plane.controller import split_threads
+from firetitan.server.control_plane.hotload import next_chain as _next_chain
 from firetitan.server.control_plane.resources import HotLoadRecord, parse_duration
 from firetitan.server.control_plane.router import ReplicaRouter
 from firetitan.server.control_plane.shapes import resolve_shape
