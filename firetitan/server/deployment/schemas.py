@@ -79,8 +79,6 @@ class HotLoadRequest(BaseModel):
         return meta.previous_snapshot_identity if meta else None
 
 
-# Kept for callers of the old name (the replica's handler called it HotLoadBody).
-HotLoadBody = HotLoadRequest
 
 LoadStage = Literal["idle", "loading", "swapping", "done", "error", "pending", "rolled_back"]
 
