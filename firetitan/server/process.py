@@ -20,6 +20,9 @@ from firetitan.errors import APITimeoutError, WorkerCrashedError
 _PR_SET_PDEATHSIG = 1
 # Set for non-detached workers: they stop themselves when this parent process is gone.
 PARENT_PID_ENV = "FIRETITAN_PARENT_PID"
+# A control plane's workers outlive it this long, waiting for a restarted one to adopt them.
+PARENT_GRACE_ENV = "FIRETITAN_PARENT_GRACE_S"
+ADOPTER_FILE_ENV = "FIRETITAN_ADOPTER_FILE"
 
 
 def _die_with_parent() -> None:

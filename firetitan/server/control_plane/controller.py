@@ -26,6 +26,7 @@ from firetitan.server.control_plane.resources import TRAINER
 from firetitan.server.control_plane.router import ReplicaRouter
 from firetitan.server.control_plane.state import StateStore
 from firetitan.server.control_plane.supervisor import Supervisor, WorkerKey
+from firetitan.server.process import ADOPTER_FILE_ENV, PARENT_GRACE_ENV
 
 log = get_logger("firetitan.control_plane")
 
@@ -49,6 +50,9 @@ class Settings:
     replica_restart_attempts: int = 5
     replica_restart_backoff_s: float = 2.0
     replica_restart_backoff_max_s: float = 60.0
+    # Workers outlive a crashed control plane this long; a control plane restarted on the same home
+    # within it adopts the ones its records name (pid, url, key, identity), otherwise they stop.
+    worker_grace_s: float = 15.0
 
 
 def split_threads(cpus: int, replicas: int, trainer: int | None = None,
@@ -75,7 +79,8 @@ class ControlPlane:
         self.supervisor = Supervisor(
             logs_dir=layout.logs, api_key=api_key, on_exit=self._on_worker_exit,
             health_interval=settings.health_interval, ready_timeout=settings.ready_timeout,
-            host=settings.worker_host)
+            host=settings.worker_host,
+            worker_env={PARENT_GRACE_ENV: str(settings.worker_grace_s), ADOPTER_FILE_ENV: str(layout.discovery_file)})
         self._locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._session: aiohttp.ClientSession | None = None
         self._group: TaskGroup | None = None
@@ -94,8 +99,8 @@ class ControlPlane:
         ready = asyncio.Event()
         self._runner = asyncio.create_task(self._run_group(ready), name="control-plane-tasks")
         await ready.wait()
-        self.jobs.recover()
-        self.deployments.recover()
+        await self.jobs.recover()
+        await self.deployments.recover()
         self.spawn(self.supervisor.run(), "supervisor")
         self.spawn(self.jobs.idle_loop(), "idle-trainers")
 

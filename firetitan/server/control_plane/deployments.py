@@ -28,6 +28,7 @@ from firetitan.server.control_plane.resources import (
 )
 from firetitan.server.control_plane.shapes import check_base_model, deployment_shape
 from firetitan.server.control_plane.supervisor import DEPLOYMENT_MODULE, WorkerKey, kill_leftover
+from firetitan.server.process import WorkerProcess
 
 if TYPE_CHECKING:
     from firetitan.server.control_plane.controller import ControlPlane
@@ -68,17 +69,29 @@ class Deployments:
         dep = self.get(account, deployment_id)
         return {r.index: r.url for r in dep.replicas if r.state == DEP_READY and r.url}
 
-    def recover(self) -> None:
-        """After a restart the replicas died with the old process: start them again (replaying the chain)."""
+    async def recover(self) -> None:
+        """After a restart: replicas that outlived the old control plane (same pid, url, key and
+        deployment id) are adopted; the others are stopped and started again (replaying the chain)."""
+        supervisor = self.cp.supervisor
         for raw in self.cp.store.list(DEPLOYMENT):
             dep = Deployment.model_validate(raw)
             account = dep.name.split("/")[1]
+            adopted = []
             for replica in dep.replicas:
-                kill_leftover(replica.pid, DEPLOYMENT_MODULE)
-            dep.replicas = []
-            dep.state = DEP_UPDATING if dep.max_replica_count > 0 else DEP_READY
+                if replica.state == DEP_READY and replica.index < dep.max_replica_count and \
+                        await supervisor.adoptable(DEPLOYMENT_MODULE, replica.pid, replica.url,
+                                                   expect={"deployment_id": dep.deployment_id}):
+                    assert replica.pid is not None and replica.url is not None
+                    supervisor.adopt(WorkerKey("replica", account, dep.deployment_id, replica.index),
+                                     DEPLOYMENT_MODULE, WorkerProcess(url=replica.url, pid=replica.pid, popen=None))
+                    adopted.append(replica)
+                else:
+                    kill_leftover(replica.pid, DEPLOYMENT_MODULE)
+            dep.replicas = adopted
+            missing = dep.max_replica_count > len(adopted)
+            dep.state = DEP_UPDATING if missing else DEP_READY
             self.save(account, dep)
-            if dep.max_replica_count > 0:
+            if missing:
                 self.cp.spawn(self.reconcile(account, dep.deployment_id), f"recover-{dep.name}")
 
     async def create(self, account: str, req: CreateDeploymentRequest, deployment_id: str | None) -> Deployment:

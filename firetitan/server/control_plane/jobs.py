@@ -31,6 +31,7 @@ from firetitan.server.control_plane.resources import (
 )
 from firetitan.server.control_plane.shapes import TrainingShape, check_base_model, resolve_shape
 from firetitan.server.control_plane.supervisor import TRAINER_MODULE, WorkerKey, kill_leftover
+from firetitan.server.process import WorkerProcess
 
 if TYPE_CHECKING:
     from firetitan.server.control_plane.controller import ControlPlane
@@ -46,18 +47,27 @@ class TrainerJobs:
         self._activity: dict[tuple[str, str], float] = {}
         self._inflight: defaultdict[tuple[str, str], int] = defaultdict(int)
 
-    def recover(self) -> None:
-        """After a restart the records are there but the workers died with the old process: a job
-        that was running becomes FAILED (resumable)."""
+    async def recover(self) -> None:
+        """After a restart: a running job whose worker outlived the old control plane (and still answers
+        with this key) is adopted; otherwise the worker is gone and the job becomes FAILED (resumable)."""
         for raw in self.cp.store.list(TRAINER):
             job = TrainerJob.model_validate(raw)
-            if job.state in (JOB_CREATING, JOB_RUNNING):
-                kill_leftover(job.pid, TRAINER_MODULE)
-                job.state = JOB_FAILED
-                job.status = Status(code="UNAVAILABLE", message="the control plane restarted and the trainer "
-                                    "worker is gone; POST :resume to start it again")
-                job.trainer_url, job.pid = None, None
-                self.save(_account(job.name), job)
+            if job.state not in (JOB_CREATING, JOB_RUNNING):
+                continue
+            account = _account(job.name)
+            if job.state == JOB_RUNNING and await self.cp.supervisor.adoptable(
+                    TRAINER_MODULE, job.pid, job.trainer_url, expect={"status": "ok"}):
+                assert job.pid is not None and job.trainer_url is not None
+                self.cp.supervisor.adopt(WorkerKey(TRAINER, account, job.job_id), TRAINER_MODULE,
+                                         WorkerProcess(url=job.trainer_url, pid=job.pid, popen=None))
+                self._activity[(account, job.job_id)] = time.monotonic()
+                continue
+            kill_leftover(job.pid, TRAINER_MODULE)
+            job.state = JOB_FAILED
+            job.status = Status(code="UNAVAILABLE", message="the control plane restarted and the trainer "
+                                "worker is gone; POST :resume to start it again")
+            job.trainer_url, job.pid = None, None
+            self.save(account, job)
 
     @staticmethod
     def name(account: str, job_id: str) -> str:
