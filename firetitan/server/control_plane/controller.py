@@ -8,7 +8,7 @@ import asyncio
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +62,6 @@ def split_threads(cpus: int, replicas: int, trainer: int | None = None,
     trainer_threads = trainer or max(1, cpus // 2)
     rest = max(1, cpus - trainer_threads)
     return trainer_threads, replica or max(1, rest // max(1, replicas))
-
-
-WorkerCall = Callable[[str, str, Any, float], Awaitable[Any]]
 
 
 class ControlPlane:
