@@ -23,6 +23,9 @@ _PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "FIRETITAN_PARENT_PID"
 # Each worker reads its API key from here (add_common_args); the control plane sets it for its workers.
 WORKER_KEY_ENV = "FIRETITAN_WORKER_API_KEY"
+# A control plane's workers outlive it this long, waiting for a restarted one to adopt them.
+PARENT_GRACE_ENV = "FIRETITAN_PARENT_GRACE_S"
+ADOPTER_FILE_ENV = "FIRETITAN_ADOPTER_FILE"
 
 
 def _die_with_parent() -> None:

@@ -239,6 +239,12 @@ class SnapshotStore:
             )
         return manifest
 
+    def delta_base(self, identity: str) -> str | None:
+        """The base snapshot a delta applies to (deltas are always taken against a base, never against
+        another delta); None for a base or a LoRA snapshot. Raises like `manifest` for an unknown one."""
+        manifest = self.manifest(identity)
+        return manifest.previous_snapshot_identity if manifest.kind == "delta" else None
+
     def exists(self, identity: str) -> bool:
         return (self._dir(identity) / MANIFEST_FILE).is_file()
 

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from firetitan.client.config import FiretitanProvisioningConfig
+from firetitan.client.hotload import DeploymentHotLoader
 from firetitan.client.http import HttpClient
 from firetitan.client.reference import ReferenceClient
 from firetitan.client.sampling import DeploymentSampler, FanOut
@@ -22,7 +23,6 @@ from firetitan.errors import (
     ConflictError,
     FiretitanError,
     NotFoundError,
-    SnapshotError,
     WorkerCrashedError,
 )
 from firetitan.futures import run_coroutine, run_sync
@@ -56,7 +56,7 @@ class FiretitanServiceClient:
         self._trainer_created = False
         self._deployment_created = False
         self._deployment_reattached = False
-        self._served_base: str | None = None  # the base every replica holds, as of this service's last load
+        self._hot_loader: DeploymentHotLoader | None = None  # firetitan/client/hotload.py
         # Replicas a re-attached deployment had before this service scaled it up; restored on close.
         self._replicas_found: int | None = None
         self._reference_job_id: str | None = None
@@ -361,60 +361,14 @@ class FiretitanServiceClient:
 
     async def _hotload(self, identity: str) -> dict[str, Any]:
         await self._ensure_provisioned()
-        if self._deployment is None:
+        if self._deployment is None or self.deployment_id is None:
             raise ConfigError("this service has no deployment (create_deployment=False)", field="create_deployment")
-        http = await self._connect()
-        if self._served_base is not None and not self._deployment_reattached:
-            # Steady state of a training loop: every replica holds the base this service loaded, so one
-            # POST does it (the control plane fills in a delta's base). A delta of another base is
-            # refused with a 409 before any weights change; then take the careful path below.
-            try:
-                return self._loaded(await self._hotload_one(http, identity, None))
-            except ConflictError as exc:
-                if exc.field != "incremental_snapshot_metadata.previous_snapshot_identity":
-                    raise
-        try:
-            manifest = await http.request_json("GET", self._acct(f"/snapshots/{identity}"))
-        except NotFoundError:
-            raise NotFoundError(f"model_path {identity!r} is not a sampler snapshot identity; pass the .path of "
-                                "save_weights_for_sampler(...).result()", field="model_path") from None
-        if manifest["kind"] == "delta":
-            base = manifest["previous_snapshot_identity"]
-            status = await self._hotload_status(http)
-            # A delta applies to its base: load the base first wherever a replica holds another one
-            # (a re-attached deployment, or one that served another trainer).
-            if any(r.get("base_snapshot_identity") != base for r in status["replicas"]):
-                await self._hotload_one(http, base, None)
-            status = await self._hotload_one(http, identity, base)
-        else:
-            status = await self._hotload_one(http, identity, None)
+        if self._hot_loader is None or self._hot_loader.deployment_id != self.deployment_id:
+            self._hot_loader = DeploymentHotLoader(
+                self.deployment_id, account_path=self._acct, mode=self.config.hot_load_transition_type or "ASYNC",
+                timeout_s=self.config.hotload_timeout_s)
+        status = await self._hot_loader.load(await self._connect(), identity, careful=self._deployment_reattached)
         self._deployment_reattached = False
-        return self._loaded(status)
-
-    def _loaded(self, status: dict[str, Any]) -> dict[str, Any]:
-        bases = {r.get("base_snapshot_identity") for r in status["replicas"]}
-        self._served_base = bases.pop() if len(bases) == 1 else None
-        return status
-
-    def _dep_path(self) -> str:
-        return self._acct(f"/deployments/{self.deployment_id}/hot_load/v1/models/hot_load")
-
-    async def _hotload_status(self, http: HttpClient) -> dict[str, Any]:
-        return await http.request_json("GET", self._dep_path())
-
-    async def _hotload_one(self, http: HttpClient, identity: str, previous: str | None) -> dict[str, Any]:
-        body = {"identity": identity, "reset_prompt_cache": True,
-                "mode": self.config.hot_load_transition_type or "ASYNC",
-                "incremental_snapshot_metadata": {"previous_snapshot_identity": previous} if previous else None}
-        status = await http.request_json("POST", self._dep_path(), json=body, timeout=self.config.hotload_timeout_s)
-        deadline = time.monotonic() + self.config.hotload_timeout_s
-        # An ASYNC load answers once every replica has swapped, so its answer usually settles it.
-        while not _all_serving(status, identity):
-            if time.monotonic() > deadline:
-                raise APITimeoutError(f"deployment {self.deployment_id} did not serve {identity!r} within "
-                                      f"{self.config.hotload_timeout_s:.0f}s")
-            await asyncio.sleep(0.05)
-            status = await self._hotload_status(http)
         return status
 
     def _default_tokenizer(self) -> Any:
@@ -571,15 +525,3 @@ class FiretitanServiceClient:
 
 
 ServiceClient = FiretitanServiceClient
-
-
-def _all_serving(status: dict[str, Any], identity: str) -> bool:
-    """Every replica of the deployment serves `identity`; raises if one reports failing to load it."""
-    replicas = status.get("replicas") or []
-    for r in replicas:
-        loading = r.get("loading_state") or {}
-        if loading.get("stage") == "error" and loading.get("identity") == identity:
-            raise SnapshotError(f"replica {r.get('replica_index')} failed to load {identity!r}: "
-                                f"{loading.get('error')}", field="model_path")
-    return len(replicas) >= status.get("replica_count", 1) and all(
-        r.get("current_snapshot_identity") == identity and r.get("readiness") for r in replicas)

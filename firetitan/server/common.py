@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import tempfile
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -352,15 +353,38 @@ async def serve_app(app: web.Application, host: str, port: int, ready_file: Path
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
-    """Stop when the process that started us is gone, so a killed parent leaves no orphan worker."""
-    from firetitan.server.process import PARENT_PID_ENV, pid_alive
+    """Stop when the process that started us is gone, so a killed parent leaves no orphan worker.
+    A control plane's workers get a grace period (`$FIRETITAN_PARENT_GRACE_S`): if a new control plane
+    publishes itself in `$FIRETITAN_ADOPTER_FILE` within it, that one becomes the parent to watch."""
+    from firetitan.server.process import ADOPTER_FILE_ENV, PARENT_GRACE_ENV, PARENT_PID_ENV, pid_alive
 
     raw = os.environ.get(PARENT_PID_ENV)
     if not raw:
         return
-    parent = int(raw)
+    parent = first = int(raw)
+    grace = float(os.environ.get(PARENT_GRACE_ENV) or 0)
+    adopter_file = os.environ.get(ADOPTER_FILE_ENV)
     while not stop.is_set():
-        if os.getppid() != parent or not pid_alive(parent):
-            stop.set()
-            return
+        if not pid_alive(parent) or (parent == first and os.getppid() != first):
+            adopter = await _await_adopter(adopter_file, parent, grace) if adopter_file and grace > 0 else None
+            if adopter is None:
+                stop.set()
+                return
+            parent = adopter
         await asyncio.sleep(1.0)
+
+
+async def _await_adopter(path: str, gone: int, grace: float) -> int | None:
+    """The pid of a live control plane (not the one that is gone) named in `path` within `grace` s."""
+    from firetitan.server.process import pid_alive
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            pid = int(json.loads(await asyncio.to_thread(Path(path).read_text))["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid = None
+        if pid is not None and pid != gone and pid_alive(pid):
+            return pid
+        await asyncio.sleep(0.5)
+    return None

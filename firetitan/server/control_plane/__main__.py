@@ -26,6 +26,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replica-threads", type=int, default=_env_int("FIRETITAN_REPLICA_THREADS"))
     parser.add_argument("--exit-when-idle", type=float, default=0.0,
                         help="exit after this many seconds with no workers and no requests (0 = never)")
+    parser.add_argument("--worker-grace", type=float, default=15.0,
+                        help="seconds workers outlive a crashed control plane, waiting to be adopted")
 
 
 def _env_int(name: str) -> int | None:
@@ -37,7 +39,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = Settings(trainer_idle_timeout=args.trainer_idle_timeout, health_interval=args.health_interval,
                         idle_check_interval=min(5.0, max(0.5, args.trainer_idle_timeout / 4)),
                         trainer_threads=args.trainer_threads, replica_threads=args.replica_threads,
-                        worker_host="127.0.0.1", exit_when_idle=args.exit_when_idle)
+                        worker_host="127.0.0.1", exit_when_idle=args.exit_when_idle,
+                        worker_grace_s=args.worker_grace)
     if args.cpus:
         settings.cpus = args.cpus
     return settings

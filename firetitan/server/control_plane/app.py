@@ -12,6 +12,7 @@ from aiohttp import web
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
 from firetitan.server.common import error_json, json_response, make_app, parse_body
 from firetitan.server.control_plane.controller import ControlPlane
+from firetitan.server.control_plane.hotload import DEPLOYMENT_HEADER, deployment_from_header
 from firetitan.server.control_plane.proxy import forward
 from firetitan.server.control_plane.resources import (
     JOB_CREATING,
@@ -19,11 +20,11 @@ from firetitan.server.control_plane.resources import (
     CreateDeploymentRequest,
     CreateTrainerJobRequest,
     Deployment,
-    HotLoadRequest,
     TrainerJob,
     UpdateDeploymentRequest,
 )
 from firetitan.server.control_plane.shapes import SHAPE_VERSION, SHAPES, resolve_shape
+from firetitan.server.deployment.schemas import HOT_LOAD_PATH, HotLoadRequest
 from firetitan.server.tinker_gateway import add_tinker_routes
 
 CP_KEY = web.AppKey("control_plane", ControlPlane)
@@ -72,6 +73,8 @@ def build_app(cp: ControlPlane) -> web.Application:
     r.add_delete(f"{acct}/deployments/{_ID}", delete_deployment)
     r.add_post(f"{acct}/deployments/{_ID}/hot_load/v1/models/hot_load", hot_load)
     r.add_get(f"{acct}/deployments/{_ID}/hot_load/v1/models/hot_load", hot_load_status)
+    r.add_post(HOT_LOAD_PATH, hot_load_by_header)
+    r.add_get(HOT_LOAD_PATH, hot_load_by_header)
     r.add_post(f"{acct}/deployments/{_ID}/inference/v1/completions", inference)
     r.add_post(f"{acct}/deployments/{_ID}/v1/completions", inference)
     r.add_post("/inference/v1/completions", inference_by_model)
@@ -111,7 +114,7 @@ def deployment_view(request: web.Request, dep: Deployment) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "jobs": len(_cp(request).list_jobs(None))})
+    return json_response({"status": "ok", "jobs": len(_cp(request).jobs.list(None))})
 
 
 async def list_accounts(request: web.Request) -> web.Response:
@@ -121,30 +124,30 @@ async def list_accounts(request: web.Request) -> web.Response:
 # trainer jobs --------------------------------------------------------------------------------
 
 async def list_jobs(request: web.Request) -> web.Response:
-    jobs = _cp(request).list_jobs(request.match_info["account"])
+    jobs = _cp(request).jobs.list(request.match_info["account"])
     return json_response({"rlorTrainerJobs": [job_view(request, j) for j in jobs], "nextPageToken": ""})
 
 
 async def create_job(request: web.Request) -> web.Response:
     body = await parse_body(request, CreateTrainerJobRequest)
-    job = await _cp(request).create_job(
+    job = await _cp(request).jobs.create(
         request.match_info["account"], body,
         request.query.get("rlorTrainerJobId") or None, request.query.get("trainingShape") or None)
     return json_response(job_view(request, job))
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return json_response(job_view(request, _cp(request).get_job(request.match_info["account"],
+    return json_response(job_view(request, _cp(request).jobs.get(request.match_info["account"],
                                                                 request.match_info["rid"])))
 
 
 async def delete_job(request: web.Request) -> web.Response:
-    job = await _cp(request).delete_job(request.match_info["account"], request.match_info["rid"])
+    job = await _cp(request).jobs.delete(request.match_info["account"], request.match_info["rid"])
     return json_response(job_view(request, job))
 
 
 async def resume_job(request: web.Request) -> web.Response:
-    job = await _cp(request).resume_job(request.match_info["account"], request.match_info["rid"])
+    job = await _cp(request).jobs.resume(request.match_info["account"], request.match_info["rid"])
     return json_response(job_view(request, job))
 
 
@@ -152,21 +155,21 @@ async def trainer_gateway(request: web.Request) -> web.StreamResponse:
     """Forward Tinker-protocol calls to the job's worker; counts as activity for the idle timer."""
     cp = _cp(request)
     account, job_id = request.match_info["account"], request.match_info["rid"]
-    job = cp.get_job(account, job_id)
+    job = cp.jobs.get(account, job_id)
     if job.state == JOB_CREATING:
         return error_json(503, f"trainer job {job.name!r} is starting", type_name="APIConnectionError")
     if job.state != JOB_RUNNING or not job.trainer_url:
         raise ConflictError(f"trainer job {job.name!r} is not running (state {job.state}: {job.status.message})",
                             field="rlorTrainerJobId")
-    with cp.trainer_activity(account, job_id):
+    with cp.jobs.activity(account, job_id):
         return await forward(request, f"{job.trainer_url}/{request.match_info['tail']}", request.app[PROXY_KEY])
 
 
 async def list_job_checkpoints(request: web.Request) -> web.Response:
     cp = _cp(request)
     account, job_id = request.match_info["account"], request.match_info["rid"]
-    job = cp.get_job(account, job_id)
-    rows = _train_state_rows(job.name, cp.trainer_state_dir(account, job_id))
+    job = cp.jobs.get(account, job_id)
+    rows = _train_state_rows(job.name, cp.layout.trainer_state_dir(account, job_id))
     return json_response({"checkpoints": rows, "nextPageToken": ""})
 
 
@@ -185,42 +188,53 @@ def _train_state_rows(job_name: str, state_dir: Any) -> list[dict[str, Any]]:
 # deployments ---------------------------------------------------------------------------------
 
 async def list_deployments(request: web.Request) -> web.Response:
-    deps = _cp(request).list_deployments(request.match_info["account"])
+    deps = _cp(request).deployments.list(request.match_info["account"])
     return json_response({"deployments": [deployment_view(request, d) for d in deps], "nextPageToken": ""})
 
 
 async def create_deployment(request: web.Request) -> web.Response:
     body = await parse_body(request, CreateDeploymentRequest)
-    dep = await _cp(request).create_deployment(request.match_info["account"], body,
+    dep = await _cp(request).deployments.create(request.match_info["account"], body,
                                                request.query.get("deploymentId") or None)
     return json_response(deployment_view(request, dep))
 
 
 async def get_deployment(request: web.Request) -> web.Response:
-    dep = _cp(request).get_deployment(request.match_info["account"], request.match_info["rid"])
+    dep = _cp(request).deployments.get(request.match_info["account"], request.match_info["rid"])
     return json_response(deployment_view(request, dep))
 
 
 async def update_deployment(request: web.Request) -> web.Response:
     body = await parse_body(request, UpdateDeploymentRequest)
-    dep = await _cp(request).update_deployment(request.match_info["account"], request.match_info["rid"], body)
+    dep = await _cp(request).deployments.update(request.match_info["account"], request.match_info["rid"], body)
     return json_response(deployment_view(request, dep))
 
 
 async def delete_deployment(request: web.Request) -> web.Response:
-    await _cp(request).delete_deployment(request.match_info["account"], request.match_info["rid"])
+    await _cp(request).deployments.delete(request.match_info["account"], request.match_info["rid"])
     return json_response({})
 
 
 async def hot_load(request: web.Request) -> web.Response:
     body = await parse_body(request, HotLoadRequest)
-    result = await _cp(request).hot_load(request.match_info["account"], request.match_info["rid"], body)
-    return json_response(result)
+    result = await _cp(request).hot_loads.load(request.match_info["account"], request.match_info["rid"], body)
+    return json_response(result.model_dump(mode="json"))
 
 
 async def hot_load_status(request: web.Request) -> web.Response:
-    status = await _cp(request).hot_load_status(request.match_info["account"], request.match_info["rid"])
-    return json_response(status)
+    status = await _cp(request).hot_loads.status(request.match_info["account"], request.match_info["rid"])
+    return json_response(status.model_dump(mode="json"))
+
+
+async def hot_load_by_header(request: web.Request) -> web.Response:
+    """The hosted gateway's root hot-load route: the deployment is named by the `fireworks-deployment`
+    header (`accounts/<a>/deployments/<id>`), as the official SDK sends it."""
+    account, deployment_id = deployment_from_header(request.headers.get(DEPLOYMENT_HEADER))
+    hot_loads = _cp(request).hot_loads
+    if request.method == "POST":
+        body = await parse_body(request, HotLoadRequest)
+        return json_response((await hot_loads.load(account, deployment_id, body)).model_dump(mode="json"))
+    return json_response((await hot_loads.status(account, deployment_id)).model_dump(mode="json"))
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
@@ -244,7 +258,7 @@ async def inference_by_model(request: web.Request) -> web.StreamResponse:
 async def _route(request: web.Request, account: str, deployment_id: str, body: bytes | None) -> web.StreamResponse:
     """Send one inference request to the ready replica with the fewest requests in flight."""
     cp = _cp(request)
-    ready = cp.ready_replicas(account, deployment_id)
+    ready = cp.deployments.ready_replicas(account, deployment_id)
     name = f"accounts/{account}/deployments/{deployment_id}"
     index = cp.router.choose(name, sorted(ready))
     if index is None:
@@ -289,9 +303,9 @@ async def list_checkpoints(request: web.Request) -> web.Response:
     account = request.match_info["account"]
     job_filter = request.query.get("trainerJob")
     rows: list[dict[str, Any]] = []
-    for job in cp.list_jobs(account):
+    for job in cp.jobs.list(account):
         if job_filter in (None, job.job_id, job.name):
-            rows += _train_state_rows(job.name, cp.trainer_state_dir(account, job.job_id))
+            rows += _train_state_rows(job.name, cp.layout.trainer_state_dir(account, job.job_id))
     if job_filter is None:
         kinds = {"base": "CHECKPOINT_TYPE_INFERENCE_BASE", "delta": "CHECKPOINT_TYPE_INFERENCE_ARC_V2",
                  "lora": "CHECKPOINT_TYPE_INFERENCE_LORA"}

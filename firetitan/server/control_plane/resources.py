@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from firetitan.errors import InvalidRequestError
+from firetitan.server.deployment.schemas import LoadingState
 
 RESOURCE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -24,6 +25,12 @@ DEP_CREATING = "CREATING"
 DEP_READY = "READY"
 DEP_UPDATING = "UPDATING"
 DEP_FAILED = "FAILED"
+# Some replicas serve, others crashed and are being restarted (routing uses the ready ones).
+DEP_DEGRADED = "DEGRADED"
+
+# Record kinds in the state store.
+TRAINER = "trainer"
+DEPLOYMENT = "deployment"
 
 
 def now_rfc3339() -> str:
@@ -148,6 +155,10 @@ class Deployment(Wire):
     hot_load_trainer_job: str | None = None
     # Snapshots since the last base, in load order: replayed into replicas started later.
     snapshot_chain: list[HotLoadRecord] = Field(default_factory=list)
+    # The latest deployment-wide hot-load: done, rolled_back (no replica kept it) or loading.
+    last_hot_load: LoadingState | None = None
+    # The replica count before a scale to zero, restored when a trainer re-attaches (PATCH).
+    last_replica_count: int = 0
     threads_per_replica: int = 1
     create_time: str = Field(default_factory=now_rfc3339)
     update_time: str = Field(default_factory=now_rfc3339)
@@ -159,25 +170,3 @@ class Deployment(Wire):
     @property
     def current_snapshot_identity(self) -> str | None:
         return self.snapshot_chain[-1].identity if self.snapshot_chain else None
-
-
-class IncrementalSnapshotMetadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    previous_snapshot_identity: str
-
-
-class HotLoadRequest(BaseModel):
-    """The deployment worker's hot-load body (snake_case, as on the hosted gateway)."""
-
-    model_config = ConfigDict(extra="allow")
-    identity: str = Field(min_length=1, max_length=200)
-    incremental_snapshot_metadata: IncrementalSnapshotMetadata | None = None
-    reset_prompt_cache: bool = True
-    mode: Literal["ASYNC", "SYNC"] = "ASYNC"
-
-    @field_validator("identity")
-    @classmethod
-    def _identity_chars(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9._-]+$", value) or ".." in value:
-            raise ValueError("identity must use only letters, digits, '.', '_' and '-' (no '..')")
-        return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from firetitan.errors import InvalidRequestError, NotFoundError
 
@@ -50,6 +51,19 @@ class TrainingShape:
             "maxRunningSeqs": self.deployment.max_running_seqs,
             "maxCachedTokens": self.deployment.max_cached_tokens,
             "latestValidated": True,
+            # The official SDK reads the version's settings from `snapshot` (fireworks_client.py).
+            "snapshot": {
+                "maxSupportedContextLength": self.max_context_length,
+                "trainerMode": self.trainer_mode,
+                "deploymentShapeVersion": f"{self.deployment.name}/versions/{SHAPE_VERSION}",
+                "acceleratorType": "CPU",
+                "acceleratorCount": 0,
+                "nodeCount": 1,
+                "trainerImageTag": "",
+                "deploymentImageTag": "",
+                "baseModelWeightPrecision": "",
+                "trainerShardingScheme": {"pipelineParallelism": 1},
+            },
         }
 
 
@@ -85,3 +99,25 @@ def resolve_shape(name: str, field: str = "trainingShape") -> TrainingShape:
         raise NotFoundError(f"training shape {name!r} has no version {version!r}; only {SHAPE_VERSION!r}",
                             field=field)
     return shape
+
+
+def deployment_shape(name: str | None) -> TrainingShape | None:
+    """Deployment shapes are named after their training shape: accounts/<a>/deploymentShapes/<id>."""
+    if not name:
+        return None
+    shape_id = name.split("/versions/")[0].rsplit("/", 1)[-1]
+    shape = SHAPES.get(shape_id)
+    if shape is None:
+        raise NotFoundError(f"deploymentShape {name!r} not found; known: "
+                            + ", ".join(s.deployment.name for s in SHAPES.values()), field="deploymentShape")
+    return shape
+
+
+def check_base_model(name: str, field: str) -> None:
+    """Fail the create request (not the worker, later) when the model cannot be found locally."""
+    from firetitan.models import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS or Path(name).expanduser().is_dir():
+        return
+    raise NotFoundError(f"{field} {name!r} is neither a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) "
+                        "nor a local Hugging Face model directory", field=field)

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from firetitan.logging import get_logger
-from firetitan.server.process import WorkerProcess, spawn_worker
+from firetitan.server.process import WorkerProcess, pid_alive, spawn_worker, stop_pid
 
 log = get_logger("firetitan.control_plane.supervisor")
 
@@ -51,8 +51,10 @@ class Supervisor:
 
     def __init__(self, *, logs_dir: Path, api_key: str | None, on_exit: ExitCallback,
                  health_interval: float = 2.0, max_health_failures: int = 3,
-                 ready_timeout: float = 300.0, host: str = "127.0.0.1") -> None:
+                 ready_timeout: float = 300.0, host: str = "127.0.0.1",
+                 worker_env: dict[str, str] | None = None) -> None:
         self._logs_dir = logs_dir
+        self._worker_env = dict(worker_env or {})
         self._api_key = api_key
         self._on_exit = on_exit
         self._health_interval = health_interval
@@ -76,7 +78,7 @@ class Supervisor:
         """Spawn a worker (in a thread: startup loads torch and a model) and watch it."""
         if key in self._workers:
             await self.stop(key)
-        env = {"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {}
+        env = {**self._worker_env, **({"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {})}
         worker = await asyncio.to_thread(
             spawn_worker, module, args, ready_timeout=self._ready_timeout, log_path=self.log_path(key),
             env=env, host=self._host, threads=threads)
@@ -87,6 +89,21 @@ class Supervisor:
     def adopt(self, key: WorkerKey, module: str, worker: WorkerProcess) -> None:
         """Watch a worker started by an earlier run of this control plane."""
         self._workers[key] = _Watched(module, worker)
+        log.info("worker_adopted", key=str(key), pid=worker.pid, url=worker.url)
+
+    async def adoptable(self, module: str, pid: int | None, url: str | None, *, expect: dict[str, str]) -> bool:
+        """Whether a recorded worker still runs `module` at `url` with this key and says it is `expect`
+        (e.g. its deployment id) on its health route: only then may a restarted control plane keep it."""
+        if not pid or not url or not _runs(pid, module):
+            return False
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session, \
+                    session.get(url + _HEALTH_PATH[module], headers=headers) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
+        return isinstance(body, dict) and all(str(body.get(k)) == v for k, v in expect.items())
 
     async def stop(self, key: WorkerKey, timeout: float = 10.0) -> None:
         watched = self._workers.pop(key, None)
@@ -140,3 +157,19 @@ def _log_tail(path: Path, n: int = 800) -> str:
     except OSError:
         return ""
     return f"; last log lines: {tail}" if tail else ""
+
+
+def kill_leftover(pid: int | None, module: str) -> None:
+    """Stop a worker that outlived a crashed control plane, only if the pid still runs that module."""
+    if pid and _runs(pid, module):
+        stop_pid(pid, timeout=5.0)
+
+
+def _runs(pid: int, module: str) -> bool:
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return module in cmdline

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from firetitan.checkpoints import SnapshotStore, validate_name
-from firetitan.errors import ConfigError, ConflictError, FiretitanError
+from firetitan.checkpoints import SnapshotStore
+from firetitan.errors import ConfigError
 from firetitan.logging import get_logger
 from firetitan.server.common import json_response, make_app, parse_body
 from firetitan.server.deployment import metrics as prom
@@ -28,15 +28,14 @@ from firetitan.server.deployment.completions import (
     parse_completion,
     usage,
 )
-from firetitan.server.deployment.engine import EngineRequest, StepOutput, WeightSwap
-from firetitan.server.deployment.hotload import HotLoadState, LoadingState, SnapshotLoader
-from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadBody
+from firetitan.server.deployment.engine import EngineRequest, StepOutput
+from firetitan.server.deployment.hotload import HotLoadState, ReplicaHotLoader, SnapshotLoader
+from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadRequest
 
 log = get_logger("firetitan.deployment")
 
 # How often a request waiting on the engine checks that its client is still connected.
 _DISCONNECT_POLL_S = 0.5
-_ASYNC_SWAP_WAIT_S = 120.0
 
 
 @dataclass
@@ -80,13 +79,14 @@ class DeploymentService:
         if self.store and self.model is not None and serving.startup_weights is not None:
             self.loader = SnapshotLoader(self.store, self.model.state_dict(), serving.startup_weights)
         self.hot = HotLoadState(base_model=settings.base_model)
-        self._hot_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sinks: dict[str, _IndexedSink] = {}
         self._token_text: dict[int, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.engine = serving.make_engine(self._emit)
         self._outstanding = 0  # choices submitted and not yet finished (event-loop thread only)
+        self.hot_loader = ReplicaHotLoader(self.loader, self.hot, self.engine, deployment_id=settings.deployment_id,
+                                           replica_index=settings.replica_index, spawn=self._spawn)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self, _app: web.Application) -> None:
@@ -265,87 +265,13 @@ class DeploymentService:
         except (ConnectionResetError, _ClientGone):
             raise _ClientGone() from None
 
-    # ---- hot-load ---------------------------------------------------------------------------------
+    # ---- hot-load (firetitan/server/deployment/hotload.py) -------------------------------------------
     def hot_load_status(self) -> dict[str, Any]:
-        hot = self.hot
-        ready = hot.loading.stage not in ("loading", "swapping")
-        replica = {"replica_index": self.settings.replica_index, "readiness": ready,
-                   "current_snapshot_identity": hot.current_identity,
-                   "base_snapshot_identity": hot.base_identity,
-                   "policy_version": self.engine.policy_version,
-                   "loading_state": hot.loading.to_dict(), "loaded_adapters": hot.loaded_adapters}
-        return {"deployment_id": self.settings.deployment_id, "base_model": self.settings.base_model,
-                "readiness": ready, "current_snapshot_identity": hot.current_identity,
-                "policy_version": self.engine.policy_version, "loading_state": hot.loading.to_dict(),
-                "replicas": [replica], "history": hot.history[-20:]}
+        return self.hot_loader.status().model_dump(mode="json")
 
     async def hot_load(self, request: web.Request) -> web.Response:
-        body = await parse_body(request, HotLoadBody)
-        identity = validate_name(body.identity, field="identity")
-        if self.loader is None:
-            raise ConflictError("this deployment was started without --store-dir; it cannot hot-load",
-                                field="identity")
-        previous = body.incremental_snapshot_metadata.previous_snapshot_identity \
-            if body.incremental_snapshot_metadata else None
-        await self._hot_lock.acquire()
-        released = False
-        try:
-            self.hot.loading = LoadingState("loading", identity, body.mode, started_at=time.time())
-            try:
-                await asyncio.to_thread(self.loader.check_chain, identity, previous, self.hot)
-                prepared = await asyncio.to_thread(self.loader.prepare, identity, self.hot)
-            except FiretitanError as exc:
-                self._record_error(identity, exc)
-                raise
-            self.hot.loading.stage = "swapping"
-            loop = asyncio.get_running_loop()
-            done: asyncio.Future[BaseException | None] = loop.create_future()
-
-            def on_done(error: BaseException | None) -> None:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
-
-            self.engine.swap_weights(WeightSwap(prepared.state_dict, identity, body.mode, on_done))
-            task = self._spawn(self._complete_swap(done, prepared))
-            released = True  # the swap task releases the lock once the engine has swapped
-            if body.mode == "ASYNC":
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), _ASYNC_SWAP_WAIT_S)
-                if self.hot.loading.stage == "error" and self.hot.loading.identity == identity:
-                    raise ConflictError(f"hot-load of {identity!r} failed: {self.hot.loading.error}",
-                                        field="identity")
-            return json_response({"identity": identity, "mode": body.mode, **self.hot_load_status()})
-        finally:
-            if not released:
-                self._hot_lock.release()
-
-    async def _complete_swap(self, done: asyncio.Future[BaseException | None], prepared: Any) -> None:
-        try:
-            error = await done
-            if error is not None:
-                self._record_error(prepared.identity, error)
-                return
-            hot = self.hot
-            hot.current_identity = prepared.identity
-            if prepared.kind == "base":
-                hot.base_identity, hot.base_state_dict = prepared.identity, prepared.state_dict
-            hot.loaded_adapters = ([{"identity": prepared.identity, "status": "loaded"}]
-                                   if prepared.kind == "lora" else [])
-            hot.loading.stage, hot.loading.finished_at = "done", time.time()
-            hot.history.append({"identity": prepared.identity, "kind": prepared.kind, "status": "loaded",
-                                "at": hot.loading.finished_at})
-            log.info("hot_loaded", identity=prepared.identity, kind=prepared.kind,
-                     deployment_id=self.settings.deployment_id)
-        finally:
-            self._hot_lock.release()
-
-    def _record_error(self, identity: str, exc: BaseException) -> None:
-        message = getattr(exc, "message", None) or str(exc)
-        self.hot.loading.stage, self.hot.loading.error = "error", message
-        self.hot.loading.finished_at = time.time()
-        self.hot.history.append({"identity": identity, "status": "error", "error": message,
-                                 "at": self.hot.loading.finished_at})
-        log.warning("hot_load_refused", identity=identity, error=message,
-                    serving=self.engine.policy_version)
+        body = await parse_body(request, HotLoadRequest)
+        return json_response((await self.hot_loader.load(body)).model_dump(mode="json"))
 
 
 # Request key a fault-injecting middleware sets to end this stream without `[DONE]` (tests, simulation).

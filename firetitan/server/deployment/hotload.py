@@ -1,19 +1,39 @@
-"""Hot-load: read, verify and prepare snapshot weights off the engine thread; track loading state."""
+"""Hot-load on a replica: read, verify and prepare snapshot weights off the engine thread, hand them to
+the engine, and track what is served and what is loading."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from firetitan.checkpoints import SnapshotStore
-from firetitan.errors import ConflictError, SnapshotError
+from firetitan.checkpoints import SnapshotStore, validate_name
+from firetitan.errors import APITimeoutError, ConflictError, SnapshotError
+from firetitan.logging import get_logger
+from firetitan.server.deployment.engine import WeightSwap
+from firetitan.server.deployment.schemas import (
+    HotLoadRequest,
+    HotLoadStatus,
+    LoadingState,
+    ReplicaHotLoadStatus,
+)
+
+log = get_logger("firetitan.deployment.hotload")
+
+# How long an ASYNC load's answer waits for the engine to swap; past it the answer is a 504 that says
+# the load is still pending (GET the status to follow it), never a success.
+ASYNC_WAIT_ENV = "FIRETITAN_HOT_LOAD_WAIT_S"
+_ASYNC_WAIT_S = 120.0
+_HISTORY = 20  # bounded: the status shows the last loads only
 
 
 @dataclass
@@ -24,22 +44,6 @@ class PreparedWeights:
     kind: str  # base | delta | lora
     state_dict: dict[str, torch.Tensor]
     base_identity: str | None  # the base this leaves loaded (deltas and LoRA keep the previous one)
-
-
-@dataclass
-class LoadingState:
-    """What GET /hot_load reports about the latest load (Fireworks `loading_state` shape)."""
-
-    stage: str = "idle"  # idle | loading | swapping | done | error
-    identity: str | None = None
-    mode: str | None = None
-    error: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "identity": self.identity, "mode": self.mode, "error": self.error,
-                "started_at": self.started_at, "finished_at": self.finished_at}
 
 
 @dataclass
@@ -75,7 +79,10 @@ class SnapshotLoader:
         manifest = self.store.manifest(identity)
         if manifest.kind == "delta":
             wanted = manifest.previous_snapshot_identity
-            if previous is not None and previous != wanted:
+            # The official SDK names the snapshot it loaded last as `previous`: accept it when that is
+            # what this replica serves on the delta's own base (the chain is then the same).
+            chained = previous == state.current_identity and state.base_identity == wanted
+            if previous is not None and previous != wanted and not chained:
                 raise ConflictError(
                     f"incremental_snapshot_metadata.previous_snapshot_identity {previous!r} does not match "
                     f"the delta's base {wanted!r}", field="incremental_snapshot_metadata.previous_snapshot_identity")
@@ -152,5 +159,101 @@ class SnapshotLoader:
         return merged
 
 
-def now() -> float:
-    return time.time()
+class ReplicaHotLoader:
+    """One replica's hot-load route logic. Each load runs in one task that holds the load lock from
+    reading the snapshot to the engine's swap, so loads never overlap and the lock never changes task."""
+
+    def __init__(self, loader: SnapshotLoader | None, state: HotLoadState, engine: Any, *, deployment_id: str,
+                 replica_index: int, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+        self.loader, self.state, self.engine = loader, state, engine
+        self.deployment_id, self.replica_index = deployment_id, replica_index
+        self._spawn = spawn
+        self._lock = asyncio.Lock()
+        self.async_wait_s = float(os.environ.get(ASYNC_WAIT_ENV, _ASYNC_WAIT_S))
+
+    def status(self) -> HotLoadStatus:
+        hot = self.state
+        ready = hot.loading.stage not in ("loading", "swapping")
+        replica = ReplicaHotLoadStatus(
+            replica_index=self.replica_index, readiness=ready, current_snapshot_identity=hot.current_identity,
+            base_snapshot_identity=hot.base_identity, policy_version=self.engine.policy_version,
+            loading_state=hot.loading.model_copy(), loaded_adapters=list(hot.loaded_adapters))
+        return HotLoadStatus(
+            deployment_id=self.deployment_id, base_model=hot.base_model, readiness=ready,
+            current_snapshot_identity=hot.current_identity, policy_version=self.engine.policy_version,
+            loading_state=hot.loading.model_copy(), replica_count=1, replicas=[replica],
+            history=hot.history[-_HISTORY:])
+
+    async def load(self, req: HotLoadRequest) -> HotLoadStatus:
+        """Refusals (unknown, corrupt, wrong chain) raise before any weight changes. SYNC answers once the
+        swap is queued (the engine drains first); ASYNC once it is done, or 504 while it is pending."""
+        identity = validate_name(req.identity, field="identity")
+        if self.loader is None:
+            raise ConflictError("this deployment was started without --store-dir; it cannot hot-load",
+                                field="identity")
+        queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = self._spawn(self._run(identity, req.previous, req.mode, queued))
+        task.add_done_callback(lambda _t: queued.done() or queued.set_exception(
+            ConflictError(f"hot-load of {identity!r} stopped: the replica is shutting down", field="identity")))
+        await asyncio.shield(queued)
+        if req.mode == "ASYNC":
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.async_wait_s)
+            except TimeoutError:
+                raise APITimeoutError(
+                    f"hot-load of {identity!r} is still pending after {self.async_wait_s:g}s (stage "
+                    f"{self.state.loading.stage}); GET /hot_load/v1/models/hot_load to follow it",
+                    field="identity") from None
+            loading = self.state.loading
+            if loading.stage == "error" and loading.target_snapshot_identity == identity:
+                raise ConflictError(f"hot-load of {identity!r} failed: {loading.error}", field="identity")
+        return self.status().model_copy(update={"identity": identity, "mode": req.mode})
+
+    async def _run(self, identity: str, previous: str | None, mode: str, queued: asyncio.Future[None]) -> None:
+        assert self.loader is not None
+        async with self._lock:
+            self.state.loading = LoadingState(stage="loading", identity=identity, target_snapshot_identity=identity,
+                                              mode=mode, started_at=time.time())
+            try:
+                await asyncio.to_thread(self.loader.check_chain, identity, previous, self.state)
+                prepared = await asyncio.to_thread(self.loader.prepare, identity, self.state)
+            except Exception as exc:
+                self._record_error(identity, exc)
+                queued.set_exception(exc)
+                return
+            self.state.loading.stage = "swapping"
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[BaseException | None] = loop.create_future()
+
+            def on_done(error: BaseException | None) -> None:  # called on the engine thread
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
+
+            self.engine.swap_weights(WeightSwap(prepared.state_dict, identity, mode, on_done))
+            queued.set_result(None)
+            error = await done
+            if error is not None:
+                self._record_error(identity, error)
+                return
+            self._served(prepared)
+
+    def _served(self, prepared: PreparedWeights) -> None:
+        hot = self.state
+        hot.current_identity = prepared.identity
+        if prepared.kind == "base":
+            hot.base_identity, hot.base_state_dict = prepared.identity, prepared.state_dict
+        hot.loaded_adapters = [{"identity": prepared.identity, "status": "loaded"}] if prepared.kind == "lora" else []
+        hot.loading.stage, hot.loading.finished_at = "done", time.time()
+        self._remember({"identity": prepared.identity, "kind": prepared.kind, "status": "loaded",
+                        "at": hot.loading.finished_at})
+        log.info("hot_loaded", identity=prepared.identity, kind=prepared.kind, deployment_id=self.deployment_id)
+
+    def _record_error(self, identity: str, exc: BaseException) -> None:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        loading = self.state.loading
+        loading.stage, loading.error, loading.finished_at = "error", message, time.time()
+        self._remember({"identity": identity, "status": "error", "error": message, "at": loading.finished_at})
+        log.warning("hot_load_refused", identity=identity, error=message, serving=self.engine.policy_version)
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        self.state.history.append(entry)
+        del self.state.history[:-_HISTORY]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from firetitan.errors import InvalidRequestError, NotFoundError
-from firetitan.server.control_plane.controller import _next_chain, split_threads
+from firetitan.server.control_plane.controller import split_threads
+from firetitan.server.control_plane.hotload import next_chain as _next_chain
 from firetitan.server.control_plane.resources import HotLoadRecord, parse_duration
 from firetitan.server.control_plane.router import ReplicaRouter
 from firetitan.server.control_plane.shapes import resolve_shape
@@ -58,3 +59,66 @@ def test_durations_parse_like_protobuf() -> None:
     with pytest.raises(InvalidRequestError) as err:
         parse_duration("-5s", "inactivityTimeout")
     assert err.value.field == "inactivityTimeout"
+
+
+def test_router_survives_forget_while_a_request_is_in_flight() -> None:
+    router = ReplicaRouter()
+    with router.track("d", 0):
+        router.forget("d")  # the deployment was deleted mid-request
+        assert router.outstanding("d", 0) == 0
+        with router.track("d", 0):  # a new deployment of the same name starts counting afresh
+            assert router.outstanding("d", 0) == 1
+        assert router.outstanding("d", 0) == 0
+    assert router.outstanding("d", 0) == 0  # the orphan's finally neither raised nor touched the new count
+
+
+def test_hot_load_header_names_the_deployment() -> None:
+    from firetitan.server.control_plane.hotload import deployment_from_header
+
+    assert deployment_from_header("accounts/local/deployments/dep-1") == ("local", "dep-1")
+    for bad in (None, "", "dep-1", "accounts/local/models/x", "accounts//deployments/x"):
+        with pytest.raises(InvalidRequestError) as err:
+            deployment_from_header(bad)
+        assert err.value.field == "fireworks-deployment"
+
+
+def test_shape_versions_carry_the_snapshot_the_official_sdk_reads() -> None:
+    profile = resolve_shape("nano-qwen3-cpu").profile()
+    snapshot = profile["snapshot"]
+    assert isinstance(snapshot, dict)
+    assert snapshot["deploymentShapeVersion"] == "accounts/local/deploymentShapes/nano-qwen3-cpu/versions/1"
+    assert snapshot["maxSupportedContextLength"] == 512 and snapshot["trainerMode"] == "POLICY_TRAINER"
+
+
+async def test_one_wait_raises_on_a_reported_failure_and_on_timeout() -> None:
+    from firetitan.errors import APITimeoutError, SnapshotError
+    from firetitan.server.deployment.schemas import HotLoadStatus, wait_until_serving
+
+    def status(stage: str, current: str | None, ready: bool = True, count: int = 2) -> HotLoadStatus:
+        replica = {"readiness": ready, "current_snapshot_identity": current,
+                   "loading_state": {"stage": stage, "target_snapshot_identity": "x"}}
+        return HotLoadStatus.model_validate({"replica_count": count, "replicas": [
+            {**replica, "replica_index": 0}, {**replica, "replica_index": 1}]})
+
+    answers = iter([status("loading", "old", ready=False), status("done", "x")])
+
+    async def fetch() -> HotLoadStatus:
+        return next(answers)
+
+    done = await wait_until_serving(fetch, "x", 60, where="d", poll_s=0)
+    assert [r.current_snapshot_identity for r in done.replicas] == ["x", "x"]
+    # One replica of a deployment of three is not "every replica".
+    assert not status("done", "x", count=3).all_serving("x")
+
+    async def failing() -> HotLoadStatus:
+        return status("error", "old")
+
+    with pytest.raises(SnapshotError, match="failed to load 'x'"):
+        await wait_until_serving(failing, "x", 60, where="d", poll_s=0)
+
+    async def stuck() -> HotLoadStatus:
+        return status("swapping", "old", ready=False)
+
+    with pytest.raises(APITimeoutError) as err:
+        await wait_until_serving(stuck, "x", 0, where="d", poll_s=0)
+    assert "swapping" in err.value.message

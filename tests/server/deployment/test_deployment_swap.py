@@ -182,3 +182,58 @@ async def test_lora_adapter_logprobs_match_peft_model(worker: WorkerProcess, sto
     restore = store.save_base("swap-restore", nano_sd, load_model(NANO).config, base_model=NANO)
     status, _ = await hot_load(worker.url, {"identity": restore.identity})
     assert status == 200
+
+
+@pytest.mark.slow
+async def test_async_load_reports_pending_and_sdk_delta_chains_are_accepted(
+        store: SnapshotStore, store_dir: Path, nano_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """A replica whose ASYNC answer may not wait (FIRETITAN_HOT_LOAD_WAIT_S=0) says 504 "pending", never
+    success, and its status names the target; a delta naming the last loaded delta as `previous` (the
+    official SDK's chain) is accepted when that delta is served on the same base."""
+    from firetitan.server.process import spawn_worker
+
+    config = load_model(NANO).config
+    base = store.save_base("chain-base", perturbed(nano_sd, 11), config, base_model=NANO)
+    d1 = store.save_delta("chain-d1", perturbed(nano_sd, 12), base.identity)
+    d2 = store.save_delta("chain-d2", perturbed(nano_sd, 13), base.identity)
+    assert store.delta_base(d2.identity) == base.identity and store.delta_base(base.identity) is None
+    proc = spawn_worker("firetitan.server.deployment",
+                        ["--base-model", NANO, "--store-dir", str(store_dir), "--deployment-id", "pending-dep"],
+                        threads=1, log_path=tmp_path / "worker.log", ready_timeout=180,
+                        env={"FIRETITAN_HOT_LOAD_WAIT_S": "0"})
+    try:
+        status, out = await hot_load(proc.url, {"identity": base.identity, "mode": "ASYNC"})
+        assert status == 504 and out["error"]["field"] == "identity" and "pending" in out["error"]["message"]
+        state = await hot_status(proc.url)
+        assert state["loading_state"]["target_snapshot_identity"] == base.identity
+        for _ in range(200):
+            state = await hot_status(proc.url)
+            if state["current_snapshot_identity"] == base.identity:
+                break
+            await asyncio.sleep(0.05)
+        assert state["replicas"][0]["readiness"] and state["loading_state"]["stage"] == "done"
+
+        # SYNC answers once the swap is queued, so the chain below is driven with SYNC loads.
+        async def load_and_wait(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            status, out = await hot_load(proc.url, {**body, "mode": "SYNC"})
+            for _ in range(200):
+                if status != 200 or (await hot_status(proc.url))["current_snapshot_identity"] == body["identity"]:
+                    break
+                await asyncio.sleep(0.05)
+            return status, out
+
+        meta = {"compression_format": "arc_v2", "checksum_format": "sha256"}
+        assert (await load_and_wait({"identity": d1.identity, "incremental_snapshot_metadata": {
+            "previous_snapshot_identity": base.identity, **meta}}))[0] == 200
+        status, out = await load_and_wait({"identity": d2.identity, "incremental_snapshot_metadata": {
+            "previous_snapshot_identity": d1.identity, **meta}})
+        assert status == 200, out
+        state = await hot_status(proc.url)
+        assert (state["current_snapshot_identity"], state["replicas"][0]["base_snapshot_identity"]) == \
+            (d2.identity, base.identity)
+        # A `previous` that is neither the base nor the served snapshot is still refused.
+        status, out = await hot_load(proc.url, {"identity": d1.identity, "incremental_snapshot_metadata": {
+            "previous_snapshot_identity": "chain-other"}})
+        assert status == 409 and out["error"]["field"] == "incremental_snapshot_metadata.previous_snapshot_identity"
+    finally:
+        proc.stop(timeout=10)
