@@ -16,7 +16,6 @@ import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from firetitan.errors import APIStatusError, from_response
 from firetitan.logging import get_logger
 from firetitan.server.control_plane.deployments import Deployments
 from firetitan.server.control_plane.home import HomeLayout
@@ -27,6 +26,7 @@ from firetitan.server.control_plane.router import ReplicaRouter
 from firetitan.server.control_plane.state import StateStore
 from firetitan.server.control_plane.supervisor import Supervisor, WorkerKey
 from firetitan.server.process import ADOPTER_FILE_ENV, PARENT_GRACE_ENV
+from firetitan.transport import request_json
 
 log = get_logger("firetitan.control_plane")
 
@@ -119,6 +119,12 @@ class ControlPlane:
             await self._session.close()
         self.store.close()
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The control plane's HTTP session to its workers (carries their key); open after `start`."""
+        assert self._session is not None, "ControlPlane.start() was not called"
+        return self._session
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         """Run `coro` in the control plane's task group; a failure is logged, never kills its siblings."""
         if self._group is None or self._stopping.is_set():
@@ -140,17 +146,10 @@ class ControlPlane:
     # calls to workers ------------------------------------------------------------------------
 
     async def call_worker(self, method: str, url: str, body: Any, timeout: float) -> Any:
-        """One JSON call to a worker: the only place the control plane talks to its workers over HTTP."""
-        assert self._session is not None, "ControlPlane.start() was not called"
-        try:
-            async with self._session.request(method, url, json=body,
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                payload = await resp.json(content_type=None) if resp.content_length != 0 else None
-                if resp.status >= 400:
-                    raise from_response(resp.status, payload)
-                return payload
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise APIStatusError(f"{method} {url} failed: {type(exc).__name__}: {exc}", status_code=502) from exc
+        """One JSON call to a worker: the only place the control plane talks to its workers over HTTP.
+        No retry here: callers own their retry (hot-load is not idempotent); transport failures come back
+        as `APIConnectionError` / `APITimeoutError`, error answers as the worker's typed error."""
+        return await request_json(self.session, method, url, body, timeout=timeout)
 
 
 async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> None:

@@ -126,7 +126,7 @@ class TinkerGateway:
             model = self.models.pop(model_id, None)
             if model is not None:
                 with _quiet():
-                    await self.cp.delete_job(ACCOUNT, model.job_id)
+                    await self.cp.jobs.delete(ACCOUNT, model.job_id)
         for sampler_id in sess.samplers:
             self.samplers.pop(sampler_id, None)
         if self.pool is not None:
@@ -171,7 +171,7 @@ class TinkerGateway:
         job_id = f"tk-{secrets.token_hex(5)}"
         req = CreateTrainerJobRequest(training_config=TrainingConfig(base_model=base_model, lora_rank=rank),
                                       display_name=f"tinker {model_id}"[:63])
-        await self.cp.create_job(ACCOUNT, req, job_id, None)
+        await self.cp.jobs.create(ACCOUNT, req, job_id, None)
         model = Model(model_id, session_id, job_id, base_model, rank)
         self.models[model_id] = model
         sess.models.add(model_id)
@@ -181,7 +181,7 @@ class TinkerGateway:
         """The job's worker URL once it runs (a create or resume may still be starting it)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            job = self.cp.get_job(ACCOUNT, model.job_id)
+            job = self.cp.jobs.get(ACCOUNT, model.job_id)
             if job.state == JOB_RUNNING and job.trainer_url:
                 return job.trainer_url
             if job.state != JOB_CREATING:
@@ -195,7 +195,7 @@ class TinkerGateway:
         import aiohttp
 
         url = await self.trainer_url(model)
-        with self.cp.trainer_activity(ACCOUNT, model.job_id):
+        with self.cp.jobs.activity(ACCOUNT, model.job_id):
             try:
                 async with self.cp.session.post(f"{url}/api/v1/{path}", json=body,
                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -272,8 +272,8 @@ class TinkerGateway:
             raise Failure(f"path: training run {src_model_id!r} is unknown to this server")
         if src.job_id == dst.job_id:
             return
-        src_store = TrainStateStore(self.cp.trainer_state_dir(ACCOUNT, src.job_id))
-        dst_store = TrainStateStore(self.cp.trainer_state_dir(ACCOUNT, dst.job_id))
+        src_store = TrainStateStore(self.cp.layout.trainer_state_dir(ACCOUNT, src.job_id))
+        dst_store = TrainStateStore(self.cp.layout.trainer_state_dir(ACCOUNT, dst.job_id))
         if not src_store.exists(name):
             raise Failure(f"path: no train state named {name!r} in run {src_model_id!r}")
         target = dst_store.path(name)

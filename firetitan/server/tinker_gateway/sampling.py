@@ -15,8 +15,8 @@ from firetitan.server.control_plane.resources import (
     DEP_FAILED,
     DEP_READY,
     CreateDeploymentRequest,
-    HotLoadRequest,
 )
+from firetitan.server.deployment.schemas import HotLoadRequest, wait_until_serving
 from firetitan.server.tinker_gateway.futures import Failure
 from firetitan.server.tinker_gateway.gateway import ACCOUNT, START_TIMEOUT_S, Snapshot
 
@@ -83,7 +83,7 @@ class DeploymentPool:
     async def _delete(self, dep_id: str) -> None:
         self._inflight.pop(dep_id, None)
         try:
-            await self.cp.delete_deployment(ACCOUNT, dep_id)
+            await self.cp.deployments.delete(ACCOUNT, dep_id)
         except FiretitanError as exc:
             log.warning("tinker_sampling_delete_failed", deployment=dep_id, error=str(exc))
 
@@ -103,11 +103,11 @@ class DeploymentPool:
 
     async def _bring_up(self, dep_id: str, target: Snapshot | str) -> None:
         base = target.base_model if isinstance(target, Snapshot) else target
-        await self.cp.create_deployment(ACCOUNT, CreateDeploymentRequest(base_model=base), dep_id)
+        await self.cp.deployments.create(ACCOUNT, CreateDeploymentRequest(base_model=base), dep_id)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            dep = self.cp.get_deployment(ACCOUNT, dep_id)
-            if dep.state == DEP_READY and self.cp.ready_replicas(ACCOUNT, dep_id):
+            dep = self.cp.deployments.get(ACCOUNT, dep_id)
+            if dep.state == DEP_READY and self.cp.deployments.ready_replicas(ACCOUNT, dep_id):
                 break
             if dep.state == DEP_FAILED:
                 raise Failure(f"sampling deployment failed to start: {dep.status.message}", "server")
@@ -115,18 +115,15 @@ class DeploymentPool:
                 raise Failure("sampling deployment did not become ready in time", "server")
             await asyncio.sleep(0.2)
         if isinstance(target, Snapshot):
-            await self.cp.hot_load(ACCOUNT, dep_id, HotLoadRequest(identity=target.identity, mode="SYNC"))
+            await self.cp.hot_loads.load(ACCOUNT, dep_id, HotLoadRequest(identity=target.identity, mode="SYNC"))
             await self._wait_loaded(dep_id, target.identity)
 
     async def _wait_loaded(self, dep_id: str, identity: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = await self.cp.hot_load_status(ACCOUNT, dep_id)
-            replicas = status.get("replicas") or []
-            if replicas and all(r.get("current_snapshot_identity") == identity for r in replicas):
-                return
-            await asyncio.sleep(0.2)
-        raise Failure(f"snapshot {identity!r} did not load in time", "server")
+        try:
+            await wait_until_serving(lambda: self.cp.hot_loads.status(ACCOUNT, dep_id), identity, START_TIMEOUT_S,
+                                     where=f"sampling deployment {dep_id}", poll_s=0.2)
+        except FiretitanError as exc:
+            raise Failure(f"snapshot {identity!r} did not load: {exc}", "server") from exc
 
     async def close(self) -> None:
         for dep_id in list(self._deps.values()):
@@ -137,7 +134,7 @@ class DeploymentPool:
 async def sample(cp: ControlPlane, dep_id: str, prompt: list[int], num_samples: int,
                  params: dict[str, Any]) -> list[dict[str, Any]]:
     """Sample `num_samples` continuations on one replica: [{tokens, logprobs, stop_reason}]."""
-    ready = cp.ready_replicas(ACCOUNT, dep_id)
+    ready = cp.deployments.ready_replicas(ACCOUNT, dep_id)
     if not ready:
         raise Failure("the sampling deployment has no ready replica", "server")
     url = ready[sorted(ready)[0]]
