@@ -246,7 +246,8 @@ def build_app(settings: TrainerSettings) -> web.Application:
         rec = service.futures.get(req.request_id)
         wait = MAX_POLL_SECONDS if req.timeout is None else min(req.timeout, MAX_POLL_SECONDS)
         try:
-            await asyncio.wait_for(rec.done.wait(), timeout=wait)
+            if not rec.done.is_set():  # (wait_for with timeout 0 would time out even on a done future)
+                await asyncio.wait_for(rec.done.wait(), timeout=wait)
         except TimeoutError:
             return json_response({"type": "try_again", "request_id": rec.request_id, "queue_state": "active"})
         assert rec.body is not None

@@ -157,6 +157,9 @@ class RequestQueue:
         """
         if seq_id is None:
             return None
+        rid = self.lookup(session, seq_id)
+        if rid is not None:  # a retry of a submission already refused (or accepted): same future
+            return self.futures.get(rid)
         sess = self._sessions.get(session or "")
         if sess is not None and (seq_id < sess.next_seq or seq_id in sess.pending):
             return None

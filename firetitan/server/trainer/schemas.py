@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 from firetitan.types import AdamParams, Datum, LoraConfig
 
@@ -29,11 +29,12 @@ class _Sequenced(_Body):
     # Our SDK sends its per-client id so several clients (and reconnects) each get their own sequence.
     session_id: StrictStr | None = Field(default=None, max_length=128)
 
-    @model_validator(mode="before")
+    @field_validator("seq_id", mode="before")
     @classmethod
     def _no_null_seq_id(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "seq_id" in value and value["seq_id"] is None:
-            raise ValueError("seq_id: must be an integer >= 0 when given (omit it for arrival order), got null")
+        # Runs only when the field is present: an explicit null is refused, absence means arrival order.
+        if value is None:
+            raise ValueError("must be an integer >= 0 when given (omit it for arrival order), got null")
         return value
 
 
