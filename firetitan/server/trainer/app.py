@@ -157,7 +157,7 @@ def build_app(settings: TrainerSettings) -> web.Application:
     async def get_info(request: web.Request) -> web.Response:
         req = await parse(request, s.ModelRef)
         sess = service.session(req.model_id)
-        if sess.engine is None and sess.created is not None:
+        if sess.created is not None and not sess.created.done.is_set():
             await asyncio.wait_for(sess.created.done.wait(), timeout=600)
         return json_response(sess.require_engine().info())
 

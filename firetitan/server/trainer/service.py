@@ -162,9 +162,10 @@ class TrainerService:
 
         def build() -> dict[str, Any]:
             try:
-                sess.engine = TrainerEngine(model_id, spec, store=self.store, states=self.states)
+                engine = TrainerEngine(model_id, spec, store=self.store, states=self.states)
                 if preload:
-                    self._restore_latest(sess.engine)
+                    self._restore_latest(engine)
+                sess.engine = engine  # only now: get_info must not see the model before it is restored
             except FiretitanError as exc:
                 sess.error = exc
                 raise
