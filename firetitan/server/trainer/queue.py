@@ -158,8 +158,9 @@ class RequestQueue:
         if seq_id is None:
             return None
         rid = self.lookup(session, seq_id)
-        if rid is not None:  # a retry of a submission already refused (or accepted): same future
-            return self.futures.get(rid)
+        if rid is not None:  # a retry of a refused submission gets the same future; an accepted one is no concern
+            rec = self.futures.get(rid)
+            return rec if rec.rejected is not None else None
         sess = self._sessions.get(session or "")
         if sess is not None and (seq_id < sess.next_seq or seq_id in sess.pending):
             return None
