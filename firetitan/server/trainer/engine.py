@@ -224,23 +224,35 @@ class TrainerEngine:
 
     @torch.no_grad()
     def _check_update(self, params: AdamParams, clip: float) -> None:
-        """AdamW's math for each parameter into temporaries (one parameter at a time, nothing kept):
-        raise `NonFiniteError` if any new weight or moment would be NaN/inf."""
+        """Raise `NonFiniteError` if this AdamW step would make any weight or moment NaN/inf.
+
+        Per parameter, a bound from the largest magnitudes (four reductions, in Python floats, which
+        cannot overflow here) proves most steps safe; only a parameter whose bound reaches the dtype's
+        range gets AdamW's math computed elementwise into temporaries. Nothing is modified.
+        """
         assert self.optimizer is not None
-        b1, b2, lr = params.beta1, params.beta2, params.learning_rate
+        b1, b2, lr, eps = params.beta1, params.beta2, params.learning_rate, params.eps
         for p in self.params:
             if p.grad is None:
                 continue
             state = self.optimizer.state.get(p, {})
             t = float(state["step"]) + 1 if "step" in state else 1.0
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            g_max = _abs_max(p.grad) * clip
+            m_max = (1 - b1) * g_max + (b1 * _abs_max(state["exp_avg"]) if "exp_avg" in state else 0.0)
+            v_max = (1 - b2) * g_max**2 + (b2 * _abs_max(state["exp_avg_sq"]) if "exp_avg_sq" in state else 0.0)
+            p_max = _abs_max(p) * abs(1 - lr * params.weight_decay) + lr / bc1 * m_max / eps
+            bounds = (m_max, v_max, p_max)
+            if all(math.isfinite(b) for b in bounds) and max(bounds) < 0.5 * torch.finfo(p.dtype).max:
+                continue
             g = p.grad.float() * clip
             m = g * (1 - b1) if "exp_avg" not in state else state["exp_avg"].float() * b1 + g * (1 - b1)
             v = g * g * (1 - b2) if "exp_avg_sq" not in state else state["exp_avg_sq"].float() * b2 + g * g * (1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(params.eps)
-            new = p.float() * (1 - lr * params.weight_decay) - (lr / (1 - b1**t)) * m / denom
-            if not (torch.isfinite(new).all() and torch.isfinite(m).all() and torch.isfinite(v).all()):
+            new = p.float() * (1 - lr * params.weight_decay) - (lr / bc1) * m / ((v.sqrt() / math.sqrt(bc2)) + eps)
+            limit = torch.finfo(p.dtype).max
+            if not all(bool((x.abs() <= limit).all()) for x in (new, m, v)):
                 raise NonFiniteError(
-                    f"adam_params: this update (learning_rate={lr:g}, eps={params.eps:g}) would make weights or "
+                    f"adam_params: this update (learning_rate={lr:g}, eps={eps:g}) would make weights or "
                     "optimizer state non-finite; the step was refused and nothing changed", field="adam_params")
 
     # -- sampler snapshots
@@ -344,6 +356,12 @@ class TrainerEngine:
             "restored_from_step": self.restored_from_step,
             "steps_lost": self.steps_lost,
         }
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    """The largest magnitude in `t` as a Python float (NaN if `t` holds one)."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
 
 
 def _fb_body(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, Any]:
