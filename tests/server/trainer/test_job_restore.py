@@ -59,6 +59,17 @@ async def test_create_model_reuses_the_preloaded_model_and_the_cap_holds(tmp_pat
     try:
         same = await TrainingClient.create_async(t.url, NANO, api_key=KEY)
         assert same.model_id == "job"  # no second full copy
+        # The official fireworks SDK's request for the same full-parameter model (rank 0, alpha unset).
+        from fireworks.training.sdk import types as fw
+
+        official = fw.CreateModelRequest(session_id="s", model_seq_id=0, base_model=NANO,
+                                         lora_config=fw.LoraConfig(rank=0, train_mlp=True))
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+            async with http.post(f"{t.url}/api/v1/create_model",
+                                 json=official.model_dump(exclude_none=True, mode="json")) as resp:
+                assert (resp.status, (await resp.json())["model_id"]) == (200, "job")
+            async with http.post(f"{t.url}/api/v1/get_info", json={"model_id": "s:train:0"}) as resp:
+                assert (await resp.json())["model_id"] == "job"  # the Tinker id is an alias
         ref = await TrainingClient.create_async(t.url, NANO, forward_only=True, api_key=KEY)
         assert ref.model_id != "job"
         with pytest.raises(ConflictError) as err:  # a third model is over --max-models 2
