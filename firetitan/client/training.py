@@ -210,8 +210,9 @@ class TrainingClient:
             reached = True
             return str(accepted["request_id"])
         except FiretitanError as exc:
-            # A 4xx means the server saw the request and consumed its seq_id when rejecting it.
-            reached = reached or 400 <= exc.status_code < 500
+            # A 4xx means the server saw the request and consumed its seq_id when rejecting it; a 429
+            # (full queue) leaves it free, so it is released here.
+            reached = reached or (400 <= exc.status_code < 500 and exc.status_code != 429)
             raise
         finally:
             if not reached:

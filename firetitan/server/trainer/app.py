@@ -202,6 +202,8 @@ def build_app(settings: TrainerSettings) -> web.Application:
             return _accepted(service.submit(req, kind, lambda _sess: fn))
         except Exception as caught:
             exc = caught if isinstance(caught, FiretitanError) else _internal(caught, kind)
+            if exc.status_code == 429:  # full queue: retryable, so the seq_id is left for the retry
+                return web.json_response(exc.to_body(), status=429, headers={"Retry-After": "1"})
             rid = service.reject(raw, kind, exc)
             body = exc.to_body()
             if rid is not None:

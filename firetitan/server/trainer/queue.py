@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from firetitan.errors import ConflictError, FiretitanError, NotFoundError
+from firetitan.errors import APIStatusError, ConflictError, FiretitanError, NotFoundError
 from firetitan.logging import get_logger
 
 log = get_logger("firetitan.server.trainer")
@@ -88,6 +88,8 @@ class Job:
 SEEN_PER_SESSION = 4096
 # Sessions (clients) remembered per model; the oldest idle ones are forgotten beyond this.
 MAX_SESSIONS = 1024
+# Jobs one model holds queued or waiting for an earlier seq_id; a submission beyond it is a 429.
+MAX_WAITING = 1024
 _SKIPPED = object()  # placeholder for a seq_id that was rejected or released: nothing to run
 
 
@@ -126,6 +128,10 @@ class RequestQueue:
         known = self.lookup(session, seq_id)
         if known is not None:
             return self.futures.get(known)
+        if self.waiting() >= MAX_WAITING:
+            # Not a refusal of the request itself: its seq_id stays free for the client's retry.
+            raise APIStatusError(f"model_id {self.model_id!r} already has {MAX_WAITING} jobs waiting; retry later",
+                                 field="model_id", status_code=429)
         rec = self.futures.new(kind, self.model_id)
         job = Job(rec, fn)
         if seq_id is None:

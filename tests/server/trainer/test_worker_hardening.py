@@ -194,3 +194,28 @@ async def test_health_answers_while_a_long_job_runs(trainer: Trainer, model) -> 
         assert status == 200 and out["metrics"]["loss:sum"] > 0
     print(f"health checks during the job: {len(latencies)}, max {max(latencies):.3f}s")
     assert seen_busy, "health was never answered while the job ran"
+
+
+async def test_a_full_queue_answers_429_and_keeps_the_seq_id(trainer: Trainer, model) -> None:
+    from firetitan.server.trainer.queue import MAX_WAITING
+
+    url, mid = trainer.url, model.model_id
+    fwd = {"model_id": mid, "session_id": "full", "forward_input": {"data": [GOOD.to_wire()]}}
+    async with aiohttp.ClientSession() as http:
+        # Seq 1 opens the session; seq 2 never comes, so every later submission is held (nothing runs).
+        for seq in (1, *range(3, MAX_WAITING + 3)):
+            status, _ = await post(http, url, "forward", {**fwd, "seq_id": seq})
+            assert status == 200, seq
+        last = MAX_WAITING + 3
+        async with http.post(f"{url}/api/v1/forward", json={**fwd, "seq_id": last}) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+        # The 429 did not consume the seq id: giving up seq 2 lets the held ones run, then the retry is accepted.
+        status, _ = await post(http, url, "release_seq", {"model_id": mid, "session_id": "full", "seq_id": 2})
+        assert status == 200
+        for _attempt in range(600):
+            status, body = await post(http, url, "forward", {**fwd, "seq_id": last})
+            if status == 200:
+                break
+            assert status == 429
+            await asyncio.sleep(0.1)
+        assert status == 200 and (await result(http, url, body["request_id"]))[0] == 200
