@@ -34,8 +34,14 @@ async def _status(args: argparse.Namespace) -> int:
         deps = (await http.request_json("GET", f"/v1/accounts/{args.account}/deployments"))["deployments"]
     finally:
         await http.close()
+    summary = None
+    if args.base_url is None:  # the store is a local directory: only the local control plane's is ours to measure
+        from firetitan.checkpoints import SnapshotStore
+        from firetitan.checkpoints.retention import store_summary
+
+        summary = store_summary(SnapshotStore(layout.store))
     if args.json:
-        print(json.dumps({"url": url, "rlorTrainerJobs": jobs, "deployments": deps}, indent=2))
+        print(json.dumps({"url": url, "rlorTrainerJobs": jobs, "deployments": deps, "store": summary}, indent=2))
         return 0
     console = Console()
     console.print(f"control plane: {url}  (state: {layout.root})")
@@ -51,6 +57,9 @@ async def _status(args: argparse.Namespace) -> int:
                       f"{d.get('replicaCount', 0)}/{d.get('maxReplicaCount', 0)}",
                       d.get("currentSnapshotIdentity") or "-")
     console.print(table)
+    if summary is not None:
+        console.print(f"snapshot store: {summary['snapshots']} snapshots ({summary['pinned']} pinned), "
+                      f"{summary['bytes'] / 2**20:.1f} MiB on disk at {layout.store}")
     return 0
 
 

@@ -163,6 +163,12 @@ class FiretitanServiceClient:
         self._training_client = TrainingClient(
             self._job["serviceUrl"], job_id, self._api_key, tokenizer_model=self.config.tokenizer_name)
         self._clients.append(self._training_client)
+        if not self._trainer_created:
+            # Re-attached: ask once, so a trainer restarted from its saved state warns now (steps lost).
+            try:
+                await self._training_client.get_info_async()
+            except FiretitanError as exc:  # the info is advisory here; the first real call reports errors
+                log.warning("trainer_info_unavailable", trainer_job_id=job_id, error=str(exc))
         log.info("provisioned", trainer_job_id=job_id, deployment_id=self.deployment_id,
                  trainer_created=self._trainer_created, deployment_created=self._deployment_created)
 

@@ -93,14 +93,9 @@ def test_still_alive_and_bounded(trainer: Target) -> None:
 
 
 # Issue 14 (16, 19, 21, 22): loose types and unbounded values the trainer's schemas must refuse with a
-# 400 naming the field. Each fails on this branch (answer in the reason) because the fix is the trainer
-# helper's (strict schemas, AdamParams ranges, create_model fields); the xfails come off at merge.
-_TRAINER_FIX = "trainer schemas (issue 14): "
-
-
-def _loose(route: str, body: dict, now: str) -> object:
-    return pytest.param(route, body, id=f"{route}-{json.dumps(body)[:50]}",
-                        marks=pytest.mark.xfail(strict=True, reason=_TRAINER_FIX + now))
+# 400 naming the field (strict schemas, AdamParams ranges, create_model fields).
+def _loose(route: str, body: dict, what: str) -> object:
+    return pytest.param(route, body, id=f"{route}-{json.dumps(body)[:50]}")
 
 
 LOOSE = [

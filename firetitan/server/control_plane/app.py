@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
+from firetitan.names import check_name
 from firetitan.server.common import error_json, json_response, make_app, parse_body
 from firetitan.server.control_plane.controller import ControlPlane
 from firetitan.server.control_plane.hotload import DEPLOYMENT_HEADER, deployment_from_header
@@ -252,6 +253,8 @@ async def inference_by_model(request: web.Request) -> web.StreamResponse:
     if len(parts) < 4 or parts[0] != "accounts" or parts[2] != "deployments":
         raise InvalidRequestError(f"model {model!r} must name a deployment: accounts/<account>/deployments/<id>",
                                   field="model")
+    check_name(parts[1], field="model")  # the same name rule as every path parameter
+    check_name(parts[3], field="model")
     return await _route(request, parts[1], parts[3], body)
 
 

@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup
 
 from firetitan.logging import get_logger
 from firetitan.server.control_plane.deployments import Deployments
-from firetitan.server.control_plane.home import HomeLayout
+from firetitan.server.control_plane.home import HOME_ENV, HomeLayout
 from firetitan.server.control_plane.hotload import HotLoads
 from firetitan.server.control_plane.jobs import TrainerJobs
 from firetitan.server.control_plane.resources import TRAINER
@@ -77,7 +77,9 @@ class ControlPlane:
             logs_dir=layout.logs, api_key=api_key, on_exit=self._on_worker_exit,
             health_interval=settings.health_interval, ready_timeout=settings.ready_timeout,
             host=settings.worker_host,
-            worker_env={PARENT_GRACE_ENV: str(settings.worker_grace_s), ADOPTER_FILE_ENV: str(layout.discovery_file)})
+            # Workers read the alias table and their state from the same home as this control plane.
+            worker_env={PARENT_GRACE_ENV: str(settings.worker_grace_s), ADOPTER_FILE_ENV: str(layout.discovery_file),
+                        HOME_ENV: str(layout.root)})
         self._locks: defaultdict[tuple[str, str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._session: aiohttp.ClientSession | None = None
         self._group: TaskGroup | None = None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from firetitan.errors import APIStatusError, ConflictError, FiretitanError, InvalidRequestError
 from firetitan.logging import get_logger
+from firetitan.names import check_name
 from firetitan.server.control_plane.resources import (
     DEP_FAILED,
     DEP_READY,
@@ -43,7 +44,7 @@ def deployment_from_header(value: str | None) -> tuple[str, str]:
     if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "deployments" or not parts[1] or not parts[3]:
         raise InvalidRequestError(f"header {DEPLOYMENT_HEADER} {value!r} must name a deployment: "
                                   "accounts/<account>/deployments/<id>", field=DEPLOYMENT_HEADER)
-    return parts[1], parts[3]
+    return check_name(parts[1], field=DEPLOYMENT_HEADER), check_name(parts[3], field=DEPLOYMENT_HEADER)
 
 
 class HotLoads:
@@ -51,6 +52,7 @@ class HotLoads:
 
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
+        self._gc_lock = asyncio.Lock()
 
     async def load(self, account: str, deployment_id: str, req: HotLoadRequest) -> HotLoadStatus:
         """Load one snapshot into every ready replica, or into none; remember it for later replicas."""
@@ -83,12 +85,27 @@ class HotLoads:
                 identity=req.identity, previous_snapshot_identity=previous))
             dep.last_hot_load.stage, dep.last_hot_load.finished_at = "done", time.time()
             deployments.save(account, dep)
+            # Retention runs after the chain is recorded, so what this deployment now serves is kept.
+            self.cp.spawn(self._collect_garbage(), "store-gc")
             replicas = [res for res in results if isinstance(res, ReplicaHotLoadStatus)]
             return HotLoadStatus(
                 deployment=dep.name, deployment_id=dep.deployment_id, base_model=dep.base_model,
                 identity=req.identity, mode=req.mode, readiness=True, current_snapshot_identity=req.identity,
                 policy_version=req.identity, loading_state=dep.last_hot_load,
                 replica_count=dep.max_replica_count, replicas=replicas)
+
+    async def _collect_garbage(self) -> None:
+        """Keep the store bounded: the last K sampler snapshots per run, pins, and every chain a
+        deployment serves or replays (`checkpoints/retention.py`; K = $FIRETITAN_STORE_KEEP_LAST)."""
+        from firetitan.checkpoints import SnapshotStore, retention  # torch-heavy: only once snapshots exist
+
+        layout = self.cp.layout
+
+        def run() -> None:
+            retention.gc(SnapshotStore(layout.store), in_use=retention.in_use_from_state_db(layout.state_db))
+
+        async with self._gc_lock:  # one sweep at a time; a burst of hot-loads does not pile them up
+            await asyncio.to_thread(run)
 
     async def _fail(self, account: str, dep: Deployment, identity: str,
                     failures: list[tuple[int, BaseException]], switched: list[Replica]) -> None:

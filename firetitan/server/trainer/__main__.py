@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from firetitan.server.common import add_common_args, serve_app
@@ -45,8 +46,19 @@ def main(argv: list[str] | None = None) -> None:
                                lora_rank=args.lora_rank, job_id=args.job_id, forward_only=args.forward_only,
                                api_key=args.api_key, max_models=args.max_models,
                                model_roots=tuple(args.model_root), autosave_every=args.autosave_every,
-                               autosave_keep=args.autosave_keep)
+                               autosave_keep=args.autosave_keep, resolve_model=_alias_resolver())
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
+
+
+def _alias_resolver() -> Callable[[str], str] | None:
+    """Hosted model names (`accounts/fireworks/models/...`) through the alias table of this worker's
+    state directory ($FIRETITAN_HOME, set by the control plane that started it); None without one."""
+    home = os.environ.get("FIRETITAN_HOME")
+    if not home:
+        return None
+    from firetitan.models.aliases import is_hosted_name, resolve_model_name
+
+    return lambda name: resolve_model_name(name, home) if is_hosted_name(name) else name
 
 
 if __name__ == "__main__":

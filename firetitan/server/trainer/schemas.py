@@ -118,8 +118,17 @@ class SaveWeightsRequest(_Sequenced):
 class SaveWeightsForSamplerRequest(_Sequenced):
     path: Name = Field(validation_alias=AliasChoices("path", "name"))
     # When set, the public identity is "<path>-<client_suffix>" (per-client names never collide).
-    client_suffix: StrictStr | None = Field(default=None, max_length=64)
+    # Omitted means no suffix; an explicit null is refused, since it would silently drop the suffix
+    # a client meant to send (two clients could then write the same identity).
+    client_suffix: StrictStr | None = Field(default=None, min_length=1, max_length=64)
     checkpoint_type: Literal["base", "delta"] | None = None
+
+    @field_validator("client_suffix", mode="before")
+    @classmethod
+    def _no_explicit_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("client_suffix must be a string when given (omit it for no suffix)")
+        return value
 
 
 class LoadWeightsRequest(_Sequenced):

@@ -111,7 +111,9 @@ class TrainerService:
         `model_roots` (resolved, so `..` and symlinks cannot escape). Anything else is a 400.
         """
         if self.settings.resolve_model is not None:
-            name = self.settings.resolve_model(name)
+            resolved = self.settings.resolve_model(name)
+            if resolved != name:  # an alias the operator put in the table: trusted like a built-in
+                return resolve_model_name(resolved, field="base_model")
         if is_builtin(name):
             return resolve_model_name(name)
         if self.settings.base_model is not None and name == self.settings.base_model:
