@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                                   max_waiting_requests=args.max_waiting_requests,
                                   max_choices_per_request=args.max_choices_per_request,
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens)
+    torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's
     # module teardown, which takes seconds with torch + transformers loaded, so a stop is prompt.

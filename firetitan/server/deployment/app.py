@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from aiohttp import web
 
 from firetitan.checkpoints import SnapshotStore
@@ -347,5 +346,4 @@ def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> w
     app.router.add_get("/hot_load/v1/models/hot_load", hot_load_get)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health", health)
-    torch.set_grad_enabled(False)
     return app
