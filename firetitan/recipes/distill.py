@@ -31,6 +31,9 @@ from firetitan.runtime.trajectory import Trajectory
 class DistillConfig(EpisodeRLConfig):
     teacher_model: str | None = Field(default=None, description="the teacher's base model (default: base_model)")
     teacher_state: str | None = Field(default=None, description="a train state loaded into the teacher")
+    teacher_job_id: str | None = Field(
+        default=None, description="trainer job whose states hold teacher_state (train states are per job: to "
+        "use another run's state, reattach to that run's job id, e.g. stable_job_id('sft', its log_dir))")
     teacher_prompt: str | None = Field(default=None, description="privileged text prepended for the teacher only")
     kl_coef: float = Field(default=1.0, gt=0)
     loss_fn: Literal["ppo", "importance_sampling", "cispo"] = "importance_sampling"
@@ -61,7 +64,8 @@ async def distill(cfg: DistillConfig, rows: Sequence[Mapping[str, Any]], eval_ro
                   env_factory: EnvFactory, *, service: Any = None, teacher_service: Any = None,
                   on_progress: ProgressFn | None = None) -> dict[str, Any]:
     teacher_cfg = RecipeConfig(log_dir=cfg.log_dir / "teacher", base_model=cfg.teacher_model or cfg.base_model,
-                               timeout_s=cfg.timeout_s, service_kwargs=cfg.service_kwargs)
+                               timeout_s=cfg.timeout_s, service_kwargs=cfg.service_kwargs,
+                               trainer_job_id=cfg.teacher_job_id)
     async with open_clients(teacher_cfg, name="distill-teacher", deployment=False,
                             service=teacher_service) as teacher:
         if cfg.teacher_state:

@@ -1,0 +1,40 @@
+"""A trained teacher for the distillation tests: tiny-qwen3 fine-tuned to play the lookup task's toy format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from firetitan.envs import LookupEnv, lookup_rows
+from firetitan.models import load_tokenizer
+from firetitan.recipes import SFTConfig, sft
+from firetitan.recipes.config import stable_job_id
+from firetitan.runtime.trajectory import ChatMLRenderer
+
+
+def teacher_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Two rows per episode: the opening -> a vowel word (the lookup call), the tool's answer -> the code word."""
+    tok = load_tokenizer("firetitan/nano-qwen3")
+    render = ChatMLRenderer(tok)
+    out = []
+    for row in lookup_rows(n, seed=seed):
+        env = LookupEnv(row)
+        opening = [{"role": "system", "content": env.system_prompt()}, {"role": "user", "content": row["prompt"]}]
+        first = tok.decode(render.render(opening, add_generation_prompt=True))
+        out.append({"prompt": first, "completion": "apple"})
+        second = tok.decode(render.render([*opening, {"role": "assistant", "content": "apple"},
+                                           {"role": "tool", "content": f"{row['key']}: {row['answer']}"}],
+                                          add_generation_prompt=True))
+        out.append({"prompt": second, "completion": row["answer"]})
+    return out
+
+
+async def train_teacher(log_dir: Path, home: Path | None, steps: int = 30) -> tuple[str, str]:
+    """Fine-tune tiny-qwen3 on `teacher_rows`; returns (train state, trainer job id) for the teacher to load."""
+    cfg = SFTConfig(log_dir=log_dir, base_model="firetitan/tiny-qwen3", steps=steps, batch_size=8, epochs=4,
+                    learning_rate=3e-3, eval_every=0, save_every=0,
+                    service_kwargs={"home": str(home)} if home else {})
+    await sft(cfg, teacher_rows(64, seed=0))
+    recs: list[dict[str, Any]] = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
+    return str(recs[-1]["state_path"]), stable_job_id("sft", log_dir)
