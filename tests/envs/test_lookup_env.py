@@ -48,9 +48,10 @@ def test_tool_call_format_needs_lookup_then_answer() -> None:
 
 def test_initial_format_and_turn_limit() -> None:
     row = {"key": "kaloo", "answer": "salt"}
-    steps = run(LookupEnv(row), ["apple pie", "some text"])
-    assert not steps[0].done and steps[1].reward == 1.0, "vowel word = call; 's' word = the right initial"
+    steps = run(LookupEnv(row), ["apple pie", "the best"])
+    assert not steps[0].done and steps[1].reward == 1.0, "vowel word = call; then an answer holding 's'"
     assert run(LookupEnv(row), ["apple", "xyz"])[1].reward == 0.0
+    assert run(LookupEnv(row), ["the best"])[0].reward == 0.0, "no lookup, no reward"
     out = run(LookupEnv(row, max_turns=2), ["apple", "east"])
     assert out[1].done and out[1].reward == 0.0 and out[1].info["reason"] == "no answer"
     env = LookupEnv(row)
