@@ -1,4 +1,4 @@
-"""A trained teacher for the distillation tests: tiny-qwen3 fine-tuned to play the lookup task's toy format."""
+"""A trained teacher for the distillation tests: a built-in model fine-tuned to play the lookup task's toy format."""
 
 from __future__ import annotations
 
@@ -30,11 +30,29 @@ def teacher_rows(n: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
-async def train_teacher(log_dir: Path, home: Path | None, steps: int = 30) -> tuple[str, str]:
-    """Fine-tune tiny-qwen3 on `teacher_rows`; returns (train state, trainer job id) for the teacher to load."""
-    cfg = SFTConfig(log_dir=log_dir, base_model="firetitan/tiny-qwen3", steps=steps, batch_size=8, epochs=4,
-                    learning_rate=3e-3, eval_every=0, save_every=0,
+async def train_teacher(log_dir: Path, home: Path | None, *, model: str = "firetitan/nano-qwen3", steps: int = 15,
+                        learning_rate: float = 3e-3) -> tuple[str, str]:
+    """Fine-tune `model` on `teacher_rows`; returns (train state, trainer job id) for the teacher to load."""
+    cfg = SFTConfig(log_dir=log_dir, base_model=model, steps=steps, batch_size=8, epochs=4,
+                    learning_rate=learning_rate, eval_every=0, save_every=0,
                     service_kwargs={"home": str(home)} if home else {})
     await sft(cfg, teacher_rows(64, seed=0))
     recs: list[dict[str, Any]] = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
     return str(recs[-1]["state_path"]), stable_job_id("sft", log_dir)
+
+
+async def train_rl_teacher(log_dir: Path, home: Path | None, *, steps: int = 30) -> tuple[str, str]:
+    """An IGPO-trained nano-qwen3 on the lookup env: it calls the tool more often than a fresh student.
+
+    Its shift is over whole token classes (vowel-initial first words) that a random-init student
+    samples often, so on-policy samples see where the teacher disagrees (an SFT teacher that prefers a
+    handful of tokens the student never samples gives on-policy distillation nothing to follow).
+    """
+    from firetitan.envs import LookupEnv
+    from firetitan.recipes.igpo import IGPOConfig, igpo
+
+    cfg = IGPOConfig(log_dir=log_dir, steps=steps, groups_per_step=4, group_size=8, max_tokens=4, max_turns=3,
+                     learning_rate=1e-2, eval_every=0, save_every=0, service_kwargs={"home": str(home)} if home else {})
+    await igpo(cfg, lookup_rows(400, seed=0), [], LookupEnv)
+    recs = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
+    return str(recs[-1]["state_path"]), stable_job_id("igpo", log_dir)

@@ -40,12 +40,13 @@ async def test_igpo_raises_success_on_lookup_env(ft_home: Path, tmp_path: Path) 
     assert all(r["info_gain"] != 0.0 for r in eps), "turn rewards come from real teacher-forced scoring"
     success = [r["success"] for r in eps]
     first, last = sum(success[:10]) / 10, sum(success[-10:]) / 10
-    # MARGIN: see docs/multiturn-rl.md "Measured"; replaced below once measured.
-    assert last > first + MARGIN, success
+    # Train success, first vs last 10 steps (320 episodes a side). Measured with this exact setup over
+    # seeds 0-2 (benchmarks/igpo_vs_grpo.py): +0.103, +0.063, +0.047 (start ~0.11-0.14). A standstill
+    # gives 0 +- 0.028 (one standard error of the difference at p ~ 0.15), so +0.03 sits below every
+    # measured rise and about one standard error above no learning: a weak but honest check.
+    assert last > first + 0.03, success
     assert worker_processes(ft_home) == []
 
-
-MARGIN = 0.02
 
 
 async def test_igpo_async_within_bound_and_resumes(ft_home: Path, tmp_path: Path) -> None:
