@@ -1,6 +1,6 @@
 """On-policy distillation example: nano-qwen3 (student) learns from tiny-qwen3 (teacher) on lookup episodes.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --log-dir runs/distill --steps 30
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --log-dir runs/distill --steps 30   # reverse KL ~0.04 -> ~0.01
     HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --teacher-state <train state of a trained tiny-qwen3>
 """
 
@@ -27,7 +27,10 @@ def main() -> None:
     args = ap.parse_args()
     log_dir = args.log_dir or Path("runs/distill")
     cfg = DistillConfig(log_dir=log_dir, teacher_model=args.teacher_model, teacher_state=args.teacher_state,
-                        teacher_prompt=args.teacher_prompt, **{**episode_settings(args), "learning_rate": 3e-3})
+                        teacher_prompt=args.teacher_prompt,
+                        # on-policy distillation needs many sampled tokens per update (docs/multiturn-rl.md)
+                        **{**episode_settings(args), "learning_rate": 1e-3, "groups_per_step": 16, "group_size": 16,
+                           "max_concurrent_rollouts": 16})
     rows, evalset = lookup_rows(400, seed=args.seed), lookup_rows(16, seed=1, split="eval")
 
     async def run() -> dict:
