@@ -1,0 +1,189 @@
+"""The recipe body IGPO and distillation share: multi-turn episodes on the deployment, per-token advantages.
+
+Same runtime as GRPO / async RL (`RLLoop`: bounded staleness, periodic syncs, train states and evals,
+resume from the last train state + data cursor): only the rollout (episodes through an environment,
+assembled token-exactly) and the advantages (a recipe's `score` callback) differ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import Field
+
+from firetitan.client.concurrency import FixedConcurrencyController
+from firetitan.envs.base import EnvFactory
+from firetitan.recipes.checkpoints import RunCheckpoints
+from firetitan.recipes.clients import Clients, open_clients
+from firetitan.recipes.episodes import Episode, EpisodeSettings, run_episode, run_group, success_rate
+from firetitan.recipes.rl import RLConfig
+from firetitan.recipes.supervised import ProgressFn
+from firetitan.runtime.cursor import DataCursor
+from firetitan.runtime.metrics import RunMetrics
+from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
+from firetitan.runtime.pipeline import StepResult, TrainerPipeline
+from firetitan.runtime.remote import call, gather
+from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
+from firetitan.runtime.rollouts import RolloutGroup
+from firetitan.runtime.trajectory import ChatMLRenderer, Renderer, trajectory_datum
+from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
+from firetitan.types import AdamParams
+
+# (episodes of one group, its row) -> (per-token advantages of each episode, metrics of the group)
+ScoreFn = Callable[[list[Episode], Mapping[str, Any]], Awaitable[tuple[list[list[float]], dict[str, float]]]]
+
+
+class EpisodeRLConfig(RLConfig):
+    max_turns: int = Field(default=3, ge=1, description="model turns per episode")
+    max_context: int = Field(default=512, ge=8, description="tokens per trajectory; longer ones fail closed")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="stop strings of every turn")
+
+
+def episode_version(ep: Episode, registry: PolicyVersionRegistry, admitted: int) -> int:
+    """The oldest policy version among an episode's turns (a hot-load may land between turns)."""
+    known = [v for v in (registry.version_of(i) for i in ep.policy_versions) if v is not None]
+    return min(known) if known else admitted
+
+
+async def run_episode_rl(cfg: EpisodeRLConfig, rows: Sequence[Mapping[str, Any]],
+                         eval_rows: Sequence[Mapping[str, Any]], env_factory: EnvFactory,
+                         make_score: Callable[[Clients], ScoreFn], *, name: str, service: Any = None,
+                         reference: bool = False, on_progress: ProgressFn | None = None,
+                         renderer: Callable[[Any], Renderer] = ChatMLRenderer) -> dict[str, Any]:
+    controller = FixedConcurrencyController(cfg.max_concurrent_rollouts * cfg.group_size * 2)
+    async with open_clients(cfg, name=name, deployment=True, reference=reference, service=service,
+                            concurrency_controller=controller, fanout="requests",
+                            stream=cfg.stream_rollouts) as clients:
+        return await _run(cfg, clients, rows, eval_rows, env_factory, make_score(clients), renderer(clients.tokenizer),
+                          name=name, on_progress=on_progress)
+
+
+async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]],
+               eval_rows: Sequence[Mapping[str, Any]], env_factory: EnvFactory, score: ScoreFn,
+               renderer: Renderer, *, name: str, on_progress: ProgressFn | None) -> dict[str, Any]:
+    training, sampler = clients.training, clients.sampler
+    assert clients.hot_load is not None
+    hot_load = clients.hot_load
+    checkpoints = RunCheckpoints(cfg.log_dir)
+    cursor = DataCursor(len(rows), epochs=None, seed=cfg.seed)
+    cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
+    metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
+    metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
+                resumed_from=rec and rec["state_path"])
+    snap = await call(training.save_weights_for_sampler(f"{name}-step-{start_step:06d}"), timeout=cfg.timeout_s,
+                      what="initial sampler snapshot")
+    await hot_load(snap.path)
+    registry = PolicyVersionRegistry(snap.path, initial_version=start_step)
+    pipeline = TrainerPipeline(training, max_in_flight=cfg.max_in_flight, timeout_s=cfg.timeout_s,
+                               busy=metrics.trainer)
+    adam = AdamParams(learning_rate=cfg.learning_rate)
+    loss_config = {"clip_low_threshold": cfg.clip_low, "clip_high_threshold": cfg.clip_high} \
+        if cfg.loss_fn == "ppo" else None
+    train_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.temperature, cfg.stop, cfg.max_context)
+    eval_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.eval_temperature, cfg.stop, cfg.max_context)
+    last_eval: dict[str, Any] = {}
+    saved: dict[str, Any] = {"state": start_step, "sync": start_step, "eval": None}
+    tokens_total = {"sampled": 0}
+
+    async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
+        started = time.monotonic()
+        row = rows[cursor.index(position)]
+        episodes = await run_group(env_factory, row, cfg.group_size, sampler, renderer, train_settings)
+        version = min(episode_version(e, registry, pv.version) for e in episodes)
+        advantages, group_metrics = await score(episodes, row)
+        rewards = [e.reward for e in episodes]
+        metrics.log("rollout", None, position=position, admitted_version=pv.version, version=version,
+                    sample_s=round(time.monotonic() - started, 4), reward=sum(rewards) / len(rewards),
+                    success=success_rate(episodes), **group_metrics)
+        return RolloutGroup(position=position, version=version, samples=episodes, rewards=rewards,
+                            identity=pv.identity, extra={"advantages": advantages, **group_metrics})
+
+    def report(results: Sequence[StepResult]) -> None:
+        for r in results:
+            metrics.log("train_result", r.step + 1, latency_s=round(r.latency_s, 4), **r.metrics)
+
+    async def train_step(step: int, batch: list[RolloutGroup]) -> None:
+        episodes = [e for g in batch for e in g.samples]
+        sampled = sum(e.sampled_tokens for e in episodes)
+        tokens_total["sampled"] += sampled
+        keys = sorted({k for g in batch for k in g.extra if k != "advantages"})
+        metrics.log("episodes", step + 1, success=success_rate(episodes), sampled_tokens=sampled,
+                    sampled_tokens_total=tokens_total["sampled"],
+                    turns=sum(len(e.trajectory.turns) for e in episodes) / len(episodes),
+                    **{k: sum(g.extra[k] for g in batch) / len(batch) for k in keys})
+        data = [trajectory_datum(e.trajectory, adv) for g in batch
+                for e, adv in zip(g.samples, g.extra["advantages"], strict=True) if any(a != 0.0 for a in adv)]
+        if not data:
+            metrics.log("no_signal_step", step + 1)
+            return
+        report(await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
+
+    async def publish(step: int, result: Any, submitted_at: Any) -> None:
+        await hot_load(result.path)
+        registry.publish(step, result.path)
+        saved["sync"] = step
+        metrics.log("weight_sync", step, identity=result.path)
+
+    async def record_state(step: int, result: Any, cursor_state: Any) -> None:
+        checkpoints.record(step, result.path, cursor_state)
+        saved["state"] = step
+
+    async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
+        if due(step, cfg.sync_every) or step == start_step:
+            await registry.wait_for(step)
+        pv = registry.current()
+        if saved["eval"] == pv.version:
+            return
+        episodes = await gather([run_episode(env_factory(r), sampler, renderer, eval_settings) for r in eval_rows])
+        last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity, {
+            "eval_success": success_rate(episodes), "eval_reward": sum(e.reward for e in episodes) / len(episodes),
+            "eval_turns": sum(len(e.trajectory.turns) for e in episodes) / len(episodes), "requested_step": step}))
+        saved["eval"] = pv.version
+
+    jobs = [
+        PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
+                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"),
+                                                time.monotonic())),
+        PeriodicJob("state", cfg.save_every, timeout_s=cfg.timeout_s, finish=record_state,
+                    submit=lambda step: Pending(training.save_state(f"{name}-state-{step:06d}", overwrite=True),
+                                                cursor.state())),
+    ]
+    if eval_rows:
+        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=evaluate,
+                                submit=lambda step: Pending(None), skip_if_busy=True))
+
+    def on_step(rec: dict[str, Any]) -> None:
+        if on_progress:
+            on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
+
+    loop = RLLoop(RLLoopSettings(steps=cfg.steps, groups_per_step=cfg.groups_per_step,
+                                 max_steps_off_policy=cfg.max_steps_off_policy,
+                                 max_concurrency=cfg.max_concurrent_rollouts, rollout_timeout_s=cfg.rollout_timeout_s),
+                  cursor=cursor, registry=registry, rollout_fn=rollout, train_step=train_step,
+                  periodic=PeriodicTasks(jobs), metrics=metrics, start_step=start_step, on_step=on_step)
+    try:
+        if eval_rows and start_step == 0:
+            await call(evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
+        await loop.run()
+        report(await pipeline.drain())
+        final = loop.trainer_step
+        if saved["state"] < final:
+            res = await call(training.save_state(f"{name}-state-{final:06d}", overwrite=True), timeout=cfg.timeout_s,
+                             what="final save_state")
+            await record_state(final, res, cursor.state())
+        if eval_rows and saved["eval"] != final:
+            if saved["sync"] < final:
+                res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
+                                 timeout=cfg.timeout_s, what="final sampler snapshot")
+                await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")
+            await call(evaluate(final), timeout=cfg.timeout_s, what="final eval")
+    finally:
+        pipeline.abandon()
+        summary = {**metrics.summary(), "final_step": loop.trainer_step, "start_step": start_step,
+                   "last_eval": last_eval, "evals": metrics.evals, "dropped": metrics.staleness.dropped,
+                   "sampled_tokens": tokens_total["sampled"], "plot": metrics.try_plot()}
+        metrics.log("run_end", loop.trainer_step, **{k: v for k, v in summary.items() if k != "evals"})
+        metrics.close()
+    return summary
