@@ -15,18 +15,18 @@ from pydantic import Field
 
 from firetitan.client.concurrency import FixedConcurrencyController
 from firetitan.envs.base import EnvFactory
-from firetitan.recipes.checkpoints import RunCheckpoints
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.episodes import Episode, EpisodeSettings, run_episode, run_group, success_rate
 from firetitan.recipes.rl import RLConfig
+from firetitan.recipes.run_state import RunCheckpoints
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.runtime.cursor import DataCursor
-from firetitan.runtime.metrics import RunMetrics
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
 from firetitan.runtime.pipeline import StepResult, TrainerPipeline
 from firetitan.runtime.remote import call, gather
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
+from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.trajectory import ChatMLRenderer, Renderer, trajectory_datum
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 from firetitan.types import AdamParams
