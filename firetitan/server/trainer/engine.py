@@ -28,6 +28,9 @@ log = get_logger("firetitan.server.trainer")
 
 # Per-datum tensors at least this large travel as base64 bytes instead of JSON float lists.
 COMPACT_MIN_ELEMENTS = 64
+# A delta costs its size to write and read plus an apply pass; once one reaches this fraction of a full
+# save, the next automatic snapshot is a fresh base (deltas against a drifting base only grow).
+REBASE_DELTA_FRACTION = 0.5
 
 _ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -93,6 +96,7 @@ class TrainerEngine:
         self.pending_backward = 0  # forward_backward calls since the last optim_step
         self._base_identity: str | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
+        self._rebase_due = False  # the last delta passed REBASE_DELTA_FRACTION of a full save
         self._tokenizer: Any = None
         # Set when a restarted trainer restored its job's latest automatic state (see restore_latest).
         self.restored_from_step: int | None = None
@@ -263,7 +267,7 @@ class TrainerEngine:
             manifest = self.store.save_lora(name, self.model, base_model=self.spec.base_model,
                                             client_suffix=client_suffix)
         else:
-            kind = checkpoint_type or ("delta" if self._base_identity else "base")
+            kind = checkpoint_type or ("delta" if self._base_identity and not self._rebase_due else "base")
             state = {k: v.detach() for k, v in self.model.state_dict().items()}
             if kind == "delta":
                 if self._base_identity is None:
@@ -272,10 +276,13 @@ class TrainerEngine:
                         field="checkpoint_type")
                 manifest = self.store.save_delta(name, state, self._base_identity,
                                                  base_state_dict=self._base_state, client_suffix=client_suffix)
+                full = manifest.full_size_bytes or 0
+                self._rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
             else:
                 manifest = self.store.save_base(name, state, self.config, tokenizer=self._get_tokenizer(),
                                                 base_model=self.spec.base_model, client_suffix=client_suffix)
                 self._base_identity = manifest.identity
+                self._rebase_due = False
                 # Kept so later deltas need not read the base back from disk.
                 self._base_state = {k: v.clone() for k, v in state.items()}
         return {"path": manifest.identity, "type": "save_weights_for_sampler", "checkpoint_type": manifest.kind,

@@ -190,3 +190,28 @@ def test_a_backward_with_non_finite_loss_keeps_the_accumulated_gradients() -> No
     assert err.value.field == "loss"
     assert engine.pending_backward == 1
     assert all(torch.equal(p.grad, g) for p, g in zip(engine.params, grads, strict=True))
+
+
+def test_automatic_snapshots_start_a_new_base_once_a_delta_stops_paying(tmp_path, monkeypatch) -> None:
+    from firetitan.checkpoints import SnapshotStore
+    from firetitan.server.trainer import engine as engine_module
+
+    # One AdamW step on nano gives a float32 delta of ~0.45-0.5x a full save; a 0.3 threshold keeps the
+    # test about the policy, not about how well this step's XOR bytes compress.
+    monkeypatch.setattr(engine_module, "REBASE_DELTA_FRACTION", 0.3)
+    REBASE_DELTA_FRACTION = engine_module.REBASE_DELTA_FRACTION
+    engine = TrainerEngine("e", ModelSpec(NANO), store=SnapshotStore(tmp_path), states=None)
+    kinds = [engine.save_for_sampler("s0", "c", None)]
+    unchanged = engine.save_for_sampler("s1", "c", None)  # same weights: a tiny delta, keep the base
+    kinds.append(unchanged)
+    batch = prepare_batch(data(), "cross_entropy", None, engine.vocab_size, engine.pad_id)
+    engine.forward(batch, backward=True)
+    engine.optim_step(AdamParams(learning_rate=1e-2))  # every weight moves: a delta near full size
+    kinds.append(engine.save_for_sampler("s2", "c", None))
+    kinds.append(engine.save_for_sampler("s3", "c", None))
+    assert [k["checkpoint_type"] for k in kinds] == ["base", "delta", "delta", "base"], kinds
+    assert unchanged["size_bytes"] < REBASE_DELTA_FRACTION * unchanged["full_size_bytes"]
+    assert kinds[2]["size_bytes"] > REBASE_DELTA_FRACTION * kinds[2]["full_size_bytes"]
+    assert kinds[2]["previous_snapshot_identity"] == kinds[0]["path"]
+    # An explicit choice still wins over the policy.
+    assert engine.save_for_sampler("s4", "c", "delta")["checkpoint_type"] == "delta"
