@@ -71,6 +71,10 @@ class InternalServerError(FiretitanError):
         return body
 
 
+class NonFiniteError(InvalidRequestError):
+    """A loss, gradient or optimizer update came out NaN/inf; the step was refused, nothing changed."""
+
+
 class AuthenticationError(FiretitanError):
     """Missing or wrong API key."""
 
@@ -150,7 +154,7 @@ class DeploymentSamplerTimeoutError(SamplingRequestError, TimeoutError):
 
 _BY_NAME: dict[str, type[FiretitanError]] = {
     cls.__name__: cls
-    for cls in (ConfigError, InvalidRequestError, AuthenticationError, NotFoundError, ConflictError,
+    for cls in (ConfigError, InvalidRequestError, NonFiniteError, AuthenticationError, NotFoundError, ConflictError,
                 ModelNotFoundError, SnapshotError, APIStatusError, APITimeoutError, APIConnectionError,
                 WorkerCrashedError, StalenessError, PayloadTooLargeError, UnsupportedMediaTypeError,
                 MethodNotAllowedError, InternalServerError)

@@ -367,3 +367,44 @@ def test_pickle_and_copy_keep_tensors() -> None:
     for clone in (pickle.loads(pickle.dumps(datum)), copy.deepcopy(datum), datum.model_copy(deep=True)):
         assert clone == datum
         assert clone.loss_fn_inputs["weights"].to_numpy().shape == (2, 3)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"learning_rate": float("inf")}, "learning_rate"), ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": 1e308}, "learning_rate"), ({"learning_rate": True}, "learning_rate"),
+    ({"learning_rate": "1e-3"}, "learning_rate"), ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
+    ({"eps": 0.0}, "eps"), ({"eps": 1e-300}, "eps"), ({"weight_decay": -1.0}, "weight_decay"),
+    ({"learning_rate": 0.5, "weight_decay": 3.0}, "weight_decay"), ({"grad_clip_norm": float("inf")}, "grad_clip_norm"),
+])
+def test_adam_params_out_of_range_name_the_field(bad: dict, field: str) -> None:
+    from pydantic import ValidationError
+
+    from firetitan.types import AdamParams
+
+    with pytest.raises(ValidationError) as err:
+        AdamParams.model_validate(bad)
+    assert err.value.errors()[0]["loc"] == (field,)
+
+
+def test_adam_params_and_lora_config_accept_sane_and_official_values() -> None:
+    import tinker
+
+    from firetitan.types import MAX_LORA_RANK, AdamParams, LoraConfig
+
+    assert AdamParams(learning_rate=1, weight_decay=1).learning_rate == 1.0  # ints are numbers
+    assert AdamParams.model_validate(tinker.AdamParams(learning_rate=3e-4)).learning_rate == 3e-4
+    assert AdamParams(emit_grad_norm_metrics="basic").emit_grad_norm_metrics == "basic"
+    assert LoraConfig(rank=MAX_LORA_RANK, init_method="kaiming").rank == MAX_LORA_RANK
+    for bad in ({"rank": MAX_LORA_RANK + 1}, {"rank": True}, {"rank": 8, "alpha": float("inf")},
+                {"rank": 8, "init_method": "nora"}):
+        with pytest.raises(ValueError):
+            LoraConfig.model_validate(bad)
+
+
+def test_token_ids_are_bounded() -> None:
+    from firetitan.types import ModelInput
+
+    assert ModelInput.from_ints([0, 2**31 - 1]).length == 2
+    for bad in (-1, 2**31, 10**20):
+        with pytest.raises(ValueError):
+            ModelInput.from_ints([bad])

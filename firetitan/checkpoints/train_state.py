@@ -260,6 +260,58 @@ class TrainStateStore:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+class LatestStateStore:
+    """The automatic train states of one trainer job: the newest `keep` under `root/latest/step-<N>`,
+    plus `progress.json`, the last step the trainer reached (so a restart can say what was lost).
+
+    Kept apart from the user-named states, so `list_checkpoints` and name collisions are unaffected.
+    """
+
+    PROGRESS_FILE = "progress.json"
+
+    def __init__(self, root: str | os.PathLike[str], keep: int = 2) -> None:
+        if keep < 1:
+            raise InvalidRequestError(f"keep must be >= 1, got {keep}", field="keep")
+        self.dir = Path(root) / "latest"
+        self.keep = keep
+
+    def record_step(self, step: int) -> None:
+        """Remember the step reached (a small atomic write, once per optimizer step)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{_TMP_PREFIX}progress-{os.getpid()}"
+        tmp.write_text(json.dumps({"step": int(step), "at": datetime.now(UTC).isoformat()}))
+        os.replace(tmp, self.dir / self.PROGRESS_FILE)
+
+    def last_known_step(self) -> int:
+        """The step recorded last (0 when none, or when the file is unreadable)."""
+        try:
+            return int(json.loads((self.dir / self.PROGRESS_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
+             extra: dict[str, Any] | None = None) -> TrainStateInfo | None:
+        """Save the state of `step` (None if that step is already saved) and drop all but the newest `keep`."""
+        path = self.dir / f"step-{int(step):010d}"
+        if (path / TRAIN_STATE_FILE).is_file():
+            return None
+        info = save_train_state(path, model, optimizer, step, extra, name=path.name)
+        for old in self._states()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return info
+
+    def latest(self) -> Path | None:
+        """The newest complete automatic state, if any."""
+        states = self._states()
+        return states[-1] if states else None
+
+    def _states(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir()
+                      if p.name.startswith("step-") and (p / TRAIN_STATE_FILE).is_file())
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,10 @@ class TrainerInfo(GetInfoResponse):
     forward_only: bool = False
     vocab_size: int | None = None
     last_base_snapshot: str | None = None
+    # Set when a restarted trainer restored the job's latest saved train state: the step it resumed
+    # from, and how many steps past it were lost with the crash.
+    restored_from_step: int | None = None
+    steps_lost: int | None = None
 
 
 class SamplerSnapshot(SaveWeightsForSamplerResponse):
@@ -142,6 +147,7 @@ class TrainingClient:
         self._gate = _TurnGate(first=1)
         self._releases: set[asyncio.Task[Any]] = set()
         self._info: TrainerInfo | None = None
+        self._warned_restore = False
         self._tokenizer: Any = None
         self._closed = False
         add_shutdown_hook(self.http.close)
@@ -443,6 +449,13 @@ class TrainingClient:
         async def run() -> TrainerInfo:
             body = await self.http.request_json("POST", f"{API}/get_info", json={"model_id": self.model_id})
             self._info = TrainerInfo.model_validate(body)
+            if self._info.restored_from_step is not None and not self._warned_restore:
+                self._warned_restore = True
+                log.warning("trainer_restarted_state_restored", model_id=self.model_id,
+                            restored_from_step=self._info.restored_from_step, steps_lost=self._info.steps_lost)
+                warnings.warn(f"trainer model {self.model_id!r} was restarted: it resumed from its saved state of "
+                              f"step {self._info.restored_from_step}; {self._info.steps_lost} step(s) after it "
+                              "were lost", RuntimeWarning, stacklevel=2)
             return self._info
 
         return run_coroutine(run())

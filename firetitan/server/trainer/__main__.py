@@ -20,6 +20,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-id", default=None, help="model id of the preloaded model")
     parser.add_argument("--forward-only", action="store_true",
                         help="reference mode: forward passes only; optim/save requests are refused")
+    parser.add_argument("--max-models", type=int, default=8, help="models held at once (create_model beyond: 409)")
+    parser.add_argument("--model-root", type=Path, action="append", default=[],
+                        help="create_model may load local model directories under this root (repeatable)")
+    parser.add_argument("--autosave-every", type=int, default=10,
+                        help="save the job model's latest train state every N optimizer steps (0 = off)")
+    parser.add_argument("--autosave-keep", type=int, default=2, help="latest train states kept (newest)")
     return parser.parse_args(argv)
 
 
@@ -37,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_interop_threads(max(1, min(args.threads, 2)))
     settings = TrainerSettings(store_dir=args.store_dir, state_dir=args.state_dir, base_model=args.base_model,
                                lora_rank=args.lora_rank, job_id=args.job_id, forward_only=args.forward_only,
-                               api_key=args.api_key)
+                               api_key=args.api_key, max_models=args.max_models,
+                               model_roots=tuple(args.model_root), autosave_every=args.autosave_every,
+                               autosave_keep=args.autosave_keep)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
 
 

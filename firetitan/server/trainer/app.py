@@ -1,336 +1,287 @@
-"""The trainer worker's aiohttp routes: parse and validate, queue the work, long-poll the results."""
+"""The trainer worker's aiohttp routes: parse and validate off the event loop, queue the work, long-poll.
+
+Decoding, validation and batch preparation of a submission run in a thread, and so does encoding a
+large result, so `/health` answers while torch or a big body keeps a CPU busy.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import itertools
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import hmac
+import json
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import anyio
+import pydantic
 from aiohttp import web
 
-from firetitan.checkpoints import SnapshotStore, TrainStateStore, make_identity, validate_name
-from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, NotFoundError
+from firetitan.errors import FiretitanError, InvalidRequestError
 from firetitan.logging import get_logger
-from firetitan.models import DEFAULT_MODEL, model_config
-from firetitan.server.common import json_response, make_app, parse_body
+from firetitan.server.common import json_response, make_app
 from firetitan.server.trainer import schemas as s
-from firetitan.server.trainer.batch import prepare_batch
-from firetitan.server.trainer.engine import ModelSpec, TrainerEngine, lora_target_modules
-from firetitan.server.trainer.queue import FutureRecord, FutureStore, RequestQueue
+from firetitan.server.trainer.queue import FutureRecord
+from firetitan.server.trainer.service import ModelSession, TrainerService, TrainerSettings, state_name
 from firetitan.types import LoraConfig
+
+__all__ = ["TrainerService", "TrainerSettings", "build_app", "state_name"]
 
 log = get_logger("firetitan.server.trainer")
 
 # A long poll never holds a request longer than this (clients use a longer HTTP timeout).
 MAX_POLL_SECONDS = 30.0
 API = "/api/v1"
+# Client sessions (create_session / session_heartbeat) remembered; the oldest are forgotten beyond it.
+MAX_CLIENT_SESSIONS = 1024
+# Telemetry is accepted and dropped; a batch larger than this is a 413.
+MAX_TELEMETRY_BYTES = 1 << 20
+# Result bodies at least this large (estimated) are JSON-encoded in a thread.
+_ENCODE_IN_THREAD = 64 * 1024
+
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-@dataclass
-class TrainerSettings:
-    store_dir: Path
-    state_dir: Path
-    base_model: str | None = None
-    lora_rank: int = 0
-    job_id: str | None = None
-    forward_only: bool = False
-    api_key: str | None = None
-    future_retention: int = 4096
+def invalid_from_validation(exc: pydantic.ValidationError) -> InvalidRequestError:
+    """The first pydantic error as a 400 naming its field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    field = ".".join(str(p) for p in first.get("loc", ())) or None
+    got = str(first.get("input"))[:200].encode("utf-8", "replace").decode("utf-8")
+    return InvalidRequestError(f"{field or 'body'}: {first.get('msg', exc)} (got {got!r})", field=field)
 
 
-@dataclass
-class ModelSession:
-    """A model known to this worker; `engine` is None until its create job has run."""
-
-    model_id: str
-    spec: ModelSpec
-    vocab_size: int
-    pad_id: int
-    queue: RequestQueue
-    created: FutureRecord | None = None
-    engine: TrainerEngine | None = None
-    error: FiretitanError | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def require_engine(self) -> TrainerEngine:
-        if self.engine is None:
-            raise ConflictError(f"model_id {self.model_id!r} failed to load: {self.error}", field="model_id")
-        return self.engine
+def _decode(raw_bytes: bytes) -> Any:
+    try:
+        return json.loads(raw_bytes)
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
+        raise InvalidRequestError(f"request body is not valid JSON: {str(exc)[:200]}", field="body") from None
 
 
-class TrainerService:
-    """The models of one worker and the shared future store."""
-
-    def __init__(self, settings: TrainerSettings) -> None:
-        self.settings = settings
-        self.futures = FutureStore(settings.future_retention)
-        self.models: dict[str, ModelSession] = {}
-        self.store = SnapshotStore(settings.store_dir)
-        self.states = TrainStateStore(settings.state_dir)
-        self._ids = itertools.count(1)
-
-    # -- models
-    def session(self, model_id: str) -> ModelSession:
-        sess = self.models.get(model_id)
-        if sess is None:
-            raise NotFoundError(f"model_id {model_id!r} does not exist on this trainer (known: "
-                                f"{sorted(self.models)})", field="model_id")
-        return sess
-
-    def create_model(self, req: s.CreateModelRequest) -> FutureRecord:
-        base = req.base_model or self.settings.base_model or DEFAULT_MODEL
-        if req.lora_config is not None:
-            lora_target_modules(req.lora_config)
-        spec = ModelSpec(base_model=base, lora=req.lora_config, forward_only=self.settings.forward_only or req.forward_only, seed=req.seed)
-        model_id = req.resolved_model_id or self._new_model_id()
-        existing = self.models.get(model_id)
-        if existing is not None:
-            if existing.spec != spec:
-                raise ConflictError(f"model_id {model_id!r} already exists with a different configuration",
-                                    field="model_id")
-            assert existing.created is not None
-            return existing.created
-        try:
-            config = model_config(base)
-        except FiretitanError as exc:
-            exc.field = "base_model"
-            raise
-        sess = ModelSession(model_id=model_id, spec=spec, vocab_size=int(config.vocab_size),
-                            pad_id=int(getattr(config, "pad_token_id", None) or 0),
-                            queue=RequestQueue(self.futures, model_id))
-        self.models[model_id] = sess
-        sess.queue.start()
-
-        def build() -> dict[str, Any]:
-            try:
-                sess.engine = TrainerEngine(model_id, spec, store=self.store, states=self.states)
-            except FiretitanError as exc:
-                sess.error = exc
-                raise
-            except Exception as exc:
-                sess.error = ConflictError(f"{type(exc).__name__}: {exc}")
-                raise
-            return {"type": "create_model", **sess.engine.info()}
-
-        sess.created = sess.queue.submit("create_model", build, session=None, seq_id=None)
-        return sess.created
-
-    def _new_model_id(self) -> str:
-        while True:
-            candidate = f"{self.settings.job_id or 'model'}-{next(self._ids)}"
-            if candidate not in self.models:
-                return candidate
-
-    async def unload(self, model_id: str) -> None:
-        sess = self.models.pop(model_id, None)
-        if sess is None:
-            raise NotFoundError(f"model_id {model_id!r} does not exist on this trainer", field="model_id")
-        await sess.queue.close()
-        sess.engine = None
-        gc.collect()
-        log.info("model_unloaded", model_id=model_id)
-
-    async def close(self) -> None:
-        for model_id in list(self.models):
-            await self.unload(model_id)
-
-    # -- submissions
-    def submit(self, req: s._Sequenced, kind: str, make_job: Any) -> FutureRecord:
-        """Validate with `make_job(session) -> fn` and queue it in seq order.
-
-        A rejected submission still consumes its seq_id, so later submissions of the same client
-        are not held back forever by the gap.
-        """
-        sess = self.session(req.model_id)
-        known = sess.queue.lookup(req.session_id, req.seq_id)
-        if known is not None:
-            return self.futures.get(known)
-        try:
-            fn = make_job(sess)
-        except BaseException:
-            sess.queue.release(req.session_id, req.seq_id)
-            raise
-        return sess.queue.submit(kind, fn, session=req.session_id, seq_id=req.seq_id)
-
-    def _refuse_forward_only(self, sess: ModelSession, what: str) -> None:
-        if sess.spec.forward_only:
-            raise InvalidRequestError(
-                f"model_id {sess.model_id!r} is a forward-only reference model; {what} is not available",
-                field="model_id")
-
-    def forward(self, req: s.ForwardRequest | s.ForwardBackwardRequest, backward: bool) -> FutureRecord:
-        inp = req.forward_input if isinstance(req, s.ForwardRequest) else req.forward_backward_input
-
-        def make_job(sess: ModelSession) -> Any:
-            if backward:
-                self._refuse_forward_only(sess, "forward_backward")
-            if req.disable_adapter and not sess.spec.is_lora:
-                raise InvalidRequestError("disable_adapter: the model is full-parameter; it has no adapter",
-                                          field="disable_adapter")
-            batch = prepare_batch(inp.data, inp.loss_fn, inp.loss_fn_config, sess.vocab_size, sess.pad_id)
-            return lambda: sess.require_engine().forward(batch, backward=backward,
-                                                         disable_adapter=req.disable_adapter)
-
-        return self.submit(req, "forward_backward" if backward else "forward", make_job)
-
-    def optim_step(self, req: s.OptimStepRequest) -> FutureRecord:
-        def make_job(sess: ModelSession) -> Any:
-            self._refuse_forward_only(sess, "optim_step")
-            return lambda: sess.require_engine().optim_step(req.adam_params)
-
-        return self.submit(req, "optim_step", make_job)
-
-    def save_weights(self, req: s.SaveWeightsRequest) -> FutureRecord:
-        def make_job(sess: ModelSession) -> Any:
-            self._refuse_forward_only(sess, "save_weights")
-            name = validate_name(req.path, field="name")
-            if not req.overwrite and self.states.exists(name):
-                raise ConflictError(f"name: a train state {name!r} already exists (pass overwrite=true)",
-                                    field="name")
-            return lambda: sess.require_engine().save_state(name, req.overwrite)
-
-        return self.submit(req, "save_weights", make_job)
-
-    def save_weights_for_sampler(self, req: s.SaveWeightsForSamplerRequest) -> FutureRecord:
-        def make_job(sess: ModelSession) -> Any:
-            self._refuse_forward_only(sess, "save_weights_for_sampler")
-            if req.client_suffix is not None:
-                make_identity(req.path, req.client_suffix, field="name")
-            else:
-                validate_name(req.path, field="name")
-            if sess.spec.is_lora and req.checkpoint_type == "delta":
-                raise InvalidRequestError("checkpoint_type: LoRA snapshots are always adapters; 'delta' is "
-                                          "only for full-parameter models", field="checkpoint_type")
-            return lambda: sess.require_engine().save_for_sampler(req.path, req.client_suffix,
-                                                                  req.checkpoint_type)
-
-        return self.submit(req, "save_weights_for_sampler", make_job)
-
-    def load_weights(self, req: s.LoadWeightsRequest) -> FutureRecord:
-        def make_job(sess: ModelSession) -> Any:
-            if req.optimizer:
-                self._refuse_forward_only(sess, "loading optimizer state")
-            name = state_name(req.path)
-            # Existence is checked when the job runs: a save_state queued just before may create it.
-            return lambda: sess.require_engine().load_state(name, req.optimizer)
-
-        return self.submit(req, "load_weights", make_job)
-
-    async def info(self, model_id: str) -> dict[str, Any]:
-        sess = self.session(model_id)
-        if sess.engine is None and sess.created is not None:
-            await asyncio.wait_for(sess.created.done.wait(), timeout=600)
-        return sess.require_engine().info()
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "forward_only": self.settings.forward_only,
-            "futures": len(self.futures),
-            "models": {
-                mid: {"loaded": m.engine is not None, "error": None if m.error is None else str(m.error),
-                      "waiting": m.queue.waiting(), "busy": m.queue.busy,
-                      "step": None if m.engine is None else m.engine.step}
-                for mid, m in self.models.items()
-            },
-        }
+async def read_json(request: web.Request) -> Any:
+    """The JSON body (`application/json` required), decoded in a thread."""
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise InvalidRequestError(f"Content-Type must be application/json, got {ctype!r}",
+                                  field="Content-Type", status_code=415)
+    raw_bytes = await request.read()
+    if len(raw_bytes) < 4096:
+        return _decode(raw_bytes)
+    return await anyio.to_thread.run_sync(_decode, raw_bytes)
 
 
-def state_name(path: str) -> str:
-    """The train state name in `name` or `tinker://<run>/weights/<name>` (syntax only)."""
-    name = path
-    if path.startswith("tinker://"):
-        parts = path[len("tinker://"):].split("/")
-        if len(parts) != 3 or parts[1] != "weights":
-            raise InvalidRequestError(f"path {path!r} is not a train state path (tinker://<run>/weights/<name>)",
-                                      field="path")
-        name = parts[2]
-    return validate_name(name, field="path")
+def _validate(model: type[M], raw: Any) -> M:
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("request body must be a JSON object", field="body")
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise invalid_from_validation(exc) from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply", field="body") from None
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
+    raw = await read_json(request)
+    return await anyio.to_thread.run_sync(_validate, model, raw)
+
+
+def _internal(exc: Exception, kind: str) -> FiretitanError:
+    """A bug while checking a submission: logged with an id; the client sees the id, not the text."""
+    error_id = secrets.token_hex(4)
+    log.error("submission_check_failed", kind=kind, error_id=error_id, error=f"{type(exc).__name__}: {exc}")
+    return FiretitanError(f"internal error checking the {kind} request (error id {error_id})", status_code=500)
 
 
 def _accepted(rec: FutureRecord) -> web.Response:
     return json_response({"request_id": rec.request_id, "model_id": rec.model_id})
 
 
+async def _encode(body: Any, status: int) -> web.Response:
+    text = await anyio.to_thread.run_sync(json.dumps, body) if _large(body) else json.dumps(body)
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def _large(body: Any) -> bool:
+    outputs = body.get("loss_fn_outputs") if isinstance(body, dict) else None
+    return isinstance(outputs, list) and len(outputs) * 512 > _ENCODE_IN_THREAD
+
+
+class ClientSessions:
+    """Tinker-style client sessions: ids handed out by create_session, last heartbeat of each (bounded)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.last_seen: OrderedDict[str, float] = OrderedDict()
+
+    def create(self) -> str:
+        sid = f"{self.prefix}-{secrets.token_hex(6)}"
+        self.touch(sid)
+        return sid
+
+    def touch(self, sid: str) -> None:
+        # Unknown ids are adopted: a restarted trainer must not fail a client's heartbeats.
+        self.last_seen[sid] = time.monotonic()
+        self.last_seen.move_to_end(sid)
+        while len(self.last_seen) > MAX_CLIENT_SESSIONS:
+            self.last_seen.popitem(last=False)
+
+
 def build_app(settings: TrainerSettings) -> web.Application:
     service = TrainerService(settings)
+    sessions = ClientSessions(f"sess-{settings.job_id or 'trainer'}")
     app = make_app(settings.api_key)
     app["service"] = service
     routes = web.RouteTableDef()
 
+    def has_key(request: web.Request) -> bool:
+        if not settings.api_key:
+            return True
+        given = request.headers.get("x-api-key") or ""
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), settings.api_key.encode())
+
     @routes.get(f"{API}/healthz")
     @routes.get("/health")
     async def healthz(request: web.Request) -> web.Response:
-        return json_response(service.health())
+        return json_response(service.health(detailed=has_key(request)))
 
     @routes.post(f"{API}/create_model")
     async def create_model(request: web.Request) -> web.Response:
-        return _accepted(service.create_model(await parse_body(request, s.CreateModelRequest)))
+        return _accepted(service.create_model(await parse(request, s.CreateModelRequest)))
 
     @routes.post(f"{API}/get_info")
     async def get_info(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.ModelRef)
-        return json_response(await service.info(req.model_id))
+        req = await parse(request, s.ModelRef)
+        sess = service.session(req.model_id)
+        if sess.created is not None and not sess.created.done.is_set():
+            await asyncio.wait_for(sess.created.done.wait(), timeout=600)
+        return json_response(sess.require_engine().info())
 
     @routes.post(f"{API}/unload_model")
     async def unload_model(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.ModelRef)
+        req = await parse(request, s.ModelRef)
         await service.unload(req.model_id)
         return json_response({"model_id": req.model_id, "type": "unload_model"})
 
     @routes.post(f"{API}/list_checkpoints")
     async def list_checkpoints(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.ModelRef)
+        req = await parse(request, s.ModelRef)
         service.session(req.model_id)
         names = [info.name for info in service.states.list() if info.name]
         return json_response({"checkpoints": names})
 
+    @routes.post(f"{API}/save_latest")
+    async def save_latest(request: web.Request) -> web.Response:
+        return _accepted(service.save_latest(await parse(request, s.ModelRef)))
+
+    JobMaker = Callable[[ModelSession], Any]
+
+    async def sequenced(request: web.Request, model: type[M], kind: str,
+                        job: Callable[[M], JobMaker]) -> web.Response:
+        """Parse, validate and queue a seq-ordered submission. A refusal whose model_id and seq_id are
+        readable consumes that seq_id with a failed future (its id comes back as `request_id`), so the
+        session's next call is never held back by the gap."""
+        raw: Any = None
+        try:
+            raw = await read_json(request)
+
+            def prepare() -> tuple[M, JobMaker]:
+                req = _validate(model, raw)
+                return req, job(req)
+
+            req, make_job = await anyio.to_thread.run_sync(prepare)
+            sess = service.session(req.model_id)
+            known = sess.queue.known(req.session_id, req.seq_id)
+            if known is not None:
+                return _accepted(known)
+            fn = await anyio.to_thread.run_sync(make_job, sess)  # batch checks and packing, off the loop
+            return _accepted(service.submit(req, kind, lambda _sess: fn))
+        except Exception as caught:
+            exc = caught if isinstance(caught, FiretitanError) else _internal(caught, kind)
+            rid = service.reject(raw, kind, exc)
+            body = exc.to_body()
+            if rid is not None:
+                body["request_id"] = rid
+            return web.json_response(body, status=exc.status_code)
+
     @routes.post(f"{API}/forward")
     async def forward(request: web.Request) -> web.Response:
-        return _accepted(service.forward(await parse_body(request, s.ForwardRequest), backward=False))
+        return await sequenced(request, s.ForwardRequest, "forward", lambda r: service.forward_job(r, False))
 
     @routes.post(f"{API}/forward_backward")
     async def forward_backward(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.ForwardBackwardRequest)
-        return _accepted(service.forward(req, backward=not req.forward_only))
+        return await sequenced(request, s.ForwardBackwardRequest, "forward_backward",
+                               lambda r: service.forward_job(r, not r.forward_only))
 
     @routes.post(f"{API}/optim_step")
     async def optim_step(request: web.Request) -> web.Response:
-        return _accepted(service.optim_step(await parse_body(request, s.OptimStepRequest)))
+        return await sequenced(request, s.OptimStepRequest, "optim_step", service.optim_step_job)
 
     @routes.post(f"{API}/save_weights")
     async def save_weights(request: web.Request) -> web.Response:
-        return _accepted(service.save_weights(await parse_body(request, s.SaveWeightsRequest)))
+        return await sequenced(request, s.SaveWeightsRequest, "save_weights", service.save_weights_job)
 
     @routes.post(f"{API}/save_weights_for_sampler")
     async def save_weights_for_sampler(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.SaveWeightsForSamplerRequest)
-        return _accepted(service.save_weights_for_sampler(req))
+        return await sequenced(request, s.SaveWeightsForSamplerRequest, "save_weights_for_sampler",
+                               service.save_for_sampler_job)
 
     @routes.post(f"{API}/load_weights")
     async def load_weights(request: web.Request) -> web.Response:
-        return _accepted(service.load_weights(await parse_body(request, s.LoadWeightsRequest)))
+        return await sequenced(request, s.LoadWeightsRequest, "load_weights", service.load_weights_job)
 
     @routes.post(f"{API}/release_seq")
     async def release_seq(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.ReleaseSeqRequest)
+        req = await parse(request, s.ReleaseSeqRequest)
         service.session(req.model_id).queue.release(req.session_id, req.seq_id)
         return json_response({"released": req.seq_id})
 
     @routes.post(f"{API}/retrieve_future")
     async def retrieve_future(request: web.Request) -> web.Response:
-        req = await parse_body(request, s.RetrieveFutureRequest)
+        req = await parse(request, s.RetrieveFutureRequest)
         rec = service.futures.get(req.request_id)
         wait = MAX_POLL_SECONDS if req.timeout is None else min(req.timeout, MAX_POLL_SECONDS)
         try:
-            await asyncio.wait_for(rec.done.wait(), timeout=wait)
+            if not rec.done.is_set():  # (wait_for with timeout 0 would time out even on a done future)
+                await asyncio.wait_for(rec.done.wait(), timeout=wait)
         except TimeoutError:
             return json_response({"type": "try_again", "request_id": rec.request_id, "queue_state": "active"})
         assert rec.body is not None
-        return json_response(rec.body, status=rec.status)
+        return await _encode(rec.body, rec.status)
+
+    # -- Tinker / fireworks client sessions: bookkeeping only (the control plane's gateway counts
+    # every proxied call, heartbeats included, as trainer activity for its idle stop).
+    @routes.post(f"{API}/create_session")
+    async def create_session(request: web.Request) -> web.Response:
+        await parse(request, s.CreateSessionRequest)
+        return json_response({"type": "create_session", "session_id": sessions.create(),
+                              "info_message": None, "warning_message": None, "error_message": None})
+
+    @routes.post(f"{API}/session_heartbeat")
+    async def session_heartbeat(request: web.Request) -> web.Response:
+        sessions.touch((await parse(request, s.SessionRef)).session_id)
+        return json_response({"type": "session_heartbeat"})
+
+    @routes.post(f"{API}/telemetry")
+    async def telemetry(request: web.Request) -> web.Response:
+        if (request.content_length or 0) > MAX_TELEMETRY_BYTES:
+            raise InvalidRequestError(f"telemetry batch over {MAX_TELEMETRY_BYTES} bytes", field="body",
+                                      status_code=413)
+        seen = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):  # drained and dropped
+            seen += len(chunk)
+            if seen > MAX_TELEMETRY_BYTES:
+                raise InvalidRequestError(f"telemetry batch over {MAX_TELEMETRY_BYTES} bytes", field="body",
+                                          status_code=413)
+        return json_response({"status": "accepted"})
+
+    @routes.post(f"{API}/client/config")
+    async def client_config(request: web.Request) -> web.Response:
+        return json_response({})  # no feature flags: the SDK's defaults
 
     app.add_routes(routes)
 
@@ -338,7 +289,7 @@ def build_app(settings: TrainerSettings) -> web.Application:
         if settings.base_model:
             lora = LoraConfig(rank=settings.lora_rank) if settings.lora_rank > 0 else None
             service.create_model(s.CreateModelRequest(base_model=settings.base_model, lora_config=lora,
-                                                      model_id=settings.job_id or "default"))
+                                                      model_id=settings.job_id or "default"), preload=True)
 
     async def shutdown(app: web.Application) -> None:
         await service.close()
@@ -346,3 +297,4 @@ def build_app(settings: TrainerSettings) -> web.Application:
     app.on_startup.append(preload)
     app.on_cleanup.append(shutdown)
     return app
+

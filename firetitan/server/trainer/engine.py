@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from firetitan.checkpoints import SnapshotStore, TrainStateStore
-from firetitan.errors import InvalidRequestError
+from firetitan.checkpoints.train_state import load_train_state, read_train_state_info
+from firetitan.errors import InvalidRequestError, NonFiniteError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
 from firetitan.models import load_model, load_tokenizer
@@ -93,6 +94,9 @@ class TrainerEngine:
         self._base_identity: str | None = None
         self._base_state: dict[str, torch.Tensor] | None = None
         self._tokenizer: Any = None
+        # Set when a restarted trainer restored its job's latest automatic state (see restore_latest).
+        self.restored_from_step: int | None = None
+        self.steps_lost: int | None = None
         log.info("model_loaded", model_id=model_id, base_model=spec.base_model, lora=spec.is_lora,
                  params=self.num_params, trainable=self.num_trainable,
                  seconds=round(time.monotonic() - started, 3))
@@ -138,7 +142,12 @@ class TrainerEngine:
                 flat_inputs[key] = torch.cat([inp[key].reshape(-1) for inp in batch.inputs])
             loss, metrics = compute_loss(batch.loss_fn, flat_lp, flat_inputs, batch.loss_fn_config)
             if backward:
-                loss.backward()
+                if not math.isfinite(metrics["loss:sum"]):
+                    raise NonFiniteError(
+                        f"loss: {batch.loss_fn} gave a non-finite loss ({metrics['loss:sum']}); the step was "
+                        "refused and the accumulated gradients are unchanged (check advantages and logprobs)",
+                        field="loss")
+                self._backward_checked(loss)
                 self.pending_backward += 1
         if not math.isfinite(metrics["loss:sum"]):
             log.warning("non_finite_loss", model_id=self.model_id, loss_fn=batch.loss_fn)
@@ -155,17 +164,52 @@ class TrainerEngine:
         with self.model.disable_adapter():
             yield
 
+    def _backward_checked(self, loss: torch.Tensor) -> None:
+        """Backward into fresh gradients; add them to the accumulated ones only if all are finite."""
+        held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            loss.backward()
+            bad = next((i for i, p in enumerate(self.params)
+                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+        except BaseException:
+            bad = -1
+            raise
+        finally:
+            if bad is not None:
+                for p, g in zip(self.params, held, strict=True):
+                    p.grad = g
+        if bad is not None:
+            raise NonFiniteError("loss: the backward pass gave non-finite gradients; the step was refused and "
+                                 "the accumulated gradients are unchanged", field="loss")
+        for p, g in zip(self.params, held, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+
     # -- optimizer
     def optim_step(self, params: AdamParams) -> dict[str, Any]:
-        """One AdamW step with exactly `params`, then clear the gradients."""
+        """One AdamW step with exactly `params`, then clear the gradients.
+
+        The update is computed and checked first (`_check_update`): a step whose gradients or result
+        would not be finite is refused with `NonFiniteError`, leaving weights, optimizer state and the
+        accumulated gradients untouched.
+        """
         assert self.optimizer is not None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"optim_step: the gradient norm is {grad_norm}; the step was refused",
+                                 field="adam_params")
+        clip = 1.0
+        if params.grad_clip_norm > 0 and grads:
+            clip = min(1.0, params.grad_clip_norm / (grad_norm + 1e-6))  # torch's clip coefficient
+        self._check_update(params, clip)
         for group in self.optimizer.param_groups:
             group["lr"] = params.learning_rate
             group["betas"] = (params.beta1, params.beta2)
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params, params.grad_clip_norm,
                                                  torch.tensor(grad_norm))
@@ -177,6 +221,39 @@ class TrainerEngine:
         return {"metrics": {"grad_norm": grad_norm, "learning_rate": params.learning_rate,
                             "step": float(self.step), "accumulated_backwards": float(accumulated)},
                 "step": self.step, "policy_version": self.policy_version}
+
+    @torch.no_grad()
+    def _check_update(self, params: AdamParams, clip: float) -> None:
+        """Raise `NonFiniteError` if this AdamW step would make any weight or moment NaN/inf.
+
+        Per parameter, a bound from the largest magnitudes (four reductions, in Python floats, which
+        cannot overflow here) proves most steps safe; only a parameter whose bound reaches the dtype's
+        range gets AdamW's math computed elementwise into temporaries. Nothing is modified.
+        """
+        assert self.optimizer is not None
+        b1, b2, lr, eps = params.beta1, params.beta2, params.learning_rate, params.eps
+        for p in self.params:
+            if p.grad is None:
+                continue
+            state = self.optimizer.state.get(p, {})
+            t = float(state["step"]) + 1 if "step" in state else 1.0
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            g_max = _abs_max(p.grad) * clip
+            m_max = (1 - b1) * g_max + (b1 * _abs_max(state["exp_avg"]) if "exp_avg" in state else 0.0)
+            v_max = (1 - b2) * g_max**2 + (b2 * _abs_max(state["exp_avg_sq"]) if "exp_avg_sq" in state else 0.0)
+            p_max = _abs_max(p) * abs(1 - lr * params.weight_decay) + lr / bc1 * m_max / eps
+            bounds = (m_max, v_max, p_max)
+            if all(math.isfinite(b) for b in bounds) and max(bounds) < 0.5 * torch.finfo(p.dtype).max:
+                continue
+            g = p.grad.float() * clip
+            m = g * (1 - b1) if "exp_avg" not in state else state["exp_avg"].float() * b1 + g * (1 - b1)
+            v = g * g * (1 - b2) if "exp_avg_sq" not in state else state["exp_avg_sq"].float() * b2 + g * g * (1 - b2)
+            new = p.float() * (1 - lr * params.weight_decay) - (lr / bc1) * m / ((v.sqrt() / math.sqrt(bc2)) + eps)
+            limit = torch.finfo(p.dtype).max
+            if not all(bool((x.abs() <= limit).all()) for x in (new, m, v)):
+                raise NonFiniteError(
+                    f"adam_params: this update (learning_rate={lr:g}, eps={eps:g}) would make weights or "
+                    "optimizer state non-finite; the step was refused and nothing changed", field="adam_params")
 
     # -- sampler snapshots
     def save_for_sampler(self, name: str, client_suffix: str | None, checkpoint_type: str | None) -> dict[str, Any]:
@@ -242,6 +319,21 @@ class TrainerEngine:
         return {"path": path, "type": "load_weights", "model_id": self.model_id, "step": step,
                 "optimizer_loaded": with_optimizer}
 
+    def restore_latest(self, path: str, last_known_step: int) -> None:
+        """Load an automatic state (weights + optimizer) after a restart; record what was lost."""
+        info = read_train_state_info(path)
+        saved_base = info.extra.get("base_model")
+        if saved_base is not None and saved_base != self.spec.base_model:
+            raise InvalidRequestError(f"latest state {path!r} is of base model {saved_base!r}, not "
+                                      f"{self.spec.base_model!r}", field="base_model")
+        optimizer = None if self.spec.forward_only else self._new_optimizer()
+        step, extra = load_train_state(path, self.model, optimizer if info.has_optimizer else None)
+        self.optimizer = optimizer
+        self.step = step
+        self.policy_version = int(extra.get("policy_version", step))
+        self.restored_from_step = step
+        self.steps_lost = max(0, last_known_step - step)
+
     # -- info
     def info(self) -> dict[str, Any]:
         lora = self.spec.lora
@@ -261,7 +353,15 @@ class TrainerEngine:
             "forward_only": self.spec.forward_only,
             "vocab_size": self.vocab_size,
             "last_base_snapshot": self._base_identity,
+            "restored_from_step": self.restored_from_step,
+            "steps_lost": self.steps_lost,
         }
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    """The largest magnitude in `t` as a Python float (NaN if `t` holds one)."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
 
 
 def _fb_body(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, Any]:

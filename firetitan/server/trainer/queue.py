@@ -35,6 +35,8 @@ class FutureRecord:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     status: int = 200
     body: dict[str, Any] | None = None
+    # Set when the submission was refused before it was queued: a retry of its seq_id gets this again.
+    rejected: FiretitanError | None = None
 
     def finish(self, status: int, body: dict[str, Any]) -> None:
         self.status, self.body = status, body
@@ -82,6 +84,10 @@ class Job:
     fn: Callable[[], dict[str, Any]]
 
 
+# Per session, the request ids of this many recent seq_ids are kept for idempotent retries.
+SEEN_PER_SESSION = 4096
+# Sessions (clients) remembered per model; the oldest idle ones are forgotten beyond this.
+MAX_SESSIONS = 1024
 _SKIPPED = object()  # placeholder for a seq_id that was rejected or released: nothing to run
 
 
@@ -104,6 +110,7 @@ class RequestQueue:
         self._sessions: dict[str, _Session] = {}
         self._task: asyncio.Task[None] | None = None
         self.busy = False
+        self.busy_since: float | None = None  # monotonic start of the job running now
 
     # -- submission
     def lookup(self, session: str | None, seq_id: int | None) -> str | None:
@@ -126,11 +133,52 @@ class RequestQueue:
             return rec
         sess = self._claim(session, seq_id)
         sess.pending[seq_id] = job
-        sess.seen[seq_id] = rec.request_id
-        while len(sess.seen) > 4096:
-            sess.seen.popitem(last=False)
+        self._remember(sess, seq_id, rec.request_id)
         self._drain(sess)
         return rec
+
+    def known(self, session: str | None, seq_id: int | None) -> FutureRecord | None:
+        """The future already given to (session, seq_id); re-raises the error of a refused one."""
+        rid = self.lookup(session, seq_id)
+        if rid is None:
+            return None
+        rec = self.futures.get(rid)
+        if rec.rejected is not None:
+            raise rec.rejected
+        return rec
+
+    def reject(self, kind: str, error: FiretitanError, *, session: str | None,
+               seq_id: int | None) -> FutureRecord | None:
+        """Consume `seq_id` with a future that already failed with `error`.
+
+        For a submission refused before it reached the queue (a schema error, a bad loss input...):
+        without this the seq_id would stay a gap and hold the session's next call back forever.
+        None when there is nothing to consume (no seq_id, already used, or held by another submission).
+        """
+        if seq_id is None:
+            return None
+        rid = self.lookup(session, seq_id)
+        if rid is not None:  # a retry of a refused submission gets the same future; an accepted one is no concern
+            rec = self.futures.get(rid)
+            return rec if rec.rejected is not None else None
+        sess = self._sessions.get(session or "")
+        if sess is not None and (seq_id < sess.next_seq or seq_id in sess.pending):
+            return None
+        rec = self.futures.new(kind, self.model_id)
+        rec.rejected = error
+        rec.finish(error.status_code, error.to_body())
+        sess = self._claim(session, seq_id)
+        sess.pending[seq_id] = _SKIPPED
+        self._remember(sess, seq_id, rec.request_id)
+        self._drain(sess)
+        log.info("submission_rejected", kind=kind, model_id=self.model_id, seq_id=seq_id,
+                 error=type(error).__name__, field=error.field)
+        return rec
+
+    def _remember(self, sess: _Session, seq_id: int, request_id: str) -> None:
+        sess.seen[seq_id] = request_id
+        while len(sess.seen) > SEEN_PER_SESSION:
+            sess.seen.popitem(last=False)
 
     def release(self, session: str | None, seq_id: int | None) -> None:
         """Mark `seq_id` as consumed without work (it was rejected, or the client gave it up)."""
@@ -149,12 +197,19 @@ class RequestQueue:
         if sess is None:
             # A new session starts at its first seq_id (Tinker starts at 1, create-via-load at 0).
             sess = self._sessions[key] = _Session(next_seq=seq_id)
+            self._evict_sessions()
         if seq_id < sess.next_seq or seq_id in sess.pending:
             raise ConflictError(
                 f"seq_id {seq_id} was already used in this session (next expected {sess.next_seq})",
                 field="seq_id",
             )
         return sess
+
+    def _evict_sessions(self) -> None:
+        # Every client brings its own session id: forget the oldest idle ones beyond the bound.
+        excess = len(self._sessions) - MAX_SESSIONS
+        for key in [k for k, v in self._sessions.items() if not v.pending][:max(0, excess)]:
+            del self._sessions[key]
 
     def _drain(self, sess: _Session) -> None:
         while sess.next_seq in sess.pending:
@@ -192,11 +247,11 @@ class RequestQueue:
     async def _run(self) -> None:
         while True:
             job = await self._ready.get()
-            self.busy = True
+            self.busy, self.busy_since = True, time.monotonic()
             try:
                 await self._execute(job)
             finally:
-                self.busy = False
+                self.busy, self.busy_since = False, None
 
     async def _execute(self, job: Job) -> None:
         rec = job.record

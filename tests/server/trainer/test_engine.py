@@ -124,3 +124,69 @@ def test_gather_logprobs_matches_per_row_log_softmax_in_values_and_gradients() -
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(got_grad, logits.grad)
     assert got_grad[0, 5:].abs().sum() == 0  # padded positions get no gradient
+
+
+def _state(engine: TrainerEngine) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    weights = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+    assert engine.optimizer is not None
+    moments = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+               for st in engine.optimizer.state.values()]
+    return weights, moments
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    (wa, ma), (wb, mb) = a, b
+    return (all(torch.equal(wa[k], wb[k]) for k in wa) and len(ma) == len(mb)
+            and all(all(torch.equal(torch.as_tensor(x[k]), torch.as_tensor(y[k])) for k in x)
+                    for x, y in zip(ma, mb, strict=True)))
+
+
+def test_non_finite_gradients_or_updates_are_refused_leaving_weights_and_optimizer_untouched() -> None:
+    from firetitan.errors import NonFiniteError
+
+    engine = TrainerEngine("e", ModelSpec(NANO), store=None, states=None)
+    ds = data()
+    engine.forward(prepare_batch(ds, "cross_entropy", None, engine.vocab_size), backward=True)
+    engine.optim_step(AdamParams(learning_rate=1e-3))  # optimizer state exists from here on
+    engine.forward(prepare_batch(ds, "cross_entropy", None, engine.vocab_size), backward=True)
+    before = _state(engine)
+    grads = [p.grad.clone() for p in engine.params]
+    p0 = engine.params[0]
+
+    # A gradient holding inf: refused before anything is touched.
+    p0.grad[0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        engine.optim_step(AdamParams(learning_rate=1e-3))
+    assert _same_state(before, _state(engine)) and engine.step == 1
+
+    # A finite but huge gradient whose square overflows Adam's second moment: caught by the check.
+    p0.grad.copy_(grads[0])
+    p0.grad[0] = 1e30
+    with pytest.raises(NonFiniteError) as err:
+        engine.optim_step(AdamParams(learning_rate=1e-3))
+    assert err.value.field == "adam_params"
+    assert _same_state(before, _state(engine)) and engine.step == 1
+
+    # With the gradient restored, the same step goes through and changes the weights.
+    p0.grad.copy_(grads[0])
+    engine.optim_step(AdamParams(learning_rate=1e-3))
+    assert engine.step == 2 and not _same_state(before, _state(engine))
+
+
+def test_a_backward_with_non_finite_loss_keeps_the_accumulated_gradients() -> None:
+    from firetitan.errors import NonFiniteError
+
+    engine = TrainerEngine("e", ModelSpec(NANO), store=None, states=None)
+    ds = data()
+    engine.forward(prepare_batch(ds, "cross_entropy", None, engine.vocab_size), backward=True)
+    grads = [p.grad.clone() for p in engine.params]
+    # Sampler logprobs of -1e30 make the importance ratio exp(lp - q) infinite.
+    bad = [Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "logprobs": TensorData.from_torch(torch.full((d.model_input.length,), -1e30)),
+        "advantages": TensorData.from_torch(torch.ones(d.model_input.length))}) for d in ds]
+    with pytest.raises(NonFiniteError) as err:
+        engine.forward(prepare_batch(bad, "importance_sampling", None, engine.vocab_size), backward=True)
+    assert err.value.field == "loss"
+    assert engine.pending_backward == 1
+    assert all(torch.equal(p.grad, g) for p, g in zip(engine.params, grads, strict=True))
