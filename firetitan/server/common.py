@@ -29,6 +29,7 @@ from firetitan.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from firetitan.home import key_spellings
 from firetitan.names import check_name
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -127,7 +128,10 @@ def _authenticated(request: web.Request, api_key: str) -> bool:
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    return hmac.compare_digest(given.encode(), api_key.encode())
+    # Either spelling of the same secret (tml-/fw_, see firetitan.home.key_spellings); every spelling is
+    # compared, so the time taken does not say which one came close.
+    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in key_spellings(api_key)]
+    return any(matches)
 
 
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
