@@ -103,9 +103,10 @@ def resolve_shape(name: str, field: str = "trainingShape", home: str | Path | No
             field=field)
     shape = SHAPES.get(shape_id)
     if shape is None:
+        unversioned = name.split("/versions/")[0]
         if home is not None and match is not None and match.group(1) != "local" and aliases.is_hosted_name(
-                name.split("/versions/")[0]):
-            raise aliases.missing_shape_alias_error(name, home, field=field)
+                unversioned):
+            raise aliases.missing_shape_alias_error(unversioned, home, field=field)
         raise NotFoundError(f"training shape {name!r} not found; known shapes: "
                             + ", ".join(s.name for s in SHAPES.values()), field=field)
     if version not in (None, SHAPE_VERSION, "latest"):
