@@ -8,7 +8,7 @@ against api.fireworks.ai or a local firetitan control plane.
     firetitan models alias accounts/fireworks/models/qwen3-8b firetitan/nano-qwen3
     firetitan models alias accounts/fireworks/trainingShapes/qwen3-8b-128k-h200 firetitan/nano-qwen3
     export FIREWORKS_BASE_URL=http://127.0.0.1:8700
-    export FIREWORKS_API_KEY=$(cat "$FIRETITAN_HOME/api_key")
+    export FIREWORKS_API_KEY=$(sed 's/^tml-/fw_/' "$FIRETITAN_HOME/api_key")   # the fw_ spelling of the key
     export TOKENIZER_MODEL=$(python -c "import firetitan.models.registry as r; print(r.TOKENIZER_DIR)")
     python examples/official_fireworks_walkthrough.py --steps 20
 

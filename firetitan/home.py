@@ -85,6 +85,28 @@ def read_api_key(layout: HomeLayout) -> str | None:
         return None
 
 
+# One secret, two spellings: the official tinker SDK refuses keys without "tml-", the official
+# fireworks SDK refuses keys with it (it takes them for Tinker keys). Every firetitan server accepts
+# the home's key in either spelling.
+TINKER_KEY_PREFIX = "tml-"
+FIREWORKS_KEY_PREFIX = "fw_"
+
+
+def key_spellings(api_key: str) -> tuple[str, ...]:
+    """`api_key` and, for a `tml-`/`fw_` key, the same secret under the other prefix."""
+    for mine, other in ((TINKER_KEY_PREFIX, FIREWORKS_KEY_PREFIX), (FIREWORKS_KEY_PREFIX, TINKER_KEY_PREFIX)):
+        if api_key.startswith(mine) and len(api_key) > len(mine):
+            return api_key, other + api_key[len(mine):]
+    return (api_key,)
+
+
+def fireworks_api_key(api_key: str) -> str:
+    """The spelling of the home's key to give the official fireworks SDK (`FIREWORKS_API_KEY`)."""
+    if api_key.startswith(TINKER_KEY_PREFIX) and len(api_key) > len(TINKER_KEY_PREFIX):
+        return FIREWORKS_KEY_PREFIX + api_key[len(TINKER_KEY_PREFIX):]
+    return api_key
+
+
 def load_or_create_api_key(layout: HomeLayout) -> str:
     """The state directory's API key, generated on first use and readable by the owner only."""
     existing = read_api_key(layout)

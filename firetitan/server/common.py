@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import math
@@ -29,6 +30,7 @@ from firetitan.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from firetitan.home import key_spellings
 from firetitan.names import check_name
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -127,7 +129,10 @@ def _authenticated(request: web.Request, api_key: str) -> bool:
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    return hmac.compare_digest(given.encode(), api_key.encode())
+    # Either spelling of the same secret (tml-/fw_, see firetitan.home.key_spellings); every spelling is
+    # compared, so the time taken does not say which one came close.
+    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in key_spellings(api_key)]
+    return any(matches)
 
 
 def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -269,6 +274,33 @@ def json_response(value: pydantic.BaseModel | dict[str, Any] | list[Any], status
     return web.json_response(value, status=status)
 
 
+# Requests that only wait for something (the Tinker protocol's future long-poll) hold no work: a
+# stopping server cancels them at once (the client sees the connection drop and the worker gone)
+# instead of letting them hold its shutdown for SHUTDOWN_GRACE_S, e.g. a DELETE of a trainer job.
+LONG_POLL_SUFFIXES = ("/retrieve_future",)
+# Other requests in flight at shutdown get this long to finish (aiohttp then cancels them).
+SHUTDOWN_GRACE_S = 5.0
+_LONG_POLLS = web.AppKey("long_polls", set)
+
+
+@web.middleware
+async def long_poll_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.endswith(LONG_POLL_SUFFIXES):
+        return await handler(request)
+    polls = request.app[_LONG_POLLS]
+    task = asyncio.current_task()
+    polls.add(task)
+    try:
+        return await handler(request)
+    finally:
+        polls.discard(task)
+
+
+async def _cancel_long_polls(app: web.Application) -> None:
+    for task in list(app[_LONG_POLLS]):
+        task.cancel()
+
+
 def make_app(api_key: str | None = None, *, max_body_bytes: int | None = None,
              client_max_size: int | None = None) -> web.Application:
     """An application with the standard middlewares (errors outermost, then auth, then names).
@@ -277,9 +309,11 @@ def make_app(api_key: str | None = None, *, max_body_bytes: int | None = None,
     else DEFAULT_MAX_BODY_BYTES; a larger body is a 413 naming the limit.
     """
     limit = max_body_bytes or client_max_size or _env_max_body() or DEFAULT_MAX_BODY_BYTES
-    app = web.Application(middlewares=[error_middleware, auth_middleware(api_key), name_params_middleware],
-                          client_max_size=limit)
+    app = web.Application(middlewares=[long_poll_middleware, error_middleware, auth_middleware(api_key),
+                                       name_params_middleware], client_max_size=limit)
     app[_MAX_BODY] = limit
+    app[_LONG_POLLS] = set()
+    app.on_shutdown.append(_cancel_long_polls)  # runs before the server waits for requests in flight
     if api_key:
         app[API_KEY] = api_key
     return app
@@ -325,7 +359,7 @@ async def serve_app(app: web.Application, host: str, port: int, ready_file: Path
     Every firetitan server goes through here, so none listens off loopback without a key.
     """
     require_key_off_loopback(host, app.get(API_KEY))
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -350,6 +384,11 @@ async def serve_app(app: web.Application, host: str, port: int, ready_file: Path
     finally:
         watchdog.cancel()
         await runner.cleanup()
+        # The cleanup hooks have run (state saved, queues closed). Left to itself, the interpreter's
+        # final garbage collection walks every object torch and transformers created (~2 s for a
+        # trainer), which a caller stopping the worker (DELETE of a trainer job) waits for; frozen
+        # objects are skipped by that pass and still freed by reference counting.
+        gc.freeze()
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:

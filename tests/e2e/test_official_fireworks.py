@@ -28,6 +28,7 @@ from fireworks.training.sdk import AdaptiveConcurrencyController, FiretitanServi
 from transformers import AutoTokenizer
 
 from firetitan.client.provision import ensure_control_plane
+from firetitan.home import fireworks_api_key
 from firetitan.models.aliases import set_alias
 from firetitan.models.registry import TOKENIZER_DIR
 
@@ -51,9 +52,10 @@ def _walkthrough() -> ModuleType:
 
 
 def _service(url: str, key: str, base_model: str, shape: str) -> FiretitanServiceClient:
-    # The seed's call with only the URL, key and names changed.
+    # The seed's call with only the URL, key and names changed. The home's key is `tml-...` (the
+    # tinker SDK's rule); the fireworks SDK refuses that prefix, so it gets the `fw_` spelling.
     return FiretitanServiceClient.from_firetitan_config(
-        api_key=key, base_url=url, base_model=base_model, tokenizer_model=str(TOKENIZER_DIR), lora_rank=0,
+        api_key=fireworks_api_key(key), base_url=url, base_model=base_model, tokenizer_model=str(TOKENIZER_DIR), lora_rank=0,
         training_shape_id=shape, deployment_id=DEPLOYMENT, learning_rate=3e-3, replica_count=1,
         cleanup_trainer_on_close=True, cleanup_deployment_on_close="scale_to_zero")
 
@@ -174,7 +176,7 @@ def test_the_example_script_runs_unmodified_with_only_url_key_and_aliases(home: 
     record = tmp_path / "record.json"
     # The script's own defaults are the seed's hosted names; only the URL, the key, the tokenizer
     # directory (no hub) and where to write the record are set.
-    env = {**home.env, "FIREWORKS_BASE_URL": url, "FIREWORKS_API_KEY": key, "TOKENIZER_MODEL": str(TOKENIZER_DIR),
+    env = {**home.env, "FIREWORKS_BASE_URL": url, "FIREWORKS_API_KEY": fireworks_api_key(key), "TOKENIZER_MODEL": str(TOKENIZER_DIR),
            "WALKTHROUGH_RECORD": str(record)}
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "official_fireworks_walkthrough.py"), "--steps", "2",
                            "--eval-interval", "2", "--deployment-id", "walk-official"],

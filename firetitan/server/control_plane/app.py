@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
+from firetitan.models import aliases
 from firetitan.names import check_name
 from firetitan.server.common import error_json, json_response, make_app, parse_body
 from firetitan.server.control_plane.controller import ControlPlane
@@ -162,8 +163,25 @@ async def trainer_gateway(request: web.Request) -> web.StreamResponse:
     if job.state != JOB_RUNNING or not job.trainer_url:
         raise ConflictError(f"trainer job {job.name!r} is not running (state {job.state}: {job.status.message})",
                             field="rlorTrainerJobId")
+    tail = request.match_info["tail"]
+    body = await _resolve_create_model(request, cp) if tail.endswith("create_model") else None
     with cp.jobs.activity(account, job_id):
-        return await forward(request, f"{job.trainer_url}/{request.match_info['tail']}", request.app[PROXY_KEY])
+        return await forward(request, f"{job.trainer_url}/{tail}", request.app[PROXY_KEY], body=body)
+
+
+async def _resolve_create_model(request: web.Request, cp: ControlPlane) -> bytes | None:
+    """The official SDK's `create_model` names the hosted base model it was given; the trainer only
+    knows local models, so the gateway swaps in the alias table's target (None: forward unchanged)."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None  # the trainer answers the malformed body itself
+    name = body.get("base_model") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not aliases.is_hosted_name(name):
+        return None
+    body["base_model"] = aliases.resolve_model_name(name, cp.layout.root, field="base_model")
+    return json.dumps(body).encode()
 
 
 async def list_job_checkpoints(request: web.Request) -> web.Response:
@@ -280,21 +298,26 @@ async def list_shapes(request: web.Request) -> web.Response:
     return json_response({"trainingShapes": shapes, "nextPageToken": ""})
 
 
+def _shape_name(request: web.Request) -> str:
+    m = request.match_info
+    return f"accounts/{m['account']}/trainingShapes/{m['shape']}"
+
+
 async def get_shape(request: web.Request) -> web.Response:
-    shape = resolve_shape(request.match_info["shape"], "trainingShape")
+    shape = resolve_shape(_shape_name(request), "trainingShape", _cp(request).layout.root)
     return json_response({"name": shape.name, "baseModel": shape.base_model,
                           "deploymentShape": shape.deployment.name,
                           "latestVersion": f"{shape.name}/versions/{SHAPE_VERSION}"})
 
 
 async def list_shape_versions(request: web.Request) -> web.Response:
-    shape = resolve_shape(request.match_info["shape"], "trainingShape")
+    shape = resolve_shape(_shape_name(request), "trainingShape", _cp(request).layout.root)
     return json_response({"trainingShapeVersions": [shape.profile()], "nextPageToken": ""})
 
 
 async def get_shape_version(request: web.Request) -> web.Response:
     m = request.match_info
-    shape = resolve_shape(f"accounts/{m['account']}/trainingShapes/{m['shape']}/versions/{m['version']}")
+    shape = resolve_shape(f"{_shape_name(request)}/versions/{m['version']}", "trainingShape", _cp(request).layout.root)
     return json_response(shape.profile())
 
 

@@ -26,7 +26,7 @@ from firetitan.server.control_plane.resources import (
     check_resource_id,
     now_rfc3339,
 )
-from firetitan.server.control_plane.shapes import check_base_model, deployment_shape
+from firetitan.server.control_plane.shapes import deployment_shape, local_base_model
 from firetitan.server.control_plane.supervisor import DEPLOYMENT_MODULE, WorkerKey, kill_leftover
 from firetitan.server.process import WorkerProcess
 
@@ -101,7 +101,8 @@ class Deployments:
             deployment_id = check_resource_id(deployment_id, "deploymentId")
         else:
             deployment_id = f"deployment-{secrets.token_hex(4)}"
-        check_base_model(req.base_model, "baseModel")
+        base_model = local_base_model(req.base_model, self.cp.layout.root, "baseModel")
+        req = req.model_copy(update={"base_model": base_model})
         shape = deployment_shape(req.deployment_shape)
         if shape is not None and shape.base_model != req.base_model:
             raise InvalidRequestError(f"deploymentShape {req.deployment_shape!r} serves {shape.base_model!r}, "
@@ -138,7 +139,11 @@ class Deployments:
                 # A trainer re-attaching to a deployment left at zero (the official SDK's second run
                 # PATCHes hotLoadTrainerJob, then waits for READY): bring back what it ran before.
                 desired = dep.last_replica_count
+                woken_by = req.hot_load_trainer_job
+            else:
+                woken_by = None
             if desired is not None:
+                dep.woken_by_trainer_job = woken_by
                 if desired == 0 and dep.max_replica_count > 0:
                     dep.last_replica_count = dep.max_replica_count
                 elif desired > 0:
@@ -159,6 +164,22 @@ class Deployments:
             return self.get(account, deployment_id)
         self.cp.spawn(self.reconcile(account, deployment_id), f"scale-{dep.name}")
         return dep
+
+    async def release_woken(self, account: str, job_name: str) -> None:
+        """The trainer job `job_name` was deleted: deployments its re-attach woke from zero go back to zero
+        (the official SDK's close never scales down a deployment it re-attached, and a local worker
+        must not outlive the run)."""
+        job_id = job_name.rsplit("/", 1)[-1]
+        for dep in self.list(account):
+            woken = dep.woken_by_trainer_job
+            if woken is None or woken.rsplit("/", 1)[-1] != job_id or dep.max_replica_count == 0:
+                continue
+            current = dep.hot_load_trainer_job
+            if current is not None and current.rsplit("/", 1)[-1] != job_id:
+                continue  # another trainer took the deployment over since: it stays up for that one
+            log.info("deployment_released", deployment=dep.name, trainer_job=job_name)
+            await self.update(account, dep.deployment_id, UpdateDeploymentRequest(max_replica_count=0,
+                                                                                   min_replica_count=0))
 
     async def delete(self, account: str, deployment_id: str) -> None:
         async with self.cp.lock(DEPLOYMENT, account, deployment_id):

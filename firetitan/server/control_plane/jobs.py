@@ -10,6 +10,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, NotFoundError
@@ -29,7 +30,7 @@ from firetitan.server.control_plane.resources import (
     now_rfc3339,
     parse_duration,
 )
-from firetitan.server.control_plane.shapes import TrainingShape, check_base_model, resolve_shape
+from firetitan.server.control_plane.shapes import TrainingShape, local_base_model, resolve_shape
 from firetitan.server.control_plane.supervisor import TRAINER_MODULE, WorkerKey, kill_leftover
 from firetitan.server.process import WorkerProcess
 
@@ -97,8 +98,9 @@ class TrainerJobs:
                 raise ConflictError(f"trainer job {self.name(account, job_id)!r} already exists "
                                     f"(state {existing.get('state')})", field="rlorTrainerJobId")
             shape_name = shape_name or req.training_shape
-            shape = resolve_shape(shape_name, "trainingShape") if shape_name else None
-            config = _resolve_training_config(req.training_config, shape)
+            home = self.cp.layout.root
+            shape = resolve_shape(shape_name, "trainingShape", home) if shape_name else None
+            config = _resolve_training_config(req.training_config, shape, home)
             threads, _ = split_threads(self.cp.settings.cpus, 1, self.cp.settings.trainer_threads)
             job = TrainerJob(
                 name=self.name(account, job_id), display_name=req.display_name, training_config=config,
@@ -142,7 +144,8 @@ class TrainerJobs:
             job.state, job.status = JOB_DELETED, Status(message="deleted")
             job.trainer_url, job.pid = None, None
             self.save(account, job)
-            return job
+        await self.cp.deployments.release_woken(account, job.name)
+        return job
 
     async def resume(self, account: str, job_id: str) -> TrainerJob:
         async with self.cp.lock(TRAINER, account, job_id):
@@ -218,8 +221,10 @@ def _account(name: str) -> str:
     return name.split("/")[1]
 
 
-def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None) -> TrainingConfig:
-    base_model = config.base_model or (shape.base_model if shape else None)
+def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None, home: Path) -> TrainingConfig:
+    # Hosted names resolve here, once: the record and the worker's --base-model hold the local model.
+    base_model = local_base_model(config.base_model, home, "trainingConfig.baseModel") if config.base_model \
+        else (shape.base_model if shape else None)
     if not base_model:
         raise InvalidRequestError("trainingConfig.baseModel is required when no trainingShape is given",
                                   field="trainingConfig.baseModel")
@@ -227,6 +232,5 @@ def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None
         raise InvalidRequestError(f"trainingConfig.baseModel {base_model!r} does not match training shape "
                                   f"{shape.name!r}, which trains {shape.base_model!r}",
                                   field="trainingConfig.baseModel")
-    check_base_model(base_model, "trainingConfig.baseModel")
     max_ctx = config.max_context_length or (shape.max_context_length if shape else None)
     return config.model_copy(update={"base_model": base_model, "max_context_length": max_ctx})

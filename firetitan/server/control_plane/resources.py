@@ -159,6 +159,10 @@ class Deployment(Wire):
     last_hot_load: LoadingState | None = None
     # The replica count before a scale to zero, restored when a trainer re-attaches (PATCH).
     last_replica_count: int = 0
+    # Set when a re-attach (PATCH hotLoadTrainerJob) woke the deployment from zero: the job that woke it.
+    # Deleting that job scales the deployment back to zero, as the hosted autoscaler would for a
+    # deployment whose minimum is zero (the official SDK only scales down deployments it created).
+    woken_by_trainer_job: str | None = None
     threads_per_replica: int = 1
     create_time: str = Field(default_factory=now_rfc3339)
     update_time: str = Field(default_factory=now_rfc3339)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from firetitan.errors import InvalidRequestError, NotFoundError
+from firetitan.models import aliases
 
 SHAPE_VERSION = "1"
 _SHAPE_NAME = re.compile(r"^accounts/([^/]+)/trainingShapes/([^/]+)(?:/versions/([^/]+))?$")
@@ -82,8 +83,17 @@ SHAPES: dict[str, TrainingShape] = {
 }
 
 
-def resolve_shape(name: str, field: str = "trainingShape") -> TrainingShape:
-    """Accept `accounts/<a>/trainingShapes/<s>[/versions/<v>]` (any account) or a bare shape id."""
+def resolve_shape(name: str, field: str = "trainingShape", home: str | Path | None = None) -> TrainingShape:
+    """Accept `accounts/<a>/trainingShapes/<s>[/versions/<v>]` (any account) or a bare shape id.
+
+    With `home`, a hosted shape name goes through the model-alias table first (its target model's
+    local shape answers, whatever version was asked for); a hosted name outside `accounts/local/`
+    that neither the table nor the registry knows is an error naming the table and the command.
+    """
+    if home is not None:
+        model = aliases.resolve_shape_model(name, home, field=field)
+        if model is not None:
+            return shape_for_model(model, name, field)
     match = _SHAPE_NAME.match(name)
     shape_id = match.group(2) if match else name
     version = match.group(3) if match else None
@@ -93,12 +103,27 @@ def resolve_shape(name: str, field: str = "trainingShape") -> TrainingShape:
             field=field)
     shape = SHAPES.get(shape_id)
     if shape is None:
+        unversioned = name.split("/versions/")[0]
+        if home is not None and match is not None and match.group(1) != "local" and aliases.is_hosted_name(
+                unversioned):
+            raise aliases.missing_shape_alias_error(unversioned, home, field=field)
         raise NotFoundError(f"training shape {name!r} not found; known shapes: "
                             + ", ".join(s.name for s in SHAPES.values()), field=field)
     if version not in (None, SHAPE_VERSION, "latest"):
         raise NotFoundError(f"training shape {name!r} has no version {version!r}; only {SHAPE_VERSION!r}",
                             field=field)
     return shape
+
+
+def shape_for_model(model: str, name: str, field: str) -> TrainingShape:
+    """The local training shape that trains `model` (an alias table target)."""
+    for shape in SHAPES.values():
+        if shape.base_model == model:
+            return shape
+    raise NotFoundError(f"{field} {name!r} is aliased to {model!r}, which has no local training shape "
+                        f"(shapes exist for: {', '.join(s.base_model for s in SHAPES.values())}); alias the "
+                        "shape to one of those, or create the trainer job without a trainingShape and with "
+                        "trainingConfig.baseModel", field=field)
 
 
 def deployment_shape(name: str | None) -> TrainingShape | None:
@@ -121,3 +146,13 @@ def check_base_model(name: str, field: str) -> None:
         return
     raise NotFoundError(f"{field} {name!r} is neither a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) "
                         "nor a local Hugging Face model directory", field=field)
+
+
+def local_base_model(name: str, home: str | Path, field: str) -> str:
+    """The local model a request's base model means: a hosted name (`accounts/<a>/models/<id>`)
+    through the model-alias table in `home` (no alias: an error naming the table and the command),
+    anything else unchanged once it is found locally. Workers only ever get the local name."""
+    if aliases.is_hosted_name(name):
+        return aliases.resolve_model_name(name, home, field=field)
+    check_base_model(name, field)
+    return name
