@@ -1,11 +1,13 @@
-"""The sampler snapshot store: base / delta / LoRA snapshots under `root/snapshots/<identity>/`."""
+"""The sampler snapshot store: publish, list, verify and load base / delta / LoRA snapshots under `root/snapshots/`.
+
+The payload work lives beside it: `layout` (file names, digests, durable writes), `weights` (tied
+aliases, tensor digests), `delta_payload` (delta encode / apply) and `lora` (adapter export).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -15,24 +17,39 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from firetitan.checkpoints import delta as dz
+from firetitan.checkpoints import lora
+from firetitan.checkpoints.delta_payload import apply_delta, encode_delta
 from firetitan.checkpoints.identity import make_identity, validate_name
+from firetitan.checkpoints.layout import (
+    BASE_WEIGHTS_FILE,
+    DELTA_FILE,
+    LORA_WEIGHTS_FILE,
+    TMP_PREFIX,
+    combine,
+    file_sha256,
+    fsync_path,
+    payload_files,
+    write_durable,
+)
 from firetitan.checkpoints.manifest import FORMAT_VERSION, MANIFEST_FILE, SnapshotKind, SnapshotManifest
+from firetitan.checkpoints.weights import (
+    apply_aliases_for_save,
+    check_digests,
+    config_get,
+    expand_aliases,
+    load_safetensors,
+    raw_size,
+    split_aliases,
+    write_config,
+)
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError, SnapshotError
 from firetitan.logging import get_logger
 from firetitan.names import resolve_under
 
 log = get_logger(__name__)
-
-BASE_WEIGHTS_FILE = "model.safetensors"
-DELTA_FILE = "delta.safetensors"
-LORA_CONFIG_FILE = "adapter_config.json"
-LORA_WEIGHTS_FILE = "adapter_model.safetensors"
-_DELTA_FORMAT = "firetitan-xor-shuffle-v1"
-_TMP_PREFIX = ".tmp-"
 
 
 class SnapshotStore:
@@ -67,11 +84,11 @@ class SnapshotStore:
         Tied weights (lm_head sharing the input embedding) are stored once, as transformers does.
         """
         identity, user_name = self._identity(name, client_suffix)
-        tie = bool(_config_get(config, "tie_word_embeddings", False))
-        canonical, aliases = _split_aliases(state_dict, tie_embeddings=tie)
+        tie = bool(config_get(config, "tie_word_embeddings", False))
+        canonical, aliases = split_aliases(state_dict, tie_embeddings=tie)
         with self._staging(identity) as tmp:
             save_file(canonical, str(tmp / BASE_WEIGHTS_FILE), metadata={"format": "pt"})
-            _write_config(config, tmp)
+            write_config(config, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             manifest = self._publish(
@@ -79,11 +96,11 @@ class SnapshotStore:
                 identity,
                 name=user_name,
                 kind="base",
-                base_model=base_model or _config_get(config, "_name_or_path", None) or None,
+                base_model=base_model or config_get(config, "_name_or_path", None) or None,
                 dtypes={k: dz.dtype_name(t.dtype) for k, t in canonical.items()},
                 tensor_sha256={k: dz.tensor_sha256(t) for k, t in canonical.items()},
                 aliases=aliases,
-                full_size_bytes=_raw_size(canonical),
+                full_size_bytes=raw_size(canonical),
             )
         log.info("snapshot saved", identity=identity, kind="base", size_bytes=manifest.size_bytes)
         return manifest
@@ -116,32 +133,9 @@ class SnapshotStore:
             )
         if base_state_dict is None:
             base_state_dict = self.load_state_dict(previous_identity)
-        canonical = _apply_aliases_for_save(state_dict, base_manifest.aliases)
+        canonical = apply_aliases_for_save(state_dict, base_manifest.aliases)
 
-        index: dict[str, dict[str, Any]] = {}
-        blobs: dict[str, torch.Tensor] = {}
-        for key, new in canonical.items():
-            entry: dict[str, Any] = {"dtype": dz.dtype_name(new.dtype), "shape": list(new.shape)}
-            base = base_state_dict.get(key)
-            base_digest = base_manifest.tensor_sha256.get(key)
-            if base is not None and base_digest is not None and _same_layout(base, new):
-                blob = dz.encode_xor(new, base.detach().to("cpu"), codec)
-                entry.update(encoding="same" if blob is None else "xor", base_sha256=base_digest)
-            else:
-                blob = dz.encode_raw(new, codec)
-                entry["encoding"] = "raw"
-            if blob is not None:
-                blobs[key] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-            entry["sha256"] = dz.tensor_sha256(new)
-            index[key] = entry
-
-        meta = {
-            "format": _DELTA_FORMAT,
-            "codec": codec,
-            "base_identity": previous_identity,
-            "base_checksum": base_manifest.checksum,
-            "index": json.dumps(index, sort_keys=True),
-        }
+        index, blobs, meta = encode_delta(canonical, base_state_dict, base_manifest, previous_identity, codec)
         with self._staging(identity) as tmp:
             save_file(blobs, str(tmp / DELTA_FILE), metadata=meta)
             manifest = self._publish(
@@ -156,7 +150,7 @@ class SnapshotStore:
                 tensor_sha256={k: e["sha256"] for k, e in index.items()},
                 aliases=dict(base_manifest.aliases),
                 compression=codec,
-                full_size_bytes=_raw_size(canonical),
+                full_size_bytes=raw_size(canonical),
             )
         log.info(
             "snapshot saved",
@@ -178,35 +172,11 @@ class SnapshotStore:
     ) -> SnapshotManifest:
         """Write the PEFT adapter of `peft_model` (`PeftModel.from_pretrained(base, dir)` loads it)."""
         identity, user_name = self._identity(name, client_suffix)
-        adapter = getattr(peft_model, "active_adapter", "default")
-        peft_config = getattr(peft_model, "peft_config", {}).get(adapter)
-        if peft_config is None:
-            raise InvalidRequestError("save_lora needs a peft model with an active adapter", field="peft_model")
+        adapter, peft_config = lora.active_adapter_config(peft_model)
         with self._staging(identity) as tmp:
-            # No embedding-layer export: it is not needed for LoRA on linear layers and, in "auto" mode,
-            # peft would probe the hub for the base model's config.
-            peft_model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-            if not (tmp / LORA_CONFIG_FILE).is_file() or not (tmp / LORA_WEIGHTS_FILE).is_file():
-                # peft writes non-default adapters into a subfolder; flatten so the layout is fixed.
-                sub = tmp / adapter
-                for f in (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE):
-                    if (sub / f).is_file():
-                        os.replace(sub / f, tmp / f)
-            weights = load_file(str(tmp / LORA_WEIGHTS_FILE))
+            weights = lora.write_adapter(peft_model, adapter, tmp)
             manifest = self._publish(
-                tmp,
-                identity,
-                name=user_name,
-                kind="lora",
-                base_model=base_model or getattr(peft_config, "base_model_name_or_path", None),
-                dtypes={k: dz.dtype_name(t.dtype) for k, t in weights.items()},
-                tensor_sha256={k: dz.tensor_sha256(t) for k, t in weights.items()},
-                full_size_bytes=_raw_size(weights),
-                lora={
-                    "rank": int(peft_config.r),
-                    "alpha": float(peft_config.lora_alpha),
-                    "target_modules": sorted(peft_config.target_modules or []),
-                },
+                tmp, identity, name=user_name, **lora.manifest_fields(peft_config, weights, base_model)
             )
         log.info("snapshot saved", identity=identity, kind="lora", size_bytes=manifest.size_bytes)
         return manifest
@@ -216,7 +186,7 @@ class SnapshotStore:
         path = self._dir(identity)
         if not path.is_dir():
             raise NotFoundError(f"snapshot {identity!r} does not exist", field="identity")
-        trash = self.snapshots_dir / f"{_TMP_PREFIX}del-{identity}-{os.urandom(4).hex()}"
+        trash = self.snapshots_dir / f"{TMP_PREFIX}del-{identity}-{os.urandom(4).hex()}"
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -262,15 +232,15 @@ class SnapshotStore:
         """Recompute every payload file's sha256; raise `SnapshotError` naming the first bad file."""
         manifest = self.manifest(identity)
         root = self._dir(identity)
-        on_disk = set(_payload_files(root))
+        on_disk = set(payload_files(root))
         if on_disk != set(manifest.files):
             missing = sorted(set(manifest.files) - on_disk)
             extra = sorted(on_disk - set(manifest.files))
             raise SnapshotError(f"snapshot {identity!r} payload files differ: missing {missing}, extra {extra}")
         for rel, digest in manifest.files.items():
-            if _file_sha256(root / rel) != digest:
+            if file_sha256(root / rel) != digest:
                 raise SnapshotError(f"snapshot {identity!r} is corrupt: checksum mismatch in {rel}")
-        if _combine(manifest.files) != manifest.checksum:
+        if combine(manifest.files) != manifest.checksum:
             raise SnapshotError(f"snapshot {identity!r} manifest checksum does not match its file digests")
         return manifest
 
@@ -302,14 +272,14 @@ class SnapshotStore:
         manifest = self.manifest(identity)
         root = self._dir(identity)
         if manifest.kind == "base":
-            tensors = _load_safetensors(root / BASE_WEIGHTS_FILE, identity)
+            tensors = load_safetensors(root / BASE_WEIGHTS_FILE, identity)
             if verify:
-                _check_digests(tensors, manifest.tensor_sha256, identity)
-            return _expand_aliases(tensors, manifest.aliases)
+                check_digests(tensors, manifest.tensor_sha256, identity)
+            return expand_aliases(tensors, manifest.aliases)
         if manifest.kind == "lora":
-            tensors = _load_safetensors(root / LORA_WEIGHTS_FILE, identity)
+            tensors = load_safetensors(root / LORA_WEIGHTS_FILE, identity)
             if verify:
-                _check_digests(tensors, manifest.tensor_sha256, identity)
+                check_digests(tensors, manifest.tensor_sha256, identity)
             return tensors
         return self._apply_delta(manifest, root, base_state_dict, base_identity, verify)
 
@@ -338,25 +308,7 @@ class SnapshotStore:
                     f"{manifest.previous_snapshot_checksum}, but that base now has {base_manifest.checksum}"
                 )
             base_state_dict = self.load_state_dict(prev, verify=verify)
-        try:
-            with safe_open(str(root / DELTA_FILE), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != _DELTA_FORMAT:
-                    raise SnapshotError(f"delta {identity!r} has unknown format {meta.get('format')!r}")
-                if meta.get("base_identity") != prev or meta.get("base_checksum") != manifest.previous_snapshot_checksum:
-                    raise SnapshotError(f"delta {identity!r} payload and manifest disagree about its base")
-                codec = meta["codec"]
-                index: dict[str, dict[str, Any]] = json.loads(meta["index"])
-                blob_keys = set(f.keys())
-                out: dict[str, torch.Tensor] = {}
-                for key, entry in index.items():
-                    out[key] = _apply_entry(f, key, entry, blob_keys, base_state_dict, codec, identity, prev)
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-            raise SnapshotError(f"delta {identity!r} payload is unreadable: {exc}") from exc
-        if verify:
-            changed = {k: out[k] for k, e in index.items() if e["encoding"] != "same"}
-            _check_digests(changed, {k: index[k]["sha256"] for k in changed}, identity)
-        return _expand_aliases(out, manifest.aliases)
+        return apply_delta(root / DELTA_FILE, manifest, base_state_dict, verify)
 
     def _identity(self, name: str, client_suffix: str | None) -> tuple[str, str]:
         if client_suffix is None:
@@ -378,7 +330,7 @@ class SnapshotStore:
 
     @contextlib.contextmanager
     def _staging(self, identity: str) -> Iterator[Path]:
-        tmp = self.snapshots_dir / f"{_TMP_PREFIX}{identity}-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp = self.snapshots_dir / f"{TMP_PREFIX}{identity}-{os.getpid()}-{os.urandom(4).hex()}"
         tmp.mkdir()
         try:
             yield tmp
@@ -386,18 +338,18 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published (renamed away)
 
     def _publish(self, tmp: Path, identity: str, **fields: Any) -> SnapshotManifest:
-        files = {rel: _file_sha256(tmp / rel) for rel in _payload_files(tmp)}
+        files = {rel: file_sha256(tmp / rel) for rel in payload_files(tmp)}
         manifest = SnapshotManifest(
             identity=identity,
-            checksum=_combine(files),
+            checksum=combine(files),
             files=files,
             size_bytes=sum((tmp / rel).stat().st_size for rel in files),
             **fields,
         )
-        _write_durable(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+        write_durable(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
         for rel in files:
-            _fsync_path(tmp / rel)
-        _fsync_path(tmp)
+            fsync_path(tmp / rel)
+        fsync_path(tmp)
         final = self._dir(identity)
         try:
             os.rename(tmp, final)
@@ -405,7 +357,7 @@ class SnapshotStore:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
             return self._existing(identity, manifest)
-        _fsync_path(self.snapshots_dir)
+        fsync_path(self.snapshots_dir)
         return manifest
 
     def _existing(self, identity: str, new: SnapshotManifest) -> SnapshotManifest:
@@ -432,193 +384,3 @@ class SnapshotStore:
                 f"a different snapshot named {identity!r} already exists; choose another name", field="name"
             )
         return old
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _apply_entry(
-    f: Any,
-    key: str,
-    entry: dict[str, Any],
-    blob_keys: set[str],
-    base_state_dict: Mapping[str, torch.Tensor],
-    codec: str,
-    identity: str,
-    prev: str | None,
-) -> torch.Tensor:
-    encoding = entry["encoding"]
-    dtype, shape = dz.parse_dtype(entry["dtype"]), list(entry["shape"])
-    if encoding == "raw":
-        return dz.decode_raw(_blob(f, key, blob_keys), dtype, shape, codec)
-    base = base_state_dict.get(key)
-    if base is None:
-        raise SnapshotError(f"delta {identity!r} needs tensor {key!r} from base {prev!r}, which is missing")
-    base = base.detach().to("cpu")
-    if base.dtype != dtype or list(base.shape) != shape:
-        raise SnapshotError(
-            f"delta {identity!r} applies to base {prev!r}, but the given base's {key!r} is "
-            f"{dz.dtype_name(base.dtype)}{list(base.shape)}, expected {entry['dtype']}{shape}"
-        )
-    if dz.tensor_sha256(base) != entry["base_sha256"]:
-        raise SnapshotError(
-            f"delta {identity!r} applies to base {prev!r}, but the given base differs at tensor {key!r}"
-        )
-    if encoding == "same":
-        return base
-    if encoding != "xor":
-        raise SnapshotError(f"delta {identity!r} has unknown encoding {encoding!r} for {key!r}")
-    return dz.decode_xor(_blob(f, key, blob_keys), base, codec)
-
-
-def _blob(f: Any, key: str, blob_keys: set[str]) -> memoryview:
-    if key not in blob_keys:
-        return memoryview(b"")
-    return memoryview(f.get_tensor(key).numpy())
-
-
-def _config_get(config: Any, key: str, default: Any) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def _write_config(config: Any, directory: Path) -> None:
-    if hasattr(config, "save_pretrained"):
-        config.save_pretrained(str(directory))
-    elif isinstance(config, Mapping):
-        (directory / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    else:
-        raise InvalidRequestError("config must be a transformers PretrainedConfig or a dict", field="config")
-
-
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
-
-
-def _raw_size(tensors: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
-    if t.numel() == 0:
-        return None
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def _split_aliases(
-    state_dict: Mapping[str, torch.Tensor], tie_embeddings: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that are the same parameter under another name (safetensors refuses shared storage).
-
-    The canonical copy kept is the one transformers keeps (the input embedding over `lm_head`).
-    """
-    groups: dict[Any, list[str]] = {}
-    for key, t in state_dict.items():
-        groups.setdefault(_storage_key(t) or ("unique", key), []).append(key)
-    aliases: dict[str, str] = {}
-    for names in groups.values():
-        if len(names) > 1:
-            keep = min(names, key=lambda n: ("lm_head" in n, len(n), n))
-            aliases.update({n: keep for n in names if n != keep})
-    if tie_embeddings and "lm_head.weight" in state_dict and "lm_head.weight" not in aliases:
-        embeds = [k for k in state_dict if k.endswith("embed_tokens.weight") and k not in aliases]
-        if len(embeds) == 1:
-            if not torch.equal(state_dict["lm_head.weight"], state_dict[embeds[0]]):
-                raise SnapshotError(
-                    "config has tie_word_embeddings=True but lm_head.weight differs from "
-                    f"{embeds[0]}; from_pretrained would silently drop lm_head.weight"
-                )
-            aliases["lm_head.weight"] = embeds[0]
-    canonical: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
-    for key, t in state_dict.items():
-        if key in aliases:
-            continue
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and ptr in seen_storage:
-            t = t.clone()  # partial overlap with another kept tensor: store its own copy
-        elif ptr is not None:
-            seen_storage.add(ptr)
-        canonical[key] = t
-    return canonical, aliases
-
-
-def _apply_aliases_for_save(
-    state_dict: Mapping[str, torch.Tensor], aliases: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state_dict.items():
-        target = aliases.get(key)
-        if target is not None:
-            other = state_dict.get(target)
-            if other is not None and not (_storage_key(t) == _storage_key(other) or torch.equal(t, other)):
-                raise SnapshotError(
-                    f"{key!r} is tied to {target!r} in the base snapshot but now differs from it"
-                )
-            continue
-        out[key] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def _expand_aliases(tensors: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    for alias, target in aliases.items():
-        if target in tensors:
-            tensors[alias] = tensors[target]
-    return tensors
-
-
-def _check_digests(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, str], identity: str) -> None:
-    if set(tensors) != set(expected):
-        raise SnapshotError(f"snapshot {identity!r} tensors do not match its manifest")
-    for key, t in tensors.items():
-        if dz.tensor_sha256(t) != expected[key]:
-            raise SnapshotError(f"snapshot {identity!r} is corrupt: tensor {key!r} does not match its digest")
-
-
-def _load_safetensors(path: Path, identity: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise SnapshotError(f"snapshot {identity!r} is missing {path.name}") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SnapshotError(f"snapshot {identity!r} has an unreadable {path.name}: {exc}") from exc
-
-
-def _payload_files(root: Path) -> list[str]:
-    out = []
-    for dirpath, _dirs, files in os.walk(root):
-        for fname in files:
-            rel = os.path.relpath(os.path.join(dirpath, fname), root)
-            if rel != MANIFEST_FILE:
-                out.append(rel.replace(os.sep, "/"))
-    return sorted(out)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _combine(files: Mapping[str, str]) -> str:
-    lines = "".join(f"{rel} {digest}\n" for rel, digest in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
