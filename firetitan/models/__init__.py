@@ -6,15 +6,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from firetitan.models.compat import cache_arg_name, forward_with_cache
-from firetitan.models.loading import (
-    ATTN_IMPLEMENTATION,
-    as_dtype,
-    export_model,
-    load_model,
-    load_tokenizer,
-    model_config,
-)
+from typing import Any
+
 from firetitan.models.registry import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
@@ -27,6 +20,26 @@ from firetitan.models.registry import (
     is_builtin,
     resolve_model_name,
 )
+
+# The loaders need torch and transformers (seconds to import); the registry and aliases do not. Names
+# from the heavy modules load on first use, so the control plane (names only) never imports torch.
+_LAZY = {
+    "cache_arg_name": "compat", "forward_with_cache": "compat",
+    "ATTN_IMPLEMENTATION": "loading", "as_dtype": "loading", "export_model": "loading",
+    "load_model": "loading", "load_tokenizer": "loading", "model_config": "loading",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'firetitan.models' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"firetitan.models.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
