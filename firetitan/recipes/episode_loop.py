@@ -18,18 +18,15 @@ from firetitan.envs.base import EnvFactory
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.episodes import Episode, EpisodeSettings, run_episode, run_group, success_rate
 from firetitan.recipes.rl import RLConfig
-from firetitan.recipes.run_state import RunCheckpoints
+from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
-from firetitan.runtime.cursor import DataCursor
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
-from firetitan.runtime.pipeline import StepResult, TrainerPipeline
+from firetitan.runtime.pipeline import StepResult
 from firetitan.runtime.remote import call, gather
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
-from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.trajectory import ChatMLRenderer, Renderer, trajectory_datum
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
-from firetitan.types import AdamParams
 
 # (episodes of one group, its row) -> (per-token advantages of each episode, metrics of the group)
 ScoreFn = Callable[[list[Episode], Mapping[str, Any]], Awaitable[tuple[list[list[float]], dict[str, float]]]]
@@ -64,23 +61,10 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
                eval_rows: Sequence[Mapping[str, Any]], env_factory: EnvFactory, score: ScoreFn,
                renderer: Renderer, *, name: str, on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler = clients.training, clients.sampler
-    assert clients.hot_load is not None
-    hot_load = clients.hot_load
-    checkpoints = RunCheckpoints(cfg.log_dir)
-    cursor = DataCursor(len(rows), epochs=None, seed=cfg.seed)
-    cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
-    metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
-    metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
-                resumed_from=rec and rec["state_path"])
-    snap = await call(training.save_weights_for_sampler(f"{name}-step-{start_step:06d}"), timeout=cfg.timeout_s,
-                      what="initial sampler snapshot")
-    await hot_load(snap.path)
-    registry = PolicyVersionRegistry(snap.path, initial_version=start_step)
-    pipeline = TrainerPipeline(training, max_in_flight=cfg.max_in_flight, timeout_s=cfg.timeout_s,
-                               busy=metrics.trainer)
-    adam = AdamParams(learning_rate=cfg.learning_rate)
-    loss_config = {"clip_low_threshold": cfg.clip_low, "clip_high_threshold": cfg.clip_high} \
-        if cfg.loss_fn == "ppo" else None
+    run = await start_rl_run(cfg, clients, len(rows), name=name)
+    checkpoints, cursor, start_step, metrics = run.checkpoints, run.cursor, run.start_step, run.metrics
+    hot_load, registry, pipeline, adam, loss_config = run.hot_load, run.registry, run.pipeline, run.adam, \
+        run.loss_config
     train_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.temperature, cfg.stop, cfg.max_context)
     eval_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.eval_temperature, cfg.stop, cfg.max_context)
     last_eval: dict[str, Any] = {}

@@ -19,21 +19,18 @@ from firetitan.logging import get_logger
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.data import rl_datum
-from firetitan.recipes.run_state import RunCheckpoints
+from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.recipes.text import encode_prompt
 from firetitan.runtime.advantages import group_advantages, is_constant
-from firetitan.runtime.cursor import DataCursor
 from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
-from firetitan.runtime.pipeline import StepResult, TrainerPipeline
+from firetitan.runtime.pipeline import StepResult
 from firetitan.runtime.protocols import ServiceLike
 from firetitan.runtime.remote import call
 from firetitan.runtime.remote import gather as anyio_gather
 from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
-from firetitan.runtime.run_metrics import RunMetrics
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
-from firetitan.types import AdamParams
 
 log = get_logger("firetitan.recipes.rl")
 RewardFn = Callable[[str, Mapping[str, Any]], float]
@@ -119,26 +116,10 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
                eval_rows: Sequence[Mapping[str, Any]], reward_fn: RewardFn, *, name: str,
                on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler, tok = clients.training, clients.sampler, clients.tokenizer
-    assert clients.hot_load is not None
-    hot_load = clients.hot_load
-    checkpoints = RunCheckpoints(cfg.log_dir)
-    cursor = DataCursor(len(rows), epochs=None, seed=cfg.seed)
-    cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
-    metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
-    metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
-                resumed_from=rec and rec["state_path"])
-
-    # The deployment must serve exactly the trainer's weights before the first rollout (a fresh
-    # deployment serves the base model; a resumed trainer has moved on).
-    snap = await call(training.save_weights_for_sampler(f"{name}-step-{start_step:06d}"), timeout=cfg.timeout_s,
-                      what="initial sampler snapshot")
-    await hot_load(snap.path)
-    registry = PolicyVersionRegistry(snap.path, initial_version=start_step)
-    pipeline = TrainerPipeline(training, max_in_flight=cfg.max_in_flight, timeout_s=cfg.timeout_s,
-                               busy=metrics.trainer)
-    adam = AdamParams(learning_rate=cfg.learning_rate)
-    loss_config = {"clip_low_threshold": cfg.clip_low, "clip_high_threshold": cfg.clip_high} \
-        if cfg.loss_fn == "ppo" else None
+    run = await start_rl_run(cfg, clients, len(rows), name=name)
+    checkpoints, cursor, start_step, metrics = run.checkpoints, run.cursor, run.start_step, run.metrics
+    hot_load, registry, pipeline, adam, loss_config = run.hot_load, run.registry, run.pipeline, run.adam, \
+        run.loss_config
     last_eval: dict[str, Any] = {}
     saved = Saved(state=start_step, sync=start_step)
 
