@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from firetitan.server.process import WorkerProcess
@@ -19,6 +20,10 @@ KEY = "ft-fuzz-key-0123456789"
 # a model loaded per request, shows up well above it.
 RSS_GROWTH_BOUND_BYTES = 150 * 1024 * 1024
 EXAMPLES = int(os.environ.get("FIRETITAN_FUZZ_EXAMPLES", "150"))
+# Hypothesis settings of every fuzz test: reproducible (derandomized, no example database), no deadline
+# (a worker answers at its own pace); one worker (a module-scoped fixture) serves every example on purpose.
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @dataclass

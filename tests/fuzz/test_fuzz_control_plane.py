@@ -5,20 +5,9 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
-from fuzz_http import (
-    EXAMPLES,
-    HOSTILE_BODIES,
-    HOSTILE_RAW,
-    RSS_GROWTH_BOUND_BYTES,
-    Target,
-    assert_alive,
-    assert_answer_names_the_problem,
-    body_with,
-    call,
-    fields_of,
-    json_values,
-)
-from hypothesis import HealthCheck, given, settings
+import fuzz_http as fz
+from fuzz_http import Target, assert_alive, assert_answer_names_the_problem, body_with, call, fields_of
+from hypothesis import given
 from hypothesis import strategies as st
 
 A = "/v1/accounts/{account}"
@@ -49,8 +38,6 @@ WITH_BODY = [r for r in ROUTES if r[2] is not None]
 RANDOM_OK = [r for r in WITH_BODY if "{rid}" in r[1]]
 HOSTILE_SEGMENTS = ["..%2F..%2Fescaped", "..%2Fx", "%2E%2E", ".hidden", "a%00b", "x" * 300, "%F0%9F%98%80",
                     "a%5Cb", "-rf", "a%20b", "%ED%A0%80", "..", "a..b"]
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 _rss0: dict[str, int] = {}
 
@@ -74,7 +61,7 @@ def test_escaping_account_is_400_and_creates_nothing(control_plane: Target, tmp_
     assert call(control_plane, "GET", "/v1/accounts/local/rlorTrainerJobs").json()["rlorTrainerJobs"] == []
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_hostile_path_names_are_4xx(control_plane: Target, data: st.DataObject) -> None:
     method, template, body = data.draw(st.sampled_from(ROUTES))
@@ -87,40 +74,40 @@ def test_hostile_path_names_are_4xx(control_plane: Target, data: st.DataObject) 
     assert 400 <= answer.status < 500, f"{method} {path[:120]} -> {answer.status}"
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_hostile_field_values_are_400(control_plane: Target, data: st.DataObject) -> None:
     method, template, body = data.draw(st.sampled_from(WITH_BODY))
     assert body is not None
     field = data.draw(st.sampled_from(fields_of(body)))
-    raw = data.draw(st.sampled_from(HOSTILE_RAW))
+    raw = data.draw(st.sampled_from(fz.HOSTILE_RAW))
     answer = call(control_plane, method, _path(template), body_with(body, field, raw))
     assert_answer_names_the_problem(answer, f"{method} {template} {field}={raw[:40]}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_malformed_bodies_are_4xx(control_plane: Target, data: st.DataObject) -> None:
     method, template, _ = data.draw(st.sampled_from([r for r in WITH_BODY if "{rid}" not in r[1]]))
-    raw, ctype = data.draw(st.sampled_from(HOSTILE_BODIES))
+    raw, ctype = data.draw(st.sampled_from(fz.HOSTILE_BODIES))
     answer = call(control_plane, method, _path(template), raw, content_type=ctype)
     assert_answer_names_the_problem(answer, f"{method} {template} body={raw[:40]!r} type={ctype}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_random_field_values_never_500(control_plane: Target, data: st.DataObject) -> None:
     method, template, body = data.draw(st.sampled_from(RANDOM_OK))
     assert body is not None
     field = data.draw(st.sampled_from(fields_of(body)))
-    value = data.draw(json_values)
+    value = data.draw(fz.json_values)
     answer = call(control_plane, method, _path(template), body_with(body, field, json.dumps(value)))
     assert_answer_names_the_problem(answer, f"{method} {template} {field}={value!r:.60}")
 
 
-@FUZZ
+@fz.FUZZ
 @given(name=st.text(min_size=1, max_size=80))
 def test_random_ids_never_500(control_plane: Target, name: str) -> None:
     path = f"/v1/accounts/local/deployments/{quote(name, safe='')}"
@@ -131,6 +118,6 @@ def test_random_ids_never_500(control_plane: Target, name: str) -> None:
 
 def test_still_alive_and_bounded(control_plane: Target) -> None:
     assert_alive(control_plane)
-    assert control_plane.rss() - _rss0["rss"] < RSS_GROWTH_BOUND_BYTES
+    assert control_plane.rss() - _rss0["rss"] < fz.RSS_GROWTH_BOUND_BYTES
     assert call(control_plane, "GET", "/v1/accounts/local/rlorTrainerJobs").json()["rlorTrainerJobs"] == []
     assert call(control_plane, "GET", "/v1/accounts/local/deployments").json()["deployments"] == []

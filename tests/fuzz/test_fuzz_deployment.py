@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
+import fuzz_http as fz
 import pytest
-from fuzz_http import (
-    EXAMPLES,
-    HOSTILE_BODIES,
-    HOSTILE_RAW,
-    RSS_GROWTH_BOUND_BYTES,
-    Target,
-    assert_alive,
-    assert_answer_names_the_problem,
-    body_with,
-    call,
-    fields_of,
-    json_values,
-)
-from hypothesis import HealthCheck, given, settings
+from fuzz_http import Target, assert_alive, assert_answer_names_the_problem, body_with, call, fields_of
+from hypothesis import given
 from hypothesis import strategies as st
 
 COMPLETION = {"prompt": [1, 2, 3], "max_tokens": 1, "temperature": 1.0, "top_p": 1.0, "n": 1, "seed": 1,
@@ -31,8 +20,6 @@ ROUTES: dict[str, dict] = {
 }
 # Random values for these would ask for real work (long generations, many choices): hostile values only.
 COSTLY = {"max_tokens", "n", "top_logprobs"}
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 _rss0: dict[str, int] = {}
 
@@ -44,40 +31,40 @@ def test_starts_alive(deployment: Target) -> None:
     _rss0["rss"] = deployment.rss()
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_hostile_field_values_are_400(deployment: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(sorted(ROUTES)))
     field = data.draw(st.sampled_from(fields_of(ROUTES[route])))
-    raw = data.draw(st.sampled_from(HOSTILE_RAW))
+    raw = data.draw(st.sampled_from(fz.HOSTILE_RAW))
     answer = call(deployment, "POST", route, body_with(ROUTES[route], field, raw))
     assert_answer_names_the_problem(answer, f"{route} {field}={raw[:40]}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_malformed_bodies_are_4xx(deployment: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(sorted(ROUTES)))
-    raw, ctype = data.draw(st.sampled_from(HOSTILE_BODIES))
+    raw, ctype = data.draw(st.sampled_from(fz.HOSTILE_BODIES))
     answer = call(deployment, "POST", route, raw, content_type=ctype)
     assert_answer_names_the_problem(answer, f"{route} body={raw[:40]!r} type={ctype}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_random_field_values_never_500(deployment: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(sorted(ROUTES)))
     field = data.draw(st.sampled_from([f for f in fields_of(ROUTES[route]) if f not in COSTLY]))
-    value = data.draw(json_values)
+    value = data.draw(fz.json_values)
     answer = call(deployment, "POST", route, body_with(ROUTES[route], field, json.dumps(value)))
     assert_answer_names_the_problem(answer, f"{route} {field}={value!r:.60}")
 
 
 def test_still_alive_and_bounded(deployment: Target) -> None:
     assert_alive(deployment)
-    assert deployment.rss() - _rss0["rss"] < RSS_GROWTH_BOUND_BYTES
+    assert deployment.rss() - _rss0["rss"] < fz.RSS_GROWTH_BOUND_BYTES
 
 
 # Issue 14 (12, 21, 22): loose types and unbounded sizes the deployment's schema must refuse with a 400

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import json
 
+import fuzz_http as fz
 import pytest
-from fuzz_http import (
-    EXAMPLES,
-    HOSTILE_BODIES,
-    HOSTILE_RAW,
-    RSS_GROWTH_BOUND_BYTES,
-    Target,
-    assert_alive,
-    assert_answer_names_the_problem,
-    body_with,
-    call,
-    fields_of,
-    json_values,
-)
-from hypothesis import HealthCheck, given, settings
+from fuzz_http import Target, assert_alive, assert_answer_names_the_problem, body_with, call, fields_of
+from hypothesis import given
 from hypothesis import strategies as st
 
 API = "/api/v1"
@@ -43,8 +32,6 @@ ROUTES: dict[str, dict] = {
 # Random (possibly valid) values would make create_model load a model per request (issue 14, 19):
 # that route gets hostile values only, and its own regression case below.
 RANDOM_ROUTES = [r for r in ROUTES if r != "create_model"]
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 _rss0: dict[str, int] = {}
 
@@ -54,33 +41,33 @@ def test_starts_alive(trainer: Target) -> None:
     _rss0["rss"] = trainer.rss()
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_hostile_field_values_are_400(trainer: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(sorted(ROUTES)))
     field = data.draw(st.sampled_from(fields_of(ROUTES[route])))
-    raw = data.draw(st.sampled_from(HOSTILE_RAW))
+    raw = data.draw(st.sampled_from(fz.HOSTILE_RAW))
     answer = call(trainer, "POST", f"{API}/{route}", body_with(ROUTES[route], field, raw))
     assert_answer_names_the_problem(answer, f"{route} {field}={raw[:40]}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_malformed_bodies_are_4xx(trainer: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(sorted(ROUTES)))
-    raw, ctype = data.draw(st.sampled_from(HOSTILE_BODIES))
+    raw, ctype = data.draw(st.sampled_from(fz.HOSTILE_BODIES))
     answer = call(trainer, "POST", f"{API}/{route}", raw, content_type=ctype)
     assert_answer_names_the_problem(answer, f"{route} body={raw[:40]!r} type={ctype}")
     assert 400 <= answer.status < 500
 
 
-@FUZZ
+@fz.FUZZ
 @given(data=st.data())
 def test_random_field_values_never_500(trainer: Target, data: st.DataObject) -> None:
     route = data.draw(st.sampled_from(RANDOM_ROUTES))
     field = data.draw(st.sampled_from(fields_of(ROUTES[route])))
-    value = data.draw(json_values)
+    value = data.draw(fz.json_values)
     answer = call(trainer, "POST", f"{API}/{route}", body_with(ROUTES[route], field, json.dumps(value)))
     assert_answer_names_the_problem(answer, f"{route} {field}={value!r:.60}")
 
@@ -89,7 +76,7 @@ def test_still_alive_and_bounded(trainer: Target) -> None:
     """After the fuzz (the regression cases below may load a model, so they run after this)."""
     assert_alive(trainer)
     if "rss" in _rss0:
-        assert trainer.rss() - _rss0["rss"] < RSS_GROWTH_BOUND_BYTES
+        assert trainer.rss() - _rss0["rss"] < fz.RSS_GROWTH_BOUND_BYTES
 
 
 # Issue 14 (16, 19, 21, 22): loose types and unbounded values the trainer's schemas must refuse with a
