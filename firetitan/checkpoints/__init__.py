@@ -1,7 +1,6 @@
 """Checkpoints: sampler snapshots (base / delta / LoRA) for deployments and DCP train state for resume."""
 
-from typing import Any
-
+from firetitan._lazy import lazy_getattr
 from firetitan.checkpoints.identity import MAX_NAME_LENGTH, make_identity, new_client_suffix, validate_name
 from firetitan.checkpoints.manifest import FORMAT_VERSION, SnapshotKind, SnapshotManifest
 
@@ -12,16 +11,7 @@ _LAZY = {
     "load_train_state": "train_state", "read_train_state_info": "train_state", "save_train_state": "train_state",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'firetitan.checkpoints' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"firetitan.checkpoints.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("firetitan.checkpoints", _LAZY, globals())
 
 
 __all__ = [

@@ -6,8 +6,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from typing import Any
-
+from firetitan._lazy import lazy_getattr
 from firetitan.models.registry import (
     BUILTIN_MODELS,
     DEFAULT_MODEL,
@@ -29,16 +28,7 @@ _LAZY = {
     "load_model": "loading", "load_tokenizer": "loading", "model_config": "loading",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'firetitan.models' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"firetitan.models.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("firetitan.models", _LAZY, globals())
 
 
 __all__ = [
