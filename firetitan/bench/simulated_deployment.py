@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import queue
 import random
-import threading
 import time
 from typing import Any
 
@@ -43,8 +41,8 @@ from firetitan.errors import InvalidRequestError
 from firetitan.logging import get_logger
 from firetitan.server.deployment.app import DROP_DONE, DeploymentSettings, build_app
 from firetitan.server.deployment.backend import Emit, EngineBackend, Serving
-from firetitan.server.deployment.engine import EngineRequest, EngineStats, StepOutput, TokenOut, WeightSwap
-from firetitan.server.deployment.engine.core import Abort, Message, Stop, Submit, Swap
+from firetitan.server.deployment.engine import EngineRequest, EngineStats, StepOutput, TokenOut
+from firetitan.server.deployment.engine.inbox import Abort, InboxEngine, Submit, Swap
 
 __all__ = ["SIM_HEADER", "FaultConfig", "InProcessSimulation", "QueueModel", "QueueModelEngine", "SimConfig",
            "SimTokenizer", "SimulatedDeployment", "perf_metrics"]
@@ -70,25 +68,25 @@ class SimTokenizer:
         return "".join(f" s{t}" for t in ids)
 
 
-class QueueModelEngine:
+class QueueModelEngine(InboxEngine):
     """An `EngineBackend` that runs a `QueueModel` on its own thread, paced to wall time by `time_scale`.
 
     It speaks to the routes exactly as the torch engine does (typed inbox messages in, `StepOutput`s
     out through `emit`), so everything above it is the real deployment.
     """
 
+    thread_name = "firetitan-sim-engine"
+
     def __init__(self, config: SimConfig, emit: Emit) -> None:
+        super().__init__()
         self.config = config
         self.model = QueueModel(config)
         self.stats = EngineStats()
         self._emit = emit
-        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._by_id: dict[str, SimRequest] = {}  # only to resolve aborts
         self._seed_counter = 0
         self._anchor = time.monotonic()  # wall time of model time 0
         self._tick_start = 0.0  # model time the last tick began (arrivals during it land inside it)
-        self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # ---- EngineBackend ---------------------------------------------------------------------------
     @property
@@ -115,24 +113,6 @@ class QueueModelEngine:
     def max_cached_tokens(self) -> int:
         return self.config.capacity * self.config.max_context
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="firetitan-sim-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._inbox.put(Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def submit(self, request: EngineRequest) -> None:
-        self._inbox.put(Submit(request))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(Abort(request_id))
-
-    def swap_weights(self, swap: WeightSwap) -> None:
-        self._inbox.put(Swap(swap))
-
     def sim_stats(self) -> dict[str, Any]:
         return self.model.stats()
 
@@ -141,11 +121,11 @@ class QueueModelEngine:
         m, scale = self.model, self.config.time_scale
         while not self._stopped.is_set():
             if m.idle:
-                self._drain(block=True)
+                self._drain_inbox(block=True)
                 if m.idle:
                     continue
             else:
-                self._drain(block=False)
+                self._drain_inbox(block=False)
             prefill_tokens = m.admit()
             for r in m.running:
                 if r.admit_vt == m.vt and r.owner is not None and r.generated == 0:
@@ -166,19 +146,7 @@ class QueueModelEngine:
             if outputs:
                 self._emit(outputs)
 
-    def _drain(self, block: bool) -> None:
-        try:
-            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(message)
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _handle(self, message: Message) -> None:
+    def _handle(self, message: Submit | Abort | Swap) -> None:
         m, scale = self.model, self.config.time_scale
         match message:
             case Submit(request):
@@ -206,8 +174,6 @@ class QueueModelEngine:
                     self._emit([(sim.owner, StepOutput([], "", "abort", perf_metrics(sim, self.config)))])
             case Swap(swap):
                 swap.on_done(RuntimeError("a simulated deployment has no weights to swap"))
-            case Stop():
-                self._stopped.set()
 
     def _output(self, sim: SimRequest) -> tuple[EngineRequest, StepOutput]:
         request = sim.owner

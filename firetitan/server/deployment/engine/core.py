@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -13,6 +11,7 @@ import torch
 
 from firetitan.logging import get_logger
 from firetitan.server.deployment.detokenize import Decoder, IncrementalText
+from firetitan.server.deployment.engine.inbox import Abort, InboxEngine, Submit, Swap
 from firetitan.server.deployment.engine.request import EngineRequest, RequestState, StepOutput
 from firetitan.server.deployment.engine.runner import ModelRunner
 from firetitan.server.deployment.engine.scheduler import Scheduler, StepDecision
@@ -67,30 +66,7 @@ class EngineStats:
         return sum(n for _, n in points) / span
 
 
-@dataclass(frozen=True)
-class Submit:
-    request: EngineRequest
-
-
-@dataclass(frozen=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class Swap:
-    swap: WeightSwap
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-Message = Submit | Abort | Swap | Stop
-
-
-class Engine:
+class Engine(InboxEngine):
     """Continuous batching: each step is `scheduler.schedule()` -> `runner.execute()` -> `scheduler.update()`.
 
     Everything touching torch runs on the engine thread; other threads talk to it only through
@@ -101,6 +77,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
                  seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None) -> None:
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens)
@@ -109,29 +86,7 @@ class Engine:
                                    policy_version=policy_version)
         self.stats = EngineStats()
         self._emit = emit
-        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._pending_swap: WeightSwap | None = None
-        self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
-
-    # ---- thread-safe API -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="firetitan-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._inbox.put(Stop())
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def submit(self, request: EngineRequest) -> None:
-        self._inbox.put(Submit(request))
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(Abort(request_id))
-
-    def swap_weights(self, swap: WeightSwap) -> None:
-        self._inbox.put(Swap(swap))
 
     @property
     def policy_version(self) -> str:
@@ -181,19 +136,7 @@ class Engine:
             self._emit(outputs)
         self._fail_all(RuntimeError("engine stopped"))
 
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            message = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._handle(message)
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _handle(self, message: Message) -> None:
+    def _handle(self, message: Submit | Abort | Swap) -> None:
         match message:
             case Submit(request):
                 request.concurrent_at_arrival = self.scheduler.num_requests
@@ -211,8 +154,6 @@ class Engine:
                 self._pending_swap = swap
                 if swap.mode == "SYNC":
                     self.scheduler.admitting = False
-            case Stop():
-                self._stopped.set()
 
     def _maybe_swap(self) -> None:
         swap = self._pending_swap
