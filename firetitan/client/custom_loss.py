@@ -7,7 +7,8 @@ autograd here, and sends `weights = -dLoss/dlogprob` back as a cross-entropy for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from firetitan.types import Datum, ForwardBackwardOutput, TensorData
 # The one signature of a custom loss (`forward_backward_custom`, the recipes' objectives): the datums
 # and their per-token logprobs (leaf tensors with grad) -> (scalar loss, metrics).
 CustomLossFn = Callable[[Sequence[Datum], Sequence[torch.Tensor]], tuple[torch.Tensor, Mapping[str, Any]]]
+# `SeqOrderedCalls._call` and `._abandon` of the training client that runs the two passes.
+CallFn = Callable[[str, dict[str, Any], int], Awaitable[dict[str, Any]]]
+AbandonFn = Callable[[tuple[int, ...]], None]
 
 
 def ce_datum(d: Datum, weights: torch.Tensor | None, i: int) -> Datum:
@@ -54,3 +58,27 @@ def unsupported_options(loss_type_input: str, output: str, precomputed_forward: 
         return InvalidRequestError("precomputed_forward is not supported; the custom loss runs its own forward",
                                    field="precomputed_forward")
     return None
+
+
+async def run_custom(call: CallFn, abandon: AbandonFn, seq: int, datums: list[Datum],
+                     fwd_wire: list[dict[str, Any]], loss_fn: CustomLossFn) -> ForwardBackwardOutput:
+    """The two passes of `forward_backward_custom` on seq_ids `seq` and `seq + 1` (both reserved)."""
+    second_started = False
+    try:
+        fwd = ForwardBackwardOutput.model_validate(
+            await call("forward", {"forward_input": {"data": fwd_wire, "loss_fn": "cross_entropy"}}, seq))
+        value, user_metrics, grads = await asyncio.to_thread(linearize, loss_fn, datums, fwd)
+        bwd_wire = [ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
+        second_started = True
+        out = ForwardBackwardOutput.model_validate(await call(
+            "forward_backward", {"forward_backward_input": {"data": bwd_wire, "loss_fn": "cross_entropy"}},
+            seq + 1))
+    finally:
+        if not second_started:  # the second seq_id must still be given up, or later calls wait forever
+            abandon((seq + 1,))
+    metrics = dict(out.metrics)
+    metrics["surrogate_loss:sum"] = metrics.pop("loss:sum", 0.0)
+    metrics["loss:sum"] = value
+    metrics.update(user_metrics)
+    return ForwardBackwardOutput(loss_fn_output_type=out.loss_fn_output_type,
+                                 loss_fn_outputs=out.loss_fn_outputs, metrics=metrics)

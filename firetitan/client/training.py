@@ -4,152 +4,67 @@ Every operation gets the next `seq_id` when it is *called*, is submitted in that
 executes on the trainer in that order, and returns an `APIFuture` at once. So
 `fb = tc.forward_backward(...); opt = tc.optim_step(...)` followed by `fb.result(); opt.result()`
 gives exactly what awaiting each call in turn gives. `foo_async(...)` is a coroutine that returns
-the result of `foo(...)`.
+the result of `foo(...)`. The ordering is `seq_calls.py`, the wire types `training_wire.py`, the
+custom-loss passes `custom_loss.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pydantic
 
 from firetitan.checkpoints.identity import new_client_suffix
-from firetitan.client.custom_loss import CustomLossFn, ce_datum, linearize, unsupported_options
+from firetitan.client.custom_loss import CustomLossFn, ce_datum, run_custom, unsupported_options
 from firetitan.client.http import HttpClient
-from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, WorkerCrashedError
+from firetitan.client.seq_calls import API, SeqOrderedCalls
+from firetitan.client.training_wire import (
+    SamplerSnapshot,
+    TrainerInfo,
+    invalid,
+    loss_config,
+    wire_data,
+    worker_crashed,
+)
+from firetitan.errors import InvalidRequestError
 from firetitan.futures import (
     APIFuture,
     add_shutdown_hook,
     failed,
-    get_background_loop,
     run_coroutine,
     run_sync,
 )
 from firetitan.logging import get_logger
 from firetitan.types import (
-    Datum,
     ForwardBackwardOutput,
-    GetInfoResponse,
     LoadWeightsResponse,
     LoraConfig,
     OptimStepResponse,
-    SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
     coerce_adam_params,
-    coerce_datum,
 )
 
 log = get_logger("firetitan.client.training")
 
-API = "/api/v1"
+# The names this module held before the split keep importing from here.
+__all__ = ["API", "SamplerSnapshot", "TrainerInfo", "TrainingClient", "worker_crashed"]
 
-
-class TrainerInfo(GetInfoResponse):
-    """`get_info()` result: Tinker's fields plus the trainer's counters."""
-
-    lora_alpha: float | None = None
-    num_params: int | None = None
-    num_trainable_params: int | None = None
-    step: int = 0
-    policy_version: int = 0
-    forward_only: bool = False
-    vocab_size: int | None = None
-    last_base_snapshot: str | None = None
-    # Set when a restarted trainer restored the job's latest saved train state: the step it resumed
-    # from, and how many steps past it were lost with the crash.
-    restored_from_step: int | None = None
-    steps_lost: int | None = None
-
-
-class SamplerSnapshot(SaveWeightsForSamplerResponse):
-    """`save_weights_for_sampler()` result; `path` is the public snapshot identity."""
-
-    type: str = "save_weights_for_sampler"
-    checkpoint_type: str | None = None
-    previous_snapshot_identity: str | None = None
-    size_bytes: int | None = None
-    full_size_bytes: int | None = None
-    checksum: str | None = None
-    step: int | None = None
-    policy_version: int | None = None
-
-
-class _TurnGate:
-    """Lets submissions through in seq order. A seq that is never submitted must still be finished."""
-
-    def __init__(self, first: int) -> None:
-        self._done = first - 1
-        self._finished: set[int] = set()
-        self._waiters: dict[int, asyncio.Future[None]] = {}
-
-    async def wait(self, seq: int) -> None:
-        if seq - 1 <= self._done:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[seq] = fut
-        try:
-            await fut
-        finally:
-            self._waiters.pop(seq, None)
-
-    def passed(self, seq: int) -> bool:
-        return seq <= self._done or seq in self._finished
-
-    def finish(self, seq: int) -> None:
-        if self.passed(seq):
-            return
-        self._finished.add(seq)
-        while self._done + 1 in self._finished:
-            self._done += 1
-            self._finished.discard(self._done)
-        waiter = self._waiters.get(self._done + 1)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-def _invalid(exc: pydantic.ValidationError, prefix: str) -> InvalidRequestError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    field = f"{prefix}.{loc}" if loc else prefix
-    return InvalidRequestError(f"{field}: {first.get('msg', exc)}", field=field)
-
-
-def _wire_data(data: Sequence[Any]) -> tuple[list[Datum], list[dict[str, Any]]]:
-    datums: list[Datum] = []
-    for i, d in enumerate(data):
-        try:
-            datums.append(coerce_datum(d))
-        except pydantic.ValidationError as exc:
-            raise _invalid(exc, f"data[{i}]") from None
-    return datums, [d.to_wire(compact=True) for d in datums]
-
-
-class TrainingClient:
+class TrainingClient(SeqOrderedCalls):
     """One model on a trainer worker. Thread-safe; results come back as `APIFuture`s."""
 
     def __init__(self, base_url: str, model_id: str, api_key: str | None = None, *,
                  timeout: float = 60.0, poll_seconds: float = 25.0, session_id: str | None = None,
                  tokenizer_model: str | None = None, http: HttpClient | None = None) -> None:
+        super().__init__(http or HttpClient(base_url, api_key, timeout=timeout), model_id,
+                         session_id or new_client_suffix(), poll_seconds)
         self.base_url = base_url
-        self.model_id = model_id
-        self.http = http or HttpClient(base_url, api_key, timeout=timeout)
-        self.poll_seconds = poll_seconds
-        # Per-client id: suffixes snapshot names and keys this client's seq_id sequence on the server.
-        self.session_id = session_id or new_client_suffix()
         self.tokenizer_model = tokenizer_model
-        self._seq_lock = threading.Lock()
-        self._next_seq = 1
-        self._gate = _TurnGate(first=1)
-        self._releases: set[asyncio.Task[Any]] = set()
         self._info: TrainerInfo | None = None
         self._warned_restore = False
         self._tokenizer: Any = None
-        self._closed = False
         add_shutdown_hook(self.http.close)
 
     # ------------------------------------------------------------------ construction
@@ -187,92 +102,6 @@ class TrainingClient:
         client._info = TrainerInfo.model_validate(await client._result(accepted["request_id"]))
         return client
 
-    # ------------------------------------------------------------------ plumbing
-
-    def _reserve(self, n: int = 1) -> int:
-        with self._seq_lock:
-            if self._closed:
-                raise RuntimeError("TrainingClient is closed")
-            seq = self._next_seq
-            self._next_seq += n
-            return seq
-
-    async def _submit(self, endpoint: str, body: dict[str, Any], seq: int) -> str:
-        """POST in seq order; returns the request id. A seq that never reaches the server is released."""
-        reached = False
-        try:
-            await self._gate.wait(seq)
-            accepted = await self.http.request_json(
-                "POST", f"{API}/{endpoint}",
-                json={**body, "model_id": self.model_id, "seq_id": seq, "session_id": self.session_id})
-            reached = True
-            return str(accepted["request_id"])
-        except FiretitanError as exc:
-            # A 4xx means the server saw the request and consumed its seq_id when rejecting it; a 429
-            # (full queue) leaves it free, so it is released here.
-            reached = reached or (400 <= exc.status_code < 500 and exc.status_code != 429)
-            raise
-        finally:
-            if not reached:
-                self._release(seq)
-            self._gate.finish(seq)
-
-    def _release(self, seq: int) -> None:
-        """Tell the server `seq` will never come, so later submissions are not held back (best effort)."""
-
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                await self.http.request_json("POST", f"{API}/release_seq", retry=False, timeout=10.0, json={
-                    "model_id": self.model_id, "seq_id": seq, "session_id": self.session_id})
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _result(self, request_id: str) -> dict[str, Any]:
-        """Long-poll `retrieve_future` until the result (or its typed error) arrives."""
-        while True:
-            body = await self.http.request_json(
-                "POST", f"{API}/retrieve_future", json={"request_id": request_id, "timeout": self.poll_seconds},
-                timeout=self.poll_seconds + 30.0)
-            if isinstance(body, dict) and body.get("type") == "try_again":
-                continue
-            return body
-
-    async def _call(self, endpoint: str, body: dict[str, Any], seq: int) -> dict[str, Any]:
-        try:
-            return await self._result(await self._submit(endpoint, body, seq))
-        except ConflictError as exc:
-            crashed = worker_crashed(exc)
-            if crashed is None:
-                raise
-            raise crashed from exc
-
-    def _op(self, endpoint: str, body: dict[str, Any], parse: Callable[[dict[str, Any]], Any]) -> APIFuture[Any]:
-        seq = self._reserve()
-
-        async def run() -> Any:
-            return parse(await self._call(endpoint, body, seq))
-
-        return self._guard(run_coroutine(run()), seq)
-
-    def _guard(self, fut: APIFuture[Any], *seqs: int) -> APIFuture[Any]:
-        """If `fut` is cancelled before its coroutine ran, its seq_ids must still be given up."""
-        loop = get_background_loop()
-
-        def on_done(f: APIFuture[Any]) -> None:
-            if f.cancelled():
-                loop.call_soon_threadsafe(self._abandon, seqs)
-
-        fut.add_done_callback(on_done)
-        return fut
-
-    def _abandon(self, seqs: tuple[int, ...]) -> None:
-        for seq in seqs:
-            if not self._gate.passed(seq):
-                self._release(seq)
-                self._gate.finish(seq)
-
     # ------------------------------------------------------------------ forward / backward
 
     def forward(self, data: Sequence[Any], loss_fn: str = "cross_entropy",
@@ -283,10 +112,10 @@ class TrainingClient:
         `disable_adapter=True` runs a LoRA model with its adapters off (a reference policy).
         """
         try:
-            _, wire = _wire_data(data)
+            _, wire = wire_data(data)
         except InvalidRequestError as exc:
             return failed(exc)
-        body = {"forward_input": {"data": wire, "loss_fn": loss_fn, "loss_fn_config": _config(loss_fn_config)},
+        body = {"forward_input": {"data": wire, "loss_fn": loss_fn, "loss_fn_config": loss_config(loss_fn_config)},
                 "disable_adapter": disable_adapter}
         return self._op("forward", body, ForwardBackwardOutput.model_validate)
 
@@ -299,11 +128,11 @@ class TrainingClient:
                          loss_fn_config: Mapping[str, float | str] | None = None) -> APIFuture[ForwardBackwardOutput]:
         """Forward, built-in loss, backward; gradients accumulate on the trainer until `optim_step`."""
         try:
-            _, wire = _wire_data(data)
+            _, wire = wire_data(data)
         except InvalidRequestError as exc:
             return failed(exc)
         body = {"forward_backward_input": {"data": wire, "loss_fn": loss_fn,
-                                           "loss_fn_config": _config(loss_fn_config)}}
+                                           "loss_fn_config": loss_config(loss_fn_config)}}
         return self._op("forward_backward", body, ForwardBackwardOutput.model_validate)
 
     async def forward_backward_async(self, data: Sequence[Any], loss_fn: str,
@@ -329,12 +158,13 @@ class TrainingClient:
         if unsupported is not None:
             return failed(unsupported)
         try:
-            datums, _ = _wire_data(data)
+            datums, _ = wire_data(data)
             fwd_wire = [ce_datum(d, None, i).to_wire(compact=True) for i, d in enumerate(datums)]
         except InvalidRequestError as exc:
             return failed(exc)
         seq = self._reserve(2)
-        return self._guard(run_coroutine(self._custom(seq, datums, fwd_wire, loss_fn)), seq, seq + 1)
+        return self._guard(run_coroutine(run_custom(self._call, self._abandon, seq, datums, fwd_wire, loss_fn)),
+                           seq, seq + 1)
 
     async def forward_backward_custom_async(self, data: Sequence[Any], loss_fn: CustomLossFn, *,
                                             loss_type_input: str = "logprobs",
@@ -343,29 +173,6 @@ class TrainingClient:
                                             ) -> ForwardBackwardOutput:
         return await self.forward_backward_custom(data, loss_fn, loss_type_input=loss_type_input, output=output,
                                                   pooling=pooling, precomputed_forward=precomputed_forward)
-
-    async def _custom(self, seq: int, datums: list[Datum], fwd_wire: list[dict[str, Any]],
-                      loss_fn: CustomLossFn) -> ForwardBackwardOutput:
-        second_started = False
-        try:
-            fwd = ForwardBackwardOutput.model_validate(
-                await self._call("forward", {"forward_input": {"data": fwd_wire, "loss_fn": "cross_entropy"}}, seq))
-            value, user_metrics, grads = await asyncio.to_thread(linearize, loss_fn, datums, fwd)
-            bwd_wire = [ce_datum(d, -g, i).to_wire(compact=True) for i, (d, g) in enumerate(zip(datums, grads, strict=True))]
-            second_started = True
-            out = ForwardBackwardOutput.model_validate(await self._call(
-                "forward_backward", {"forward_backward_input": {"data": bwd_wire, "loss_fn": "cross_entropy"}},
-                seq + 1))
-        finally:
-            if not second_started and not self._gate.passed(seq + 1):
-                self._release(seq + 1)
-                self._gate.finish(seq + 1)
-        metrics = dict(out.metrics)
-        metrics["surrogate_loss:sum"] = metrics.pop("loss:sum", 0.0)
-        metrics["loss:sum"] = value
-        metrics.update(user_metrics)
-        return ForwardBackwardOutput(loss_fn_output_type=out.loss_fn_output_type,
-                                     loss_fn_outputs=out.loss_fn_outputs, metrics=metrics)
 
     # ------------------------------------------------------------------ optimizer
 
@@ -385,7 +192,7 @@ class TrainingClient:
         try:
             params = coerce_adam_params(adam_params)
         except pydantic.ValidationError as exc:
-            return failed(_invalid(exc, "adam_params"))
+            return failed(invalid(exc, "adam_params"))
         body = {"adam_params": params.model_dump(mode="json", exclude_none=True)}
         return self._op("optim_step", body, OptimStepResponse.model_validate)
 
@@ -507,16 +314,3 @@ class TrainingClient:
 
     def __repr__(self) -> str:
         return f"TrainingClient(base_url={self.base_url!r}, model_id={self.model_id!r})"
-
-
-def _config(config: Mapping[str, float | str] | None) -> dict[str, float | str] | None:
-    return None if config is None else dict(config)
-
-
-def worker_crashed(exc: ConflictError) -> WorkerCrashedError | None:
-    """The control plane's gateway answers 409 on `rlorTrainerJobId` when the job is no longer
-    running: the trainer died (mid-call or before it). Callers must tell that from a state conflict
-    (a snapshot chain, a name taken), so it becomes `WorkerCrashedError`."""
-    if exc.field == "rlorTrainerJobId" and type(exc) is ConflictError:
-        return WorkerCrashedError(exc.message, field=exc.field, status_code=exc.status_code, body=exc.body)
-    return None

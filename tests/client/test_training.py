@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from firetitan.client.custom_loss import linearize
-from firetitan.client.training import TrainingClient, _TurnGate
+from firetitan.client.seq_calls import TurnGate as _TurnGate
+from firetitan.client.training import TrainingClient
 from firetitan.errors import InvalidRequestError
 from firetitan.types import Datum, ForwardBackwardOutput, ModelInput, TensorData
 
