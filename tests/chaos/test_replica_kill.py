@@ -29,14 +29,14 @@ async def _one(sampler: DeploymentSampler, i: int) -> tuple[float, Any]:
     try:
         out = await sampler.sample_with_prompt_tokens([5 + i % 50, 6, 7], n=1, max_tokens=MAX_TOKENS,
                                                       ignore_eos=True)
-    except Exception as exc:  # noqa: BLE001 - the class is what is asserted
+    except Exception as exc:
         return time.monotonic(), exc
     return time.monotonic(), out
 
 
 @pytest.mark.slow
 def test_kill9_of_one_replica_with_32_in_flight(home: ChaosHome) -> None:
-    url, key = ensure_control_plane()
+    _url, key = ensure_control_plane()
     call = home.http()
     status, body = call("POST", f"{ACCT}/deployments?deploymentId={DEP_ID}",
                         {"baseModel": NANO, "minReplicaCount": 2, "maxReplicaCount": 2})

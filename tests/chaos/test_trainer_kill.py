@@ -6,7 +6,6 @@ import os
 import signal
 import time
 import warnings
-from typing import Any
 
 import pytest
 from chaos_home import ACCT, NANO, ChaosHome
