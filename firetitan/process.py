@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,8 +93,12 @@ def stop_pid(pid: int, timeout: float = 10.0, popen: subprocess.Popen[bytes] | N
 def spawn_worker(module: str, args: list[str], *, ready_timeout: float = 120.0,
                  log_path: Path | None = None, detach: bool = False,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1",
-                 threads: int | None = None) -> WorkerProcess:
+                 threads: int | None = None,
+                 on_start: Callable[[subprocess.Popen[bytes]], None] | None = None) -> WorkerProcess:
     """Run `python -m module --host H --port 0 --ready-file F *args` and wait for its ready file.
+
+    `on_start(popen)` is called as soon as the process exists: a caller that changes its mind while
+    the worker loads (a delete during provisioning) can kill it instead of waiting for it to be ready.
 
     `detach=True` starts a new session that survives its parent (the control-plane daemon);
     otherwise the child gets SIGTERM when this process dies. A `host` off loopback needs a key
@@ -133,6 +138,8 @@ def spawn_worker(module: str, args: list[str], *, ready_timeout: float = 120.0,
     finally:
         if log_fh is not None:
             log_fh.close()
+    if on_start is not None:
+        on_start(popen)
     deadline = time.monotonic() + ready_timeout
     try:
         while True:

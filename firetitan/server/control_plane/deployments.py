@@ -131,6 +131,9 @@ class Deployments:
         from firetitan.server.control_plane.controller import split_threads
 
         settings = self.cp.settings
+        target = req.max_replica_count if req.max_replica_count is not None else req.min_replica_count
+        if target is not None:  # replicas still loading beyond the new count: end their startup now
+            self._abort_starts(account, deployment_id, range(target, MAX_REPLICAS))
         async with self.cp.lock(DEPLOYMENT, account, deployment_id):
             dep = self.get(account, deployment_id)
             desired = req.max_replica_count if req.max_replica_count is not None else req.min_replica_count
@@ -182,11 +185,17 @@ class Deployments:
                                                                                    min_replica_count=0))
 
     async def delete(self, account: str, deployment_id: str) -> None:
+        self._abort_starts(account, deployment_id, range(MAX_REPLICAS))
         async with self.cp.lock(DEPLOYMENT, account, deployment_id):
             self.get(account, deployment_id)
             await self._stop_replicas(account, deployment_id, range(MAX_REPLICAS))
             self.cp.store.delete(DEPLOYMENT, account, deployment_id)
             self.cp.router.forget(self.name(account, deployment_id))
+
+    def _abort_starts(self, account: str, deployment_id: str, indexes: range) -> None:
+        """A reconcile holds the lock while replicas load; kill those loading ones rather than wait."""
+        for i in indexes:
+            self.cp.supervisor.abort_start(WorkerKey("replica", account, deployment_id, i))
 
     async def _stop_replicas(self, account: str, deployment_id: str, indexes: range | list[int]) -> None:
         await asyncio.gather(*(self.cp.supervisor.stop(WorkerKey("replica", account, deployment_id, i))

@@ -138,6 +138,9 @@ class TrainerJobs:
             self.save(account, job)
 
     async def delete(self, account: str, job_id: str) -> TrainerJob:
+        # A launch holds the job's lock until its worker is ready (model load: up to minutes); a
+        # delete meanwhile (a client interrupted while provisioning) ends that startup instead.
+        self.cp.supervisor.abort_start(WorkerKey(TRAINER, account, job_id))
         async with self.cp.lock(TRAINER, account, job_id):
             job = self.get(account, job_id)
             await self.cp.supervisor.stop(WorkerKey(TRAINER, account, job_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Supervisor:
         self._ready_timeout = ready_timeout
         self._host = host
         self._workers: dict[WorkerKey, _Watched] = {}
+        self._starting: dict[WorkerKey, subprocess.Popen[bytes]] = {}  # spawned, not yet ready
 
     def get(self, key: WorkerKey) -> WorkerProcess | None:
         watched = self._workers.get(key)
@@ -79,12 +81,27 @@ class Supervisor:
         if key in self._workers:
             await self.stop(key)
         env = {**self._worker_env, **({"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {})}
-        worker = await asyncio.to_thread(
-            spawn_worker, module, args, ready_timeout=self._ready_timeout, log_path=self.log_path(key),
-            env=env, host=self._host, threads=threads)
+        try:
+            worker = await asyncio.to_thread(
+                spawn_worker, module, args, ready_timeout=self._ready_timeout, log_path=self.log_path(key),
+                env=env, host=self._host, threads=threads,
+                on_start=lambda popen: self._starting.__setitem__(key, popen))
+        finally:
+            self._starting.pop(key, None)
         self._workers[key] = _Watched(module, worker)
         log.info("worker_started", key=str(key), pid=worker.pid, url=worker.url)
         return worker
+
+    def abort_start(self, key: WorkerKey) -> bool:
+        """Kill a worker that is still loading, so the `start` awaiting it fails at once
+        (WorkerCrashedError) instead of a delete or scale-down waiting out its startup. It has served
+        nothing and saved nothing yet: SIGKILL loses nothing. Returns whether one was killed."""
+        popen = self._starting.get(key)
+        if popen is None or popen.poll() is not None:
+            return False
+        popen.kill()
+        log.info("worker_start_aborted", key=str(key), pid=popen.pid)
+        return True
 
     def adopt(self, key: WorkerKey, module: str, worker: WorkerProcess) -> None:
         """Watch a worker started by an earlier run of this control plane."""
