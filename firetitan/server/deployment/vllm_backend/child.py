@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -28,6 +30,12 @@ def vllm_python(explicit: str | None = None) -> Path:
         raise ConfigError(f"vLLM interpreter {value!r} does not exist; build it with `make vllm-env` or set "
                           f"{VLLM_PYTHON_ENV} to a python that has vllm installed", field="vllm_python")
     return path
+
+
+def _term_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the worker dies, even by SIGKILL (no orphaned vLLM)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -91,7 +99,8 @@ class VllmChild:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv(), env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_term_with_parent)
 
     async def start(self, timeout: float = 600.0) -> None:
         """Spawn the child and wait until its /health answers 200."""
