@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-index", type=int, default=0)
     parser.add_argument("--max-running-seqs", type=int, default=64, help="vLLM --max-num-seqs")
     parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM --max-model-len (context bound)")
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE (CPU KV cache)")
+    parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (CPU KV cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", default=None,
                         help="interpreter with vllm installed (default $FIRETITAN_VLLM_PYTHON, then .venv-vllm)")

@@ -53,7 +53,7 @@ class VllmOptions:
     max_num_seqs: int = 64
     max_model_len: int = 2048
     threads: int | None = None
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     seed: int = 0
     extra_args: list[str] = field(default_factory=list)
 
