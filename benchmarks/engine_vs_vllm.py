@@ -155,7 +155,22 @@ def start_vllm(directory: Path, args: argparse.Namespace, log_dir: Path, max_seq
     env.update({"VLLM_CPU_OMP_THREADS_BIND": args.vllm_cpu_bind or f"0-{args.threads - 1}",
                 "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), "OMP_NUM_THREADS": str(args.threads),
                 "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    preload = vllm_preload(args)
+    if preload:
+        env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [env.get("LD_PRELOAD")])])
     return Server("vllm", argv, env, port, log_dir)
+
+
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
+
+
+def vllm_preload(args: argparse.Namespace) -> list[str]:
+    """What vLLM's CPU guide preloads: tcmalloc and Intel OpenMP (its own warning says so at start)."""
+    if args.vllm_preload != "auto":
+        return [p for p in args.vllm_preload.split(":") if p]
+    found = [p for p in _TCMALLOC if Path(p).is_file()][:1]
+    iomp = Path(args.vllm_python).parent.parent / "lib" / "libiomp5.so"
+    return found + ([str(iomp)] if iomp.is_file() else [])
 
 
 async def one_level(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
@@ -234,6 +249,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
         "repeats": args.repeats, "requests_per_client": args.requests_per_client,
+        "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1), "limit_tok_s": round(limit_tok_s, 1),
         "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_before_and_after": args.load_before + list(os.getloadavg()),
@@ -254,6 +270,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--vllm-cpu-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default 0-<threads-1>)")
+    parser.add_argument("--vllm-preload", default="auto",
+                        help="LD_PRELOAD for vLLM only: 'auto' = tcmalloc (if installed) + the venv's libiomp5; "
+                             "'' = none; or a ':'-list")
     parser.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=None)

@@ -165,3 +165,45 @@ def test_hot_load_of_a_base_then_a_delta(worker: WorkerProcess, model_dir: Path,
     assert resp.status_code == 200, resp.text
     out = _complete(worker, prompt=PROMPT, max_tokens=8, seed=2, logprobs=True, raw_output=True, ignore_eos=True)
     _check_choice(out["choices"][0], PROMPT, "vllm-delta-1", model_dir, weights=stepped)
+
+
+def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: Path, store: SnapshotStore) -> None:
+    import asyncio
+    import time
+
+    config, tokenizer = model_config(model_dir), load_tokenizer(model_dir)
+    store.save_base("vllm-base-2", load_model(NANO, seed=77).state_dict(), config, tokenizer)
+    store.save_base("vllm-base-3", load_model(NANO, seed=78).state_dict(), config, tokenizer)
+    url = f"{worker.url}/hot_load/v1/models/hot_load"
+
+    async def run() -> tuple[list[dict], httpx.Response]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            body = {"prompt": PROMPT, "max_tokens": 400, "raw_output": True, "ignore_eos": True}
+            sampling = [asyncio.create_task(client.post(f"{worker.url}/inference/v1/completions", json=body))
+                        for _ in range(4)]
+            await asyncio.sleep(0.5)  # 400 decode steps take seconds: the swap lands mid-way
+            swap = await client.post(url, json={"identity": "vllm-base-2", "mode": "ASYNC"})
+            return [(await t).json() for t in sampling], swap
+
+    outs, swap = asyncio.run(run())
+    assert swap.status_code == 200, swap.text
+    switched = 0
+    for out in outs:
+        versions = out["choices"][0]["raw_output"]["policy_versions"]
+        assert len(versions) == 400  # no request failed or was cut short by the swap
+        assert set(versions) <= {"vllm-base-1", "vllm-delta-1", "vllm-base-2", str(model_dir)}
+        # versions only ever move forward within a completion: old ones first, then the new one
+        first_new = versions.index("vllm-base-2") if "vllm-base-2" in versions else len(versions)
+        assert all(v != "vllm-base-2" for v in versions[:first_new])
+        assert all(v == "vllm-base-2" for v in versions[first_new:])
+        switched += 0 < first_new < len(versions)
+    assert switched >= 1, "no completion spanned the swap"
+
+    resp = httpx.post(url, json={"identity": "vllm-base-3", "mode": "SYNC"}, timeout=600)
+    assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 300
+    while httpx.get(url, timeout=30).json()["current_snapshot_identity"] != "vllm-base-3":
+        assert time.monotonic() < deadline, "SYNC hot-load did not finish"
+        time.sleep(0.2)
+    out = _complete(worker, prompt=PROMPT, max_tokens=4, logprobs=True, raw_output=True, ignore_eos=True)
+    assert out["choices"][0]["raw_output"]["policy_versions"] == ["vllm-base-3"] * 4

@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replica-index", type=int, default=0)
     parser.add_argument("--max-running-seqs", type=int, default=64, help="vLLM --max-num-seqs")
     parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM --max-model-len (context bound)")
+    parser.add_argument("--max-cached-tokens", type=int, default=None,
+                        help="accepted for the embedded worker's flag set; caps --max-model-len (vLLM's KV "
+                             "cache itself is bounded by --kv-cache-gib)")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (CPU KV cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", default=None,
@@ -35,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.max_cached_tokens is not None:
+        args.max_model_len = min(args.max_model_len, args.max_cached_tokens)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from firetitan.logging import configure_logging, get_logger
     from firetitan.models import export_model
