@@ -3,7 +3,8 @@
 Both servers get the same model directory, the same torch thread count, and the same requests over
 OpenAI `/v1/completions`: random token-id prompts (`--prompt-tokens`, default 32), `ignore_eos`,
 temperature 1, `--max-tokens` new tokens. Each concurrency level is a closed loop of `--concurrency`
-clients sending `--requests-per-client` requests each; tok/s = completion tokens / wall time. Both servers
+clients sending `--requests-per-client` requests each (at least `--min-requests` in all), after one
+untimed warm-up round at that concurrency; tok/s = completion tokens / wall time. Both servers
 are up for the whole run and measured alternately (firetitan, vLLM, firetitan, vLLM, ... per repeat), so
 machine noise hits both alike; the spread over `--repeats` is reported beside the median.
 
@@ -227,7 +228,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await one_level(server.url, warm, 4, 8)
         for concurrency in levels:
             per_engine: dict[str, list[float]] = {name: [] for name in servers}
-            count = concurrency * args.requests_per_client
+            # At least `--min-requests` per run: a run at concurrency 1 must last long enough to time.
+            count = max(concurrency * args.requests_per_client, args.min_requests)
+            # One untimed round per engine at this concurrency: batch shapes both engines meet for the
+            # first time here (allocations, kernel selection) stay out of the timing.
+            for server in servers.values():
+                warm_prompts = torch.randint(3, vocab, (concurrency, args.prompt_tokens), generator=gen).tolist()
+                await one_level(server.url, warm_prompts, concurrency, 16)
             for _ in range(args.repeats):
                 prompts = torch.randint(3, vocab, (count, args.prompt_tokens), generator=gen).tolist()
                 for name, server in servers.items():
@@ -248,7 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
-        "repeats": args.repeats, "requests_per_client": args.requests_per_client,
+        "repeats": args.repeats, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
         "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1), "limit_tok_s": round(limit_tok_s, 1),
         "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -264,6 +271,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
