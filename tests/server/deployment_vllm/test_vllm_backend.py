@@ -55,7 +55,7 @@ def worker(model_dir: Path, store: SnapshotStore, tmp_path_factory: pytest.TempP
     logs = tmp_path_factory.mktemp("vllm-logs")
     proc = spawn_worker("firetitan.server.deployment.vllm_backend",
                         ["--base-model", str(model_dir), "--store-dir", str(store.root), "--deployment-id", "vdep",
-                         "--max-running-seqs", "8", "--max-model-len", "512", "--work-dir", str(logs / "work")],
+                         "--max-running-seqs", "8", "--max-model-len", "2048", "--work-dir", str(logs / "work")],
                         threads=1, log_path=logs / "worker.log", ready_timeout=900)
     yield proc
     proc.stop(timeout=30)
@@ -177,7 +177,7 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
     url = f"{worker.url}/hot_load/v1/models/hot_load"
 
     async def stream_versions(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-        body = {"prompt": PROMPT, "max_tokens": 480, "raw_output": True, "ignore_eos": True, "stream": True}
+        body = {"prompt": PROMPT, "max_tokens": 2000, "raw_output": True, "ignore_eos": True, "stream": True}
         versions: list[str] = []
         async with client.stream("POST", f"{worker.url}/inference/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -194,7 +194,10 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
         async with httpx.AsyncClient(timeout=600) as client:
             events = [asyncio.Event() for _ in range(4)]
             sampling = [asyncio.create_task(stream_versions(client, e)) for e in events]
-            for e in events:  # every stream is decoding when the hot-load is sent
+            # Every stream is decoding when the hot-load is sent; 2000 tokens each take seconds, far
+            # longer than preparing a nano snapshot, so the swap lands while they run (480 did not
+            # always: a loaded machine slows the preparation more than vLLM's decode).
+            for e in events:
                 await e.wait()
             swap = await client.post(url, json={"identity": "vllm-base-2", "mode": "ASYNC"})
             return [await t for t in sampling], swap
@@ -203,7 +206,7 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
     assert swap.status_code == 200, swap.text
     switched = 0
     for versions in outs:
-        assert len(versions) == 480  # no request failed or was cut short by the swap
+        assert len(versions) == 2000  # no request failed or was cut short by the swap
         # versions only ever move forward within a completion: old ones first, then the new one
         first_new = versions.index("vllm-base-2") if "vllm-base-2" in versions else len(versions)
         assert "vllm-base-2" not in versions[:first_new]
