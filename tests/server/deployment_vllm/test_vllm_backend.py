@@ -132,8 +132,9 @@ def test_streamed_and_openai_completions(worker: WorkerProcess, model_dir: Path)
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(httpx.Response(200, content=line[6:]).json())
-    ids = [t for c in chunks for ch in c["choices"] for t in ch["raw_output"]["completion_token_ids"]]
+    ids = chunks[-1]["choices"][0]["raw_output"]["completion_token_ids"]  # complete, on the final chunk
     assert len(ids) == 6
+    assert all("raw_output" not in ch for c in chunks[:-1] for ch in c["choices"])
     assert "prefill-queue-duration" in chunks[-1]["perf_metrics"]
     text = httpx.post(f"{worker.url}/v1/completions", timeout=300,
                       json={"model": "vdep", "prompt": "Plant the beans", "max_tokens": 5, "ignore_eos": True}).json()
@@ -186,7 +187,8 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
                     chunk = httpx.Response(200, content=line[6:]).json()
                     assert "error" not in chunk, chunk
                     for choice in chunk["choices"]:
-                        versions += choice["raw_output"]["policy_versions"]
+                        if "raw_output" in choice:  # complete, on the choice's final chunk
+                            versions += choice["raw_output"]["policy_versions"]
                     started.set()
         return versions
 

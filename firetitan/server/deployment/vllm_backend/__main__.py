@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "cache itself is bounded by --kv-cache-gib)")
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (CPU KV cache)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-waiting-requests", type=int, default=1024,
+                        help="choices queued beyond the running ones before answering 429 with Retry-After")
+    parser.add_argument("--max-choices-per-request", type=int, default=128, help="prompts x n in one request")
     parser.add_argument("--vllm-python", default=None,
                         help="interpreter with vllm installed (default $FIRETITAN_VLLM_PYTHON, then .venv-vllm)")
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -44,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     from firetitan.logging import configure_logging, get_logger
     from firetitan.models import export_model
     from firetitan.models.registry import is_builtin
-    from firetitan.server.deployment.vllm_backend.app import VllmDeploymentSettings, build_app
+    from firetitan.server.deployment.app import DeploymentSettings, build_app
     from firetitan.server.deployment.vllm_backend.child import VllmChild, VllmOptions, vllm_python
+    from firetitan.server.deployment.vllm_backend.engine import vllm_serving
 
     configure_logging(args.log_level, capture_stdlib=True)
     python = vllm_python(args.vllm_python)
@@ -62,15 +66,22 @@ def main(argv: list[str] | None = None) -> None:
                           seed=args.seed, extra_args=list(args.vllm_arg))
     child = VllmChild(python, options, work / "vllm.log")
     get_logger("firetitan.deployment.vllm").info("starting_vllm", argv=" ".join(child.argv()))
-    settings = VllmDeploymentSettings(base_model=args.base_model, model_dir=model_dir,
-                                      deployment_id=args.deployment_id, replica_index=args.replica_index,
-                                      store_dir=args.store_dir, scratch_dir=work / "scratch",
-                                      max_model_len=args.max_model_len, api_key=args.api_key)
+    # The embedded worker's settings and routes; the context bound is vLLM's --max-model-len.
+    settings = DeploymentSettings(base_model=args.base_model, deployment_id=args.deployment_id,
+                                  store_dir=args.store_dir, replica_index=args.replica_index,
+                                  max_running_seqs=args.max_running_seqs, max_cached_tokens=args.max_model_len,
+                                  api_key=args.api_key, seed=args.seed,
+                                  max_waiting_requests=args.max_waiting_requests,
+                                  max_choices_per_request=args.max_choices_per_request)
 
     async def run() -> None:
         try:
             await child.start()
-            await serve_app(build_app(settings, child), args.host, args.port, args.ready_file,
+            await child.label_version(args.base_model)
+            serving = vllm_serving(child, model_dir=model_dir, base_model=args.base_model,
+                                   served_name=args.deployment_id, max_model_len=args.max_model_len,
+                                   scratch=work / "scratch")
+            await serve_app(build_app(settings, serving), args.host, args.port, args.ready_file,
                             extra_ready={"backend": "vllm", "vllm_url": child.url})
         finally:
             child.stop()

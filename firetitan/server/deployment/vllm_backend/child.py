@@ -133,6 +133,12 @@ class VllmChild:
         self.stop()
         raise WorkerCrashedError(f"vllm serve not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
+    async def label_version(self, version: str) -> None:
+        """Name the weights vLLM serves (its `/update_weight_version`), as each hot-load does later."""
+        async with aiohttp.ClientSession() as session, \
+                session.post(f"{self.url}/update_weight_version", json={"new_version": version}) as resp:
+            resp.raise_for_status()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

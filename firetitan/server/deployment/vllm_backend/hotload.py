@@ -1,7 +1,8 @@
 """Hot-load into the vLLM child: prepare a snapshot as an HF directory, then swap vLLM's weights in place.
 
 Preparation (read, verify checksums, check the delta chain, apply a delta or merge a LoRA adapter) is
-firetitan's own `SnapshotLoader`, run in a worker thread; a base snapshot is already an HF directory and
+firetitan's own `SnapshotLoader`, run in a worker thread by the shared `ReplicaHotLoader` (the hot-load
+routes, the load lock and the status are the embedded worker's); a base snapshot is already an HF directory and
 is handed to vLLM as is, anything else is written once as `model.safetensors` + `config.json` under a
 scratch directory (only the latest prepared one is kept: one model's worth of disk).
 
@@ -9,7 +10,8 @@ The swap uses vLLM's development API (the child runs with `VLLM_SERVER_DEV_MODE=
 `POST /pause?mode=keep` freezes running requests with their KV cache, `POST /collective_rpc`
 `reload_weights(weights_path=DIR)` reloads every parameter in place, `POST /update_weight_version`
 labels the new weights, `POST /resume` continues the frozen requests on the new weights (ASYNC).
-SYNC stops admission at the front, lets running requests finish on the old weights, then swaps.
+SYNC stops admission at the front, lets running requests finish on the old weights, then swaps
+(`VllmEngine.swap_weights`).
 """
 
 from __future__ import annotations
@@ -49,24 +51,24 @@ def startup_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class VllmWeights:
-    """Prepares snapshots for, and swaps them into, one vLLM child."""
+class VllmSnapshotLoader(SnapshotLoader):
+    """The shared snapshot loader, plus the HF directory vLLM reloads from (`PreparedWeights.source_dir`).
+
+    The reference layout and the LoRA merge base are the startup weights read from the served directory
+    (no model lives in the worker process)."""
 
     def __init__(self, store: SnapshotStore, model_dir: Path, scratch: Path) -> None:
         startup = startup_state_dict(model_dir)
-        self.loader = SnapshotLoader(store, startup, startup)
-        self.store = store
+        super().__init__(store, startup, startup)
         self.model_dir = model_dir
         self.scratch = scratch
 
-    def check_chain(self, identity: str, previous: str | None, state: HotLoadState) -> str:
-        return self.loader.check_chain(identity, previous, state)
-
-    def prepare(self, identity: str, state: HotLoadState) -> tuple[PreparedWeights, Path]:
-        """The prepared weights and the HF directory vLLM reloads from (runs in a worker thread)."""
-        prepared = self.loader.prepare(identity, state)
+    def prepare(self, identity: str, state: HotLoadState) -> PreparedWeights:
+        """Runs in a worker thread: a base is already an HF directory; anything else is written once."""
+        prepared = super().prepare(identity, state)
         if prepared.kind == "base":
-            return prepared, self.store.base_dir(identity)
+            prepared.source_dir = self.store.base_dir(identity)
+            return prepared
         target = self.scratch / "prepared"
         if target.exists():
             shutil.rmtree(target)
@@ -79,7 +81,8 @@ class VllmWeights:
         for extra in ("generation_config.json",):
             if (self.model_dir / extra).is_file():
                 shutil.copy(self.model_dir / extra, target / extra)
-        return prepared, target
+        prepared.source_dir = target
+        return prepared
 
 
 async def _post(session: aiohttp.ClientSession, url: str, path: str, **kwargs: object) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from firetitan.errors import APIStatusError, InvalidRequestError
-from firetitan.server.deployment.request import SamplingOptions, StepOutput, TokenOut
+from firetitan.server.deployment.engine import SamplingOptions, StepOutput, TokenOut
 
 _TOKEN_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a token in logprob lists
 
