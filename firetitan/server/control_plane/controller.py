@@ -38,6 +38,7 @@ class Settings:
     health_interval: float = 2.0
     idle_check_interval: float = 5.0
     ready_timeout: float = 300.0
+    vllm_ready_timeout: float = 900.0  # `engine: vllm` replicas start a `vllm serve` child (minutes on CPU)
     hot_load_timeout: float = 600.0
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     trainer_threads: int | None = None

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
 from firetitan.logging import get_logger
+from firetitan.server.control_plane import engines
 from firetitan.server.control_plane.resources import (
     DEP_CREATING,
     DEP_DEGRADED,
@@ -27,7 +28,7 @@ from firetitan.server.control_plane.resources import (
     now_rfc3339,
 )
 from firetitan.server.control_plane.shapes import deployment_shape, local_base_model
-from firetitan.server.control_plane.supervisor import DEPLOYMENT_MODULE, WorkerKey, kill_leftover
+from firetitan.server.control_plane.supervisor import WorkerKey, kill_leftover
 from firetitan.server.process import WorkerProcess
 
 if TYPE_CHECKING:
@@ -77,16 +78,17 @@ class Deployments:
             dep = Deployment.model_validate(raw)
             account = dep.name.split("/")[1]
             adopted = []
+            module = engines.replica_module(dep.engine)
             for replica in dep.replicas:
                 if replica.state == DEP_READY and replica.index < dep.max_replica_count and \
-                        await supervisor.adoptable(DEPLOYMENT_MODULE, replica.pid, replica.url,
+                        await supervisor.adoptable(module, replica.pid, replica.url,
                                                    expect={"deployment_id": dep.deployment_id}):
                     assert replica.pid is not None and replica.url is not None
                     supervisor.adopt(WorkerKey("replica", account, dep.deployment_id, replica.index),
-                                     DEPLOYMENT_MODULE, WorkerProcess(url=replica.url, pid=replica.pid, popen=None))
+                                     module, WorkerProcess(url=replica.url, pid=replica.pid, popen=None))
                     adopted.append(replica)
                 else:
-                    kill_leftover(replica.pid, DEPLOYMENT_MODULE)
+                    kill_leftover(replica.pid, module)
             dep.replicas = adopted
             missing = dep.max_replica_count > len(adopted)
             dep.state = DEP_UPDATING if missing else DEP_READY
@@ -102,6 +104,7 @@ class Deployments:
         else:
             deployment_id = f"deployment-{secrets.token_hex(4)}"
         base_model = local_base_model(req.base_model, self.cp.layout.root, "baseModel")
+        engines.check_engine(req.engine)
         req = req.model_copy(update={"base_model": base_model})
         shape = deployment_shape(req.deployment_shape)
         if shape is not None and shape.base_model != req.base_model:
@@ -119,7 +122,7 @@ class Deployments:
             dep = Deployment(
                 name=self.name(account, deployment_id), display_name=req.display_name,
                 description=req.description, base_model=req.base_model,
-                deployment_shape=shape.deployment.name if shape else None,
+                deployment_shape=shape.deployment.name if shape else None, engine=req.engine,
                 min_replica_count=replicas, max_replica_count=replicas, last_replica_count=replicas,
                 hot_load_trainer_job=req.hot_load_trainer_job, threads_per_replica=per_replica,
                 state=DEP_CREATING if replicas else DEP_READY)
@@ -191,6 +194,7 @@ class Deployments:
             await self._stop_replicas(account, deployment_id, range(MAX_REPLICAS))
             self.cp.store.delete(DEPLOYMENT, account, deployment_id)
             self.cp.router.forget(self.name(account, deployment_id))
+            engines.remove_scratch(self.cp.layout.root, account, deployment_id)
 
     def _abort_starts(self, account: str, deployment_id: str, indexes: range) -> None:
         """A reconcile holds the lock while replicas load; kill those loading ones rather than wait."""
@@ -252,7 +256,10 @@ class Deployments:
         if shape is not None:
             args += ["--max-running-seqs", str(shape.deployment.max_running_seqs),
                      "--max-cached-tokens", str(shape.deployment.max_cached_tokens)]
-        worker = await self.cp.supervisor.start(key, DEPLOYMENT_MODULE, args, threads=dep.threads_per_replica)
+        args += engines.replica_args(dep.engine, self.cp.layout.root, account, dep.deployment_id, index)
+        timeout = engines.ready_timeout(dep.engine, self.cp.settings.ready_timeout, self.cp.settings.vllm_ready_timeout)
+        worker = await self.cp.supervisor.start(key, engines.replica_module(dep.engine), args,
+                                                threads=dep.threads_per_replica, ready_timeout=timeout)
         try:
             await self.cp.hot_loads.replay(worker.url, dep.snapshot_chain)
         except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -124,6 +124,9 @@ class HotLoadRecord(Wire):
     previous_snapshot_identity: str | None = None
 
 
+DeploymentEngine = Literal["embedded", "vllm"]
+
+
 class CreateDeploymentRequest(Wire):
     base_model: str
     display_name: str | None = Field(default=None, max_length=63)
@@ -132,6 +135,7 @@ class CreateDeploymentRequest(Wire):
     min_replica_count: int = Field(default=1, ge=0, le=16)
     max_replica_count: int = Field(default=1, ge=0, le=16)
     hot_load_trainer_job: str | None = None
+    engine: DeploymentEngine = "embedded"
 
 
 class UpdateDeploymentRequest(Wire):
@@ -147,6 +151,7 @@ class Deployment(Wire):
     description: str | None = None
     base_model: str
     deployment_shape: str | None = None
+    engine: DeploymentEngine = "embedded"  # which worker serves it: the embedded engine or vLLM
     state: str = DEP_CREATING
     status: Status = Field(default_factory=Status)
     min_replica_count: int = 1

@@ -18,7 +18,8 @@ log = get_logger("firetitan.control_plane.supervisor")
 
 TRAINER_MODULE = "firetitan.server.trainer"
 DEPLOYMENT_MODULE = "firetitan.server.deployment"
-_HEALTH_PATH = {TRAINER_MODULE: "/api/v1/healthz", DEPLOYMENT_MODULE: "/health"}
+VLLM_DEPLOYMENT_MODULE = "firetitan.server.deployment.vllm_backend"  # `engine: vllm` (control_plane/engines.py)
+_HEALTH_PATH = {TRAINER_MODULE: "/api/v1/healthz", DEPLOYMENT_MODULE: "/health", VLLM_DEPLOYMENT_MODULE: "/health"}
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,16 @@ class Supervisor:
         name = f"{key.kind}-{key.account}-{key.resource_id}" + (f"-{key.index}" if key.kind == "replica" else "")
         return self._logs_dir / f"{name}.log"
 
-    async def start(self, key: WorkerKey, module: str, args: list[str], *, threads: int) -> WorkerProcess:
+    async def start(self, key: WorkerKey, module: str, args: list[str], *, threads: int,
+                    ready_timeout: float | None = None) -> WorkerProcess:
         """Spawn a worker (in a thread: startup loads torch and a model) and watch it."""
         if key in self._workers:
             await self.stop(key)
         env = {**self._worker_env, **({"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {})}
         try:
             worker = await asyncio.to_thread(
-                spawn_worker, module, args, ready_timeout=self._ready_timeout, log_path=self.log_path(key),
-                env=env, host=self._host, threads=threads,
+                spawn_worker, module, args, ready_timeout=ready_timeout or self._ready_timeout,
+                log_path=self.log_path(key), env=env, host=self._host, threads=threads,
                 on_start=lambda popen: self._starting.__setitem__(key, popen))
         finally:
             self._starting.pop(key, None)

@@ -75,7 +75,9 @@ class DeploymentService:
         # Weights held: the live model, plus (after a base hot-load) that base for later deltas. The
         # startup weights LoRA merges need are re-read from the model on demand, not cloned.
         self.loader = None
-        if self.store and self.model is not None and serving.startup_weights is not None:
+        if self.store and serving.make_loader is not None:
+            self.loader = serving.make_loader(self.store)
+        elif self.store and self.model is not None and serving.startup_weights is not None:
             self.loader = SnapshotLoader(self.store, self.model.state_dict(), serving.startup_weights)
         self.hot = HotLoadState(base_model=settings.base_model)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -327,13 +329,17 @@ def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> w
     app.on_cleanup.append(service.close)
 
     async def health(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "deployment_id": settings.deployment_id,
+        problem = await service.serving.probe() if service.serving.probe is not None else None
+        return web.json_response({"status": "ok" if problem is None else "unavailable",
+                                  "deployment_id": settings.deployment_id,
                                   "policy_version": service.engine.policy_version,
                                   "current_snapshot_identity": service.hot.current_identity,
-                                  **service.serving.marks})
+                                  **service.serving.marks, **(problem or {})}, status=200 if problem is None else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
         text = prom.render(service.engine, settings.deployment_id, service.hot.current_identity)
+        if service.serving.extra_metrics is not None:
+            text += await service.serving.extra_metrics()
         return web.Response(text=text, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type": "version=0.0.4"})
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from firetitan.server.deployment.engine import Engine, EngineRequest, EngineStats, StepOutput, WeightSwap
 from firetitan.server.deployment.engine.runner import kv_row_positions
+
+if TYPE_CHECKING:
+    from firetitan.checkpoints import SnapshotStore
+    from firetitan.server.deployment.hotload import SnapshotLoader
 
 Emit = Callable[[list[tuple[EngineRequest, StepOutput]]], None]
 
@@ -62,6 +66,11 @@ class Serving:
     model: torch.nn.Module | None = None  # None when no weights live in this process (simulation)
     startup_weights: Mapping[str, torch.Tensor] | None = None  # what LoRA adapters merge into
     marks: dict[str, Any] = field(default_factory=dict)  # extra fields on /health and answers
+    # Backends whose weights live elsewhere (vLLM) bring their own snapshot loader, a liveness probe
+    # (None: healthy; else the fields of a 503 /health body) and metrics appended to firetitan's own.
+    make_loader: Callable[[SnapshotStore], SnapshotLoader] | None = None
+    probe: Callable[[], Awaitable[dict[str, Any] | None]] | None = None
+    extra_metrics: Callable[[], Awaitable[str]] | None = None
 
 
 class StartupWeights(Mapping[str, torch.Tensor]):

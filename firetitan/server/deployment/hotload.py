@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class PreparedWeights:
     kind: str  # base | delta | lora
     state_dict: dict[str, torch.Tensor]
     base_identity: str | None  # the base this leaves loaded (deltas and LoRA keep the previous one)
+    source_dir: Path | None = None  # set by loaders for engines that reload from an HF directory (vLLM)
 
 
 @dataclass
@@ -228,7 +230,8 @@ class ReplicaHotLoader:
             def on_done(error: BaseException | None) -> None:  # called on the engine thread
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
 
-            self.engine.swap_weights(WeightSwap(prepared.state_dict, identity, mode, on_done))
+            self.engine.swap_weights(WeightSwap(prepared.state_dict, identity, mode, on_done,
+                                                source_dir=prepared.source_dir))
             queued.set_result(None)
             error = await done
             if error is not None:

@@ -6,6 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,7 @@ class WeightSwap:
     mode: str  # "ASYNC" swaps at the next step boundary; "SYNC" drains running requests first
     on_done: Callable[[BaseException | None], None]
     queued_at: float = field(default_factory=time.monotonic)
+    source_dir: Path | None = None  # the same weights as an HF directory, for engines that reload from disk (vLLM)
 
 
 @dataclass

