@@ -261,10 +261,11 @@ class AdaptiveConcurrencyController(_GatedController):
     """AIMD on the deployment's prefill-queue time, designed to beat the hosted SDK's rule.
 
     Differences from that rule (all measured in `benchmarks/controllers.py`):
-    slow start (doubling once per round trip until the prefill queue starts to form), a median instead of an EMA of means, a decrease
-    sized by Little's law instead of a blind half, quick recovery to the last good window, no growth
-    while the window is not full, and adjustments once per window of releases (never fewer than
-    `adjustment_interval`) so decisions use samples admitted under the current window.
+    slow start (x1.5 per round trip until the prefill queue starts to form), a p95 instead of an EMA
+    of means, a decrease sized by Little's law instead of a blind half, quick recovery to the last good
+    window, no growth while the window is not full, and adjustments once per window of releases (after
+    slow start never fewer than `adjustment_interval`) so decisions use samples admitted under the
+    current window.
     """
 
     def __init__(self, initial_window: int = 8, min_window: int = 1, max_window: int = 256,
@@ -368,7 +369,7 @@ class AdaptiveConcurrencyController(_GatedController):
         elif self._state.phase == "slow_start" and self._interval_warm >= max(
                 2, math.ceil((1 - self.params.signal_percentile) * length)):
             # Slow start: as soon as the interval's percentile is sure to show the queue forming,
-            # stop doubling (each further release at this window would be admitted into the queue).
+            # stop growing (each further release at this window would be admitted into the queue).
             self._adjust_locked("early")
         elif self._interval_over >= max(4, math.ceil((1 - self.params.signal_percentile) * length)):
             # Enough samples are over target that the interval's percentile can only be over target
