@@ -113,8 +113,13 @@ def next_window(state: AdaptiveState, stats: IntervalStats, p: AdaptiveParams) -
             # the window that was known to be fine.
             new_w = max(new_w, _clamp(state.last_good, p))
             return AdaptiveState(new_w, "avoidance", state.last_good), f"probe failed x{new_w / w:.2f}"
-        # Congestion at or below the remembered good window means the server got slower
-        # (weights changed, other tenants): the old operating point is no longer good.
+        if state.last_good is not None and w >= state.last_good:
+            # Congestion at the remembered good window: a spike (the worker stalled) or a slower
+            # server. Cut, but keep the memory, so a spike costs one round trip and a quick recovery
+            # instead of a climb from the cut window in additive steps.
+            return AdaptiveState(new_w, "avoidance", state.last_good), f"decrease x{factor:.2f} (kept)"
+        # Congestion again below the remembered good window: the server really got slower
+        # (weights changed, other tenants); the old operating point is no longer good.
         return AdaptiveState(new_w, "avoidance", new_w), f"decrease x{factor:.2f}"
 
     if not saturated:
@@ -136,7 +141,7 @@ def next_window(state: AdaptiveState, stats: IntervalStats, p: AdaptiveParams) -
         new_w = _clamp(w * p.slow_start_factor, p)
         return AdaptiveState(new_w, "slow_start", max(state.last_good or 0.0, w)), "slow start"
     last_good = max(state.last_good or 0.0, w)
-    if state.last_good is not None and w < state.last_good:
+    if state.last_good is not None and w < state.last_good and signal <= p.hold_fraction * p.prefill_queue_target:
         # Recover quickly towards the last window that was known to be fine (CUBIC's memory).
         step = max(p.additive_increase, (state.last_good - w) * p.recovery_fraction)
         new_w = _clamp(min(state.last_good, w + step), p)

@@ -130,6 +130,24 @@ def test_failed_probe_returns_to_the_last_good_window() -> None:
     assert reason.startswith("probe failed")
 
 
+def test_congestion_at_the_last_good_window_cuts_but_keeps_the_memory() -> None:
+    # A spike at 73 = last good (p95 1.6 s, median latency 2 s): Little's law keeps 1 - 1.1/2 = 0.45,
+    # clamped to 0.5 -> 36.5; 73 stays remembered.
+    spike = IntervalStats(pq=(1.6,) * 48, latency=(2.0,) * 48, max_in_flight=73)
+    st, reason = next_window(AdaptiveState(73.0, "avoidance", 73.0), spike, P)
+    assert (st.window, st.last_good) == (36.5, 73.0) and reason == "decrease x0.50 (kept)"
+    # The queue clears: recover halfway back, 36.5 + (73 - 36.5) / 2 = 54.75, not +4 at a time.
+    st, reason = next_window(st, IntervalStats(pq=(0.02,) * 37, max_in_flight=37), P)
+    assert st.window == pytest.approx(54.75) and reason == "recover"
+    # In the hold band (0.3 s) below the memory: hold, no recovery into a queue that already exists.
+    held, reason = next_window(st, IntervalStats(pq=(0.3,) * 55, max_in_flight=55), P)
+    assert held.window == pytest.approx(54.75) and reason == "hold (near target)"
+    # Congestion again below the memory: the server really is slower, forget 73.
+    st, reason = next_window(st, IntervalStats(pq=(1.6,) * 48, latency=(2.0,) * 48, max_in_flight=55), P)
+    assert st.window == pytest.approx(27.375) and st.last_good == pytest.approx(27.375)
+    assert reason == "decrease x0.50"
+
+
 def test_recovery_jumps_halfway_back_to_the_last_good_window() -> None:
     stats = IntervalStats(pq=(0.0,) * 40, max_in_flight=64)
     st, reason = next_window(AdaptiveState(64.0, "avoidance", 128.0), stats, P)
