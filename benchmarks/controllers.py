@@ -269,8 +269,11 @@ async def _official_run(name: str, url: str, args: argparse.Namespace, prompts: 
                 await out
     total = time.monotonic() - t_run
     tokens = sum(s["completion_tokens"] for s in steps)
-    return {"label": name, "wall_s": total, "completion_tokens": tokens, "output_tokens_per_s": tokens / total,
-            "steps": steps}
+    out: dict[str, Any] = {"label": name, "wall_s": total, "completion_tokens": tokens,
+                           "output_tokens_per_s": tokens / total, "steps": steps}
+    if isinstance(ctrl, AdaptiveConcurrencyController):  # firetitan's: every window decision, for the docs
+        out["adjustments"] = [{k: v for k, v in a.items() if k != "t"} for a in ctrl.history]
+    return out
 
 
 async def official_mode(args: argparse.Namespace) -> dict[str, Any]:

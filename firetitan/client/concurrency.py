@@ -27,6 +27,7 @@ from firetitan.client.aimd import (  # noqa: F401  (re-exported: the rule is par
     interval_length,
     littles_law_factor,
     next_window,
+    slow_start_exit_threshold,
 )
 from firetitan.client.server_metrics import ServerMetrics
 from firetitan.errors import ConfigError
@@ -260,10 +261,11 @@ class AdaptiveConcurrencyController(_GatedController):
     """AIMD on the deployment's prefill-queue time, designed to beat the hosted SDK's rule.
 
     Differences from that rule (all measured in `benchmarks/controllers.py`):
-    slow start (doubling until the first congestion), a median instead of an EMA of means, a decrease
-    sized by Little's law instead of a blind half, quick recovery to the last good window, no growth
-    while the window is not full, and adjustments once per window of releases (never fewer than
-    `adjustment_interval`) so decisions use samples admitted under the current window.
+    slow start (x1.5 per round trip until the prefill queue starts to form), a p95 instead of an EMA
+    of means, a decrease sized by Little's law instead of a blind half, quick recovery to the last good
+    window, no growth while the window is not full, and adjustments once per window of releases (after
+    slow start never fewer than `adjustment_interval`) so decisions use samples admitted under the
+    current window.
     """
 
     def __init__(self, initial_window: int = 8, min_window: int = 1, max_window: int = 256,
@@ -311,6 +313,7 @@ class AdaptiveConcurrencyController(_GatedController):
         self._interval_latency: list[float] = []
         self._interval_errors = 0
         self._interval_over = 0
+        self._interval_warm = 0
         self._interval_waited = 0
         self._interval_max_in_flight = 0
         self._interval_concurrency: list[int] = []
@@ -354,13 +357,20 @@ class AdaptiveConcurrencyController(_GatedController):
                     self._interval_concurrency.append(metrics.num_concurrent_requests)
                 if metrics.prefill_queue_duration > self.params.prefill_queue_target:
                     self._interval_over += 1
+                if metrics.prefill_queue_duration > slow_start_exit_threshold(self.params):
+                    self._interval_warm += 1
             elif metrics.transport_error or metrics.http_status_code in CONGESTION_STATUSES:
                 self._interval_errors += 1
         if not self.adjustment_interval:
             return
-        length = interval_length(self._state.window, self.adjustment_interval)
+        length = interval_length(self._state.window, self.adjustment_interval, self._state.phase)
         if self._interval_releases >= length:
             self._adjust_locked("interval")
+        elif self._state.phase == "slow_start" and self._interval_warm >= max(
+                2, math.ceil((1 - self.params.signal_percentile) * length)):
+            # Slow start: as soon as the interval's percentile is sure to show the queue forming,
+            # stop growing (each further release at this window would be admitted into the queue).
+            self._adjust_locked("early")
         elif self._interval_over >= max(4, math.ceil((1 - self.params.signal_percentile) * length)):
             # Enough samples are over target that the interval's percentile can only be over target
             # too: act now instead of queueing a full window more.
@@ -397,6 +407,7 @@ class AdaptiveConcurrencyController(_GatedController):
         self._interval_latency = []
         self._interval_errors = 0
         self._interval_over = 0
+        self._interval_warm = 0
         self._interval_concurrency = []
         self._interval_waited = 0
         self._interval_max_in_flight = self._gate.in_flight

@@ -16,12 +16,13 @@ from firetitan.client.concurrency import (
     interval_length,
     littles_law_factor,
     next_window,
+    slow_start_exit_threshold,
 )
 from firetitan.client.server_metrics import ServerMetrics, parse_server_metrics
 from firetitan.errors import ConfigError
 from firetitan.stats import percentile
 
-P = AdaptiveParams()  # target 0.5, p95 signal, slow start x1.5
+P = AdaptiveParams()  # target 0.5, p95 signal, slow start x1.5 per round trip until the queue passes 0.1 s
 
 
 # ---------------------------------------------------------------------------------------------- pure math
@@ -40,6 +41,13 @@ def test_interval_is_at_least_one_window() -> None:
     assert interval_length(100.2, 32) == 101
 
 
+def test_slow_start_decides_after_exactly_one_round_trip() -> None:
+    # No `adjustment_interval` floor in slow start: 8 releases at window 8 are one round trip.
+    assert interval_length(8, 32, "slow_start") == 8
+    assert interval_length(100.2, 32, "slow_start") == 101
+    assert interval_length(0.5, 32, "slow_start") == 1
+
+
 def test_littles_law_factor_removes_only_the_excess_queue() -> None:
     # 2 s of an 8 s latency is queueing; the target allows 0.5 s -> keep 1 - 1.5/8 of the window.
     assert littles_law_factor(2.0, 8.0, 0.5) == pytest.approx(0.8125)
@@ -47,9 +55,43 @@ def test_littles_law_factor_removes_only_the_excess_queue() -> None:
 
 
 def test_slow_start_multiplies_when_the_window_is_full_and_queue_empty() -> None:
-    st, reason = next_window(AdaptiveState(8.0), IntervalStats(pq=(0.0,) * 32, max_in_flight=8), P)
+    st, reason = next_window(AdaptiveState(8.0), IntervalStats(pq=(0.0,) * 8, max_in_flight=8), P)
     assert st.window == pytest.approx(12.0) and st.phase == "slow_start" and st.last_good == 8.0
     assert reason == "slow start"
+    # 12 -> 18 -> 27: each clean round trip grows x1.5 and remembers the window it came from.
+    st, _ = next_window(st, IntervalStats(pq=(0.05,) * 12, max_in_flight=12), P)  # 0.05 s <= 0.1 s
+    st, _ = next_window(st, IntervalStats(pq=(0.0,) * 18, max_in_flight=18), P)
+    assert st.window == 27.0 and st.phase == "slow_start" and st.last_good == 18.0
+    # A true doubling is one parameter away (measured: it overshoots, see docs/sampling.md).
+    st, _ = next_window(AdaptiveState(16.0), IntervalStats(pq=(0.0,) * 16, max_in_flight=16),
+                        AdaptiveParams(slow_start_factor=2.0))
+    assert st.window == 32.0
+
+
+def test_slow_start_exit_threshold_is_the_start_of_the_hold_band() -> None:
+    assert slow_start_exit_threshold(P) == pytest.approx(0.1)
+    assert slow_start_exit_threshold(AdaptiveParams(prefill_queue_target=2.0, slow_start_exit_fraction=0.5)) == 1.0
+
+
+def test_slow_start_exits_without_decreasing_once_the_queue_forms() -> None:
+    # 64 samples, 4 of them 0.3 s: p95 sits at sorted index 0.95 * 63 = 59.85, inside the four -> 0.3 s,
+    # over 0.1 s and under the 0.5 s target. Keep 64; 32 (the window doubled into it) stays the floor.
+    stats = IntervalStats(pq=(0.0,) * 60 + (0.3,) * 4, max_in_flight=64)
+    st, reason = next_window(AdaptiveState(64.0, "slow_start", 32.0), stats, P)
+    assert (st.window, st.phase, st.last_good) == (64.0, "avoidance", 32.0)
+    assert reason == "slow start exit (queue forming)"
+
+
+def test_slow_start_overshoot_falls_back_no_lower_than_the_last_clean_window() -> None:
+    # Doubled 64 -> 128 on a 64-slot server: p95 queue 2 s, median latency 3 s. Little's law keeps
+    # 1 - (2 - 0.5) / 3 = 0.5 of 128 = 64, and 64 is also the floor (the last clean window).
+    stats = IntervalStats(pq=(2.0,) * 20, latency=(3.0,) * 20, max_in_flight=128)
+    st, reason = next_window(AdaptiveState(128.0, "slow_start", 64.0), stats, P)
+    assert (st.window, st.phase, st.last_good) == (64.0, "avoidance", 64.0)
+    assert reason.startswith("probe failed")
+    # A milder overshoot (p95 0.8 s, latency 3 s -> keep 0.9, the clamp) keeps 115.2, above the floor.
+    stats = IntervalStats(pq=(0.8,) * 20, latency=(3.0,) * 20, max_in_flight=128)
+    assert next_window(AdaptiveState(128.0, "slow_start", 64.0), stats, P)[0].window == pytest.approx(115.2)
 
 
 def test_no_growth_when_the_window_is_not_full() -> None:
@@ -57,10 +99,12 @@ def test_no_growth_when_the_window_is_not_full() -> None:
     assert st.window == 64.0 and reason.startswith("hold")
 
 
-def test_slow_start_exits_when_the_server_runs_fewer_than_we_send() -> None:
+def test_server_concurrency_alone_does_not_end_slow_start() -> None:
+    # firetitan's num-concurrent-requests counts queued requests, the hosted one a replica's share:
+    # a count under the window is release lag or load balancing, not a full batch. Only the queue ends it.
     stats = IntervalStats(pq=(0.0,) * 64, max_in_flight=64, server_concurrency=(40,) * 64)
     st, _ = next_window(AdaptiveState(64.0), stats, P)
-    assert st.window == 64.0 and st.phase == "avoidance"
+    assert st.window == 96.0 and st.phase == "slow_start"
 
 
 def test_decrease_is_sized_by_littles_law() -> None:
@@ -84,6 +128,24 @@ def test_failed_probe_returns_to_the_last_good_window() -> None:
     st, reason = next_window(AdaptiveState(136.0, "avoidance", 128.0), stats, P)
     assert st.window == pytest.approx(128.0) and st.last_good == 128.0
     assert reason.startswith("probe failed")
+
+
+def test_congestion_at_the_last_good_window_cuts_but_keeps_the_memory() -> None:
+    # A spike at 73 = last good (p95 1.6 s, median latency 2 s): Little's law keeps 1 - 1.1/2 = 0.45,
+    # clamped to 0.5 -> 36.5; 73 stays remembered.
+    spike = IntervalStats(pq=(1.6,) * 48, latency=(2.0,) * 48, max_in_flight=73)
+    st, reason = next_window(AdaptiveState(73.0, "avoidance", 73.0), spike, P)
+    assert (st.window, st.last_good) == (36.5, 73.0) and reason == "decrease x0.50 (kept)"
+    # The queue clears: recover halfway back, 36.5 + (73 - 36.5) / 2 = 54.75, not +4 at a time.
+    st, reason = next_window(st, IntervalStats(pq=(0.02,) * 37, max_in_flight=37), P)
+    assert st.window == pytest.approx(54.75) and reason == "recover"
+    # In the hold band (0.3 s) below the memory: hold, no recovery into a queue that already exists.
+    held, reason = next_window(st, IntervalStats(pq=(0.3,) * 55, max_in_flight=55), P)
+    assert held.window == pytest.approx(54.75) and reason == "hold (near target)"
+    # Congestion again below the memory: the server really is slower, forget 73.
+    st, reason = next_window(st, IntervalStats(pq=(1.6,) * 48, latency=(2.0,) * 48, max_in_flight=55), P)
+    assert st.window == pytest.approx(27.375) and st.last_good == pytest.approx(27.375)
+    assert reason == "decrease x0.50"
 
 
 def test_recovery_jumps_halfway_back_to_the_last_good_window() -> None:
@@ -292,3 +354,22 @@ def test_official_helpers_server_metrics_from_headers_and_retry_exhaustion() -> 
     ctl = AdaptiveConcurrencyController()
     ctl.note_retry_exhausted(m)
     assert ctl.retry_exhaustions == 1
+
+
+async def test_slow_start_grows_per_window_of_releases_and_stops_early_on_a_forming_queue() -> None:
+    ctl = AdaptiveConcurrencyController(initial_window=4, adjustment_interval=32, slow_start_factor=2.0)
+    for window in (4, 8, 16):  # one window of clean releases each: 4 -> 8 -> 16 -> 32, despite interval 32
+        for _ in range(window):
+            await ctl.acquire()
+        for _ in range(window):
+            ctl.release(ServerMetrics(prefill_queue_duration=0.0))
+    assert ctl.window_size == 32 and ctl.state.phase == "slow_start"
+    for _ in range(32):
+        await ctl.acquire()
+    # Two of 32 samples over 0.1 s (>= 5% of the round trip, and at least 2): stop growing at once.
+    ctl.release(ServerMetrics(prefill_queue_duration=0.0))
+    ctl.release(ServerMetrics(prefill_queue_duration=0.2))
+    assert ctl.state.phase == "slow_start"
+    ctl.release(ServerMetrics(prefill_queue_duration=0.3))
+    assert ctl.window_size == 32 and ctl.state.phase == "avoidance" and ctl.state.last_good == 16.0
+    assert ctl.history[-1]["trigger"] == "early" and ctl.history[-1]["reason"].startswith("slow start exit")
