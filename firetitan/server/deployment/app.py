@@ -30,6 +30,7 @@ from firetitan.server.deployment.completions import (
 from firetitan.server.deployment.engine import EngineRequest, StepOutput
 from firetitan.server.deployment.hotload import HotLoadState, ReplicaHotLoader, SnapshotLoader
 from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadRequest
+from firetitan.server.health import HEALTH_DETAIL
 
 log = get_logger("firetitan.deployment")
 
@@ -326,11 +327,16 @@ def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> w
     app.on_startup.append(service.start)
     app.on_cleanup.append(service.close)
 
+    def health_detail() -> dict[str, Any]:
+        # Plain attributes only: the health listener calls this from its own thread.
+        return {"status": "ok", "deployment_id": settings.deployment_id,
+                "policy_version": service.engine.policy_version,
+                "current_snapshot_identity": service.hot.current_identity, **service.serving.marks}
+
+    app[HEALTH_DETAIL] = health_detail
+
     async def health(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "deployment_id": settings.deployment_id,
-                                  "policy_version": service.engine.policy_version,
-                                  "current_snapshot_identity": service.hot.current_identity,
-                                  **service.serving.marks})
+        return web.json_response(health_detail())
 
     async def metrics(_request: web.Request) -> web.Response:
         text = prom.render(service.engine, settings.deployment_id, service.hot.current_identity)
