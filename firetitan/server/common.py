@@ -374,6 +374,12 @@ async def serve_app(app: web.Application, host: str, port: int, ready_file: Path
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Startup (torch, transformers, the model) made millions of long-lived objects; every full garbage
+    # collection would walk them all again, holding the GIL for up to ~1 s under load and stalling
+    # this loop and the health thread alike. Frozen, they are skipped by the collector (and still freed
+    # by reference counting); only what the server allocates from here on is walked.
+    gc.collect()
+    gc.freeze()
     # Liveness off this loop (firetitan.server.health): its own thread and port, judged by a heartbeat.
     from firetitan.server.health import HEALTH_DETAIL, HealthListener
 
