@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import threading
 import time
@@ -56,21 +55,24 @@ def _poll(url: str, status: int, tries: int = 300) -> dict[str, Any]:
     raise AssertionError(f"health never answered {status}; last {seen}")
 
 
-@pytest.fixture
-def wedging_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def _install_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkg = tmp_path / "wedging_worker_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "__main__.py").write_text(textwrap.dedent(WEDGING_WORKER))
-    sys.path.insert(0, str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+@pytest.fixture
+def wedging_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    _install_worker(tmp_path, monkeypatch)
     worker = spawn_worker("wedging_worker_pkg", [], ready_timeout=60, log_path=tmp_path / "w.log",
                           env={"FIRETITAN_WORKER_API_KEY": KEY, "FIRETITAN_HEALTH_MAX_LAG_S": "0.5"})
     try:
         yield worker
     finally:
         worker.stop()
-        sys.path.remove(str(tmp_path))
 
 
 def test_wedged_main_loop_turns_health_503_after_the_bound_and_back(wedging_worker) -> None:  # type: ignore[no-untyped-def]
@@ -118,3 +120,41 @@ def test_bad_bound_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FIRETITAN_HEALTH_MAX_LAG_S", "-1")
     with pytest.raises(ConfigError, match="FIRETITAN_HEALTH_MAX_LAG_S"):
         HealthListener("127.0.0.1", None)
+
+
+async def test_supervisor_stops_a_hung_worker_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor asks the health listener; a main loop wedged past the bound is a kill, with its reason."""
+    import asyncio
+
+    from firetitan.server.control_plane.supervisor import Supervisor, WorkerKey
+
+    _install_worker(tmp_path, monkeypatch)
+    lost: asyncio.Queue[tuple[WorkerKey, str]] = asyncio.Queue()
+
+    async def on_exit(key: WorkerKey, reason: str) -> None:
+        await lost.put((key, reason))
+
+    sup = Supervisor(logs_dir=tmp_path / "logs", api_key=KEY, on_exit=on_exit, health_interval=0.2,
+                     max_health_failures=3, worker_env={"FIRETITAN_HEALTH_MAX_LAG_S": "0.5"})
+    key = WorkerKey("replica", "local", "hung")
+    worker = await sup.start(key, "wedging_worker_pkg", [], threads=1)
+    watch = asyncio.create_task(sup.run())
+    try:
+        assert worker.health_url
+        await asyncio.sleep(1.0)  # five checks while the loop runs: no loss
+        assert lost.empty() and sup.get(key) is worker
+        blocker = asyncio.create_task(asyncio.to_thread(_wedge, worker.url + "/wedge?s=120"))
+        got, reason = await asyncio.wait_for(lost.get(), timeout=60)
+        assert got == key and "503" in reason and "stalled" in reason and worker.health_url in reason
+        assert not worker.alive()
+        await blocker  # the connection dropped with the stopped worker
+    finally:
+        watch.cancel()
+        await sup.stop_all()
+
+
+def _wedge(url: str) -> None:
+    try:
+        _get(url, KEY)
+    except OSError:
+        pass  # the worker was stopped mid-request: expected
