@@ -64,6 +64,7 @@ class HealthListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None  # made on the listener's own loop
 
     def lag(self) -> float:
         """Seconds since the main loop last ran its heartbeat."""
@@ -88,11 +89,11 @@ class HealthListener:
         return self.url
 
     def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        loop, thread, stopping = self._loop, self._thread, self._stopping
+        if loop is None or thread is None or stopping is None:
             return
         with contextlib.suppress(RuntimeError):  # its loop already closed
-            loop.call_soon_threadsafe(self._stopping.set)
+            loop.call_soon_threadsafe(stopping.set)
         thread.join(timeout=5.0)
 
     def _run(self, bound: dict[str, Any], ready: threading.Event) -> None:
@@ -107,7 +108,7 @@ class HealthListener:
             loop.close()
 
     async def _serve(self, bound: dict[str, Any], ready: threading.Event) -> None:
-        self._stopping = asyncio.Event()
+        stopping = self._stopping = asyncio.Event()
         app = web.Application()
         for path in HEALTH_PATHS:
             app.router.add_get(path, self._health)
@@ -121,7 +122,7 @@ class HealthListener:
             url_host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
             bound["url"] = f"http://{url_host}:{port}"
             ready.set()
-            await self._stopping.wait()
+            await stopping.wait()
         finally:
             await runner.cleanup()
 
