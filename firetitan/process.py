@@ -45,6 +45,12 @@ class WorkerProcess:
     log_path: Path | None = None
     ready: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def health_url(self) -> str | None:
+        """The worker's health listener (its own thread and port, see firetitan.server.health), if it has one."""
+        value = self.ready.get("health_url")
+        return str(value) if value else None
+
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None

@@ -124,7 +124,8 @@ def internal_error(exc: BaseException, **context: Any) -> InternalServerError:
                                error_id=error_id)
 
 
-def _authenticated(request: web.Request, api_key: str) -> bool:
+def authenticated(request: web.Request, api_key: str) -> bool:
+    """Whether the request carries `api_key` (Bearer or x-api-key); shared by the health listener."""
     given = request.headers.get("x-api-key") or ""
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
@@ -144,7 +145,7 @@ def auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamRe
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not api_key or _authenticated(request, api_key):
+        if not api_key or authenticated(request, api_key):
             return await handler(request)
         if request.path not in _OPEN_PATHS:
             return error_json(401, "missing or invalid API key", field="Authorization",
@@ -373,17 +374,34 @@ async def serve_app(app: web.Application, host: str, port: int, ready_file: Path
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Startup (torch, transformers, the model) made millions of long-lived objects; every full garbage
+    # collection would walk them all again, holding the GIL for up to ~1 s under load and stalling
+    # this loop and the health thread alike. Frozen, they are skipped by the collector (and still freed
+    # by reference counting); only what the server allocates from here on is walked.
+    gc.collect()
+    gc.freeze()
+    # Liveness off this loop (firetitan.server.health): its own thread and port, judged by a heartbeat.
+    from firetitan.server.health import HEALTH_DETAIL, HealthListener
+
+    health = HealthListener(host, app.get(API_KEY), detail=app.get(HEALTH_DETAIL))
+    health_url = await asyncio.to_thread(health.start)
+    heartbeat = asyncio.create_task(health.heartbeat())
+    app["health_url"] = health_url
     if ready_file is not None:
-        write_ready_file(ready_file, {"url": url, "pid": os.getpid(), **(extra_ready or {})})
+        write_ready_file(ready_file, {"url": url, "pid": os.getpid(), "health_url": health_url,
+                                      **(extra_ready or {})})
     from firetitan.logging import get_logger
 
-    get_logger("firetitan.server").info("listening", url=url)
+    get_logger("firetitan.server").info("listening", url=url, health_url=health_url,
+                                        health_max_lag_s=health.max_lag_s)
     watchdog = asyncio.create_task(_watch_parent(stop))
     try:
         await stop.wait()
     finally:
         watchdog.cancel()
+        heartbeat.cancel()
         await runner.cleanup()
+        await asyncio.to_thread(health.stop)
         # The cleanup hooks have run (state saved, queues closed). Left to itself, the interpreter's
         # final garbage collection walks every object torch and transformers created (~2 s for a
         # trainer), which a caller stopping the worker (DELETE of a trainer job) waits for; frozen

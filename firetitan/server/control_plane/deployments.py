@@ -82,10 +82,12 @@ class Deployments:
             for replica in dep.replicas:
                 if replica.state == DEP_READY and replica.index < dep.max_replica_count and \
                         await supervisor.adoptable(module, replica.pid, replica.url,
-                                                   expect={"deployment_id": dep.deployment_id}):
+                                                   expect={"deployment_id": dep.deployment_id},
+                                                   health_url=replica.health_url):
                     assert replica.pid is not None and replica.url is not None
                     supervisor.adopt(WorkerKey("replica", account, dep.deployment_id, replica.index),
-                                     module, WorkerProcess(url=replica.url, pid=replica.pid, popen=None))
+                                     module, WorkerProcess(url=replica.url, pid=replica.pid, popen=None,
+                                                           ready={"health_url": replica.health_url}))
                     adopted.append(replica)
                 else:
                     kill_leftover(replica.pid, module)
@@ -238,6 +240,7 @@ class Deployments:
                     errors.append(f"replica {index}: {result}")
                 else:
                     replica.state, replica.url, replica.pid, replica.message = DEP_READY, result[0], result[1], ""
+                    replica.health_url = result[2]
                     self._started[(account, deployment_id, index)] = time.monotonic()
             if not errors:
                 dep.state, dep.status = DEP_READY, Status()
@@ -248,7 +251,7 @@ class Deployments:
             self.save(account, dep)
             return not errors
 
-    async def _start_replica(self, account: str, dep: Deployment, index: int) -> tuple[str, int]:
+    async def _start_replica(self, account: str, dep: Deployment, index: int) -> tuple[str, int, str | None]:
         key = WorkerKey("replica", account, dep.deployment_id, index)
         args = ["--store-dir", str(self.cp.layout.store), "--base-model", dep.base_model,
                 "--deployment-id", dep.deployment_id, "--replica-index", str(index)]
@@ -265,7 +268,7 @@ class Deployments:
         except BaseException:
             await self.cp.supervisor.stop(key)
             raise
-        return worker.url, worker.pid
+        return worker.url, worker.pid, worker.health_url
 
     async def replica_lost(self, key: WorkerKey, reason: str) -> None:
         """A replica died: mark it, read DEGRADED while another serves (FAILED if none does), and

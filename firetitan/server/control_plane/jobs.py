@@ -57,10 +57,11 @@ class TrainerJobs:
                 continue
             account = _account(job.name)
             if job.state == JOB_RUNNING and await self.cp.supervisor.adoptable(
-                    TRAINER_MODULE, job.pid, job.trainer_url, expect={"status": "ok"}):
+                    TRAINER_MODULE, job.pid, job.trainer_url, expect={"status": "ok"}, health_url=job.health_url):
                 assert job.pid is not None and job.trainer_url is not None
                 self.cp.supervisor.adopt(WorkerKey(TRAINER, account, job.job_id), TRAINER_MODULE,
-                                         WorkerProcess(url=job.trainer_url, pid=job.pid, popen=None))
+                                         WorkerProcess(url=job.trainer_url, pid=job.pid, popen=None,
+                                                       ready={"health_url": job.health_url}))
                 self._activity[(account, job.job_id)] = time.monotonic()
                 continue
             kill_leftover(job.pid, TRAINER_MODULE)
@@ -133,7 +134,7 @@ class TrainerJobs:
                 self.save(account, job)
                 return
             job.state, job.status = JOB_RUNNING, Status(message="")
-            job.trainer_url, job.pid = worker.url, worker.pid
+            job.trainer_url, job.pid, job.health_url = worker.url, worker.pid, worker.health_url
             self._activity[(account, job_id)] = time.monotonic()
             self.save(account, job)
 

@@ -102,6 +102,7 @@ class TrainerJob(Wire):
     threads: int = 1
     inactivity_timeout_s: float | None = None
     trainer_url: str | None = None
+    health_url: str | None = None  # the trainer's health listener (firetitan.server.health)
     pid: int | None = None
     create_time: str = Field(default_factory=now_rfc3339)
     update_time: str = Field(default_factory=now_rfc3339)
@@ -115,6 +116,7 @@ class Replica(Wire):
     index: int
     state: str = DEP_CREATING
     url: str | None = None
+    health_url: str | None = None  # the replica's health listener (firetitan.server.health)
     pid: int | None = None
     message: str = ""
 

@@ -41,6 +41,7 @@ class _Watched:
     module: str
     worker: WorkerProcess
     health_failures: int = 0
+    last_failure: str = ""
 
 
 ExitCallback = Callable[[WorkerKey, str], Awaitable[None]]
@@ -110,15 +111,20 @@ class Supervisor:
         self._workers[key] = _Watched(module, worker)
         log.info("worker_adopted", key=str(key), pid=worker.pid, url=worker.url)
 
-    async def adoptable(self, module: str, pid: int | None, url: str | None, *, expect: dict[str, str]) -> bool:
+    async def adoptable(self, module: str, pid: int | None, url: str | None, *, expect: dict[str, str],
+                        health_url: str | None = None) -> bool:
         """Whether a recorded worker still runs `module` at `url` with this key and says it is `expect`
-        (e.g. its deployment id) on its health route: only then may a restarted control plane keep it."""
+        (e.g. its deployment id) on its health route: only then may a restarted control plane keep it.
+        A recorded `health_url` (the worker's health listener) is asked instead of the main port, and
+        must also name the recorded pid."""
         if not pid or not url or not _runs(pid, module):
             return False
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        if health_url:
+            expect = {**expect, "pid": str(pid)}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as session, \
-                    session.get(url + _HEALTH_PATH[module], headers=headers) as resp:
+                    session.get(_health_target(module, url, health_url), headers=headers) as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
@@ -147,16 +153,24 @@ class Supervisor:
             await self._report(key, watched, f"{key.kind} worker (pid {worker.pid}) exited with code {code}"
                                + _log_tail(self.log_path(key)))
             return
+        target = _health_target(watched.module, worker.url, worker.health_url)
         try:
-            async with session.get(worker.url + _HEALTH_PATH[watched.module]) as resp:
+            async with session.get(target) as resp:
                 healthy = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+                if not healthy:
+                    # A health listener's 503 says the worker's main loop stopped beating (hung).
+                    text = (await resp.text())[:200]
+                    watched.last_failure = f"HTTP {resp.status} {text}".strip()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             healthy = False
+            watched.last_failure = f"{type(exc).__name__}: {exc}".rstrip(": ")
         watched.health_failures = 0 if healthy else watched.health_failures + 1
         if watched.health_failures >= self._max_health_failures:
+            reason = (f"{key.kind} worker (pid {worker.pid}) failed {watched.health_failures} health checks "
+                      f"in a row at {target} (last: {watched.last_failure}) and was stopped")
+            log.warning("worker_health_kill", key=str(key), pid=worker.pid, reason=reason)
             await asyncio.to_thread(worker.stop, 5.0)
-            await self._report(key, watched, f"{key.kind} worker (pid {worker.pid}) failed "
-                               f"{watched.health_failures} health checks in a row and was stopped")
+            await self._report(key, watched, reason)
 
     async def _report(self, key: WorkerKey, watched: _Watched, reason: str) -> None:
         # Only report workers still registered: a concurrent stop() means the exit was wanted.
@@ -168,6 +182,11 @@ class Supervisor:
                 watched.worker.popen.wait(timeout=1)
         log.warning("worker_lost", key=str(key), reason=reason)
         await self._on_exit(key, reason)
+
+
+def _health_target(module: str, url: str, health_url: str | None) -> str:
+    """The worker's health listener when it published one, else the health route on its main port."""
+    return f"{health_url}/health" if health_url else url + _HEALTH_PATH[module]
 
 
 def _log_tail(path: Path, n: int = 800) -> str:

@@ -30,6 +30,7 @@ from firetitan.server.deployment.completions import (
 from firetitan.server.deployment.engine import EngineRequest, StepOutput
 from firetitan.server.deployment.hotload import HotLoadState, ReplicaHotLoader, SnapshotLoader
 from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadRequest
+from firetitan.server.health import HEALTH_DETAIL
 
 log = get_logger("firetitan.deployment")
 
@@ -328,13 +329,20 @@ def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> w
     app.on_startup.append(service.start)
     app.on_cleanup.append(service.close)
 
+    def health_detail() -> dict[str, Any]:
+        # Plain attributes only: the health listener calls this from its own thread.
+        return {"status": "ok", "deployment_id": settings.deployment_id,
+                "policy_version": service.engine.policy_version,
+                "current_snapshot_identity": service.hot.current_identity, **service.serving.marks}
+
+    app[HEALTH_DETAIL] = health_detail
+
     async def health(_request: web.Request) -> web.Response:
         problem = await service.serving.probe() if service.serving.probe is not None else None
-        return web.json_response({"status": "ok" if problem is None else "unavailable",
-                                  "deployment_id": settings.deployment_id,
-                                  "policy_version": service.engine.policy_version,
-                                  "current_snapshot_identity": service.hot.current_identity,
-                                  **service.serving.marks, **(problem or {})}, status=200 if problem is None else 503)
+        body = {**health_detail(), **(problem or {})}
+        if problem is not None:
+            body["status"] = "unavailable"
+        return web.json_response(body, status=200 if problem is None else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
         text = prom.render(service.engine, settings.deployment_id, service.hot.current_identity)

@@ -22,6 +22,7 @@ from aiohttp import web
 from firetitan.errors import FiretitanError, InvalidRequestError
 from firetitan.logging import get_logger
 from firetitan.server.common import json_response, make_app
+from firetitan.server.health import HEALTH_DETAIL
 from firetitan.server.trainer import schemas as s
 from firetitan.server.trainer.queue import FutureRecord
 from firetitan.server.trainer.service import ModelSession, TrainerService, TrainerSettings, state_name
@@ -132,6 +133,8 @@ def build_app(settings: TrainerSettings) -> web.Application:
     service = TrainerService(settings)
     sessions = ClientSessions(f"sess-{settings.job_id or 'trainer'}")
     app = make_app(settings.api_key)
+    # Read on the health listener's thread (counters and plain attributes, never torch).
+    app[HEALTH_DETAIL] = lambda: service.health(detailed=True)
     app["service"] = service
     routes = web.RouteTableDef()
 

@@ -39,9 +39,12 @@ def test_restarted_control_plane_adopts_live_workers_and_orphans_stop(start_cp: 
     again = start_cp(home, "--worker-grace", "5")
     dep = again.ok("GET", DEP)  # ... and the new control plane adopts it before answering
     assert dep["state"] == "READY" and [r["pid"] for r in dep["replicas"]] == [pid]
+    # Adoption asked each worker's health listener (its own port, recorded at start), not its API port.
+    assert dep["replicas"][0]["healthUrl"] not in (None, dep["replicas"][0]["url"])
     assert again.ok("GET", HOT)["replicas"][0]["current_snapshot_identity"] == snap["base"]
     job = again.ok("GET", JOB)
     assert (job["state"], job["pid"]) == ("JOB_STATE_RUNNING", trainer_pid)
+    assert job["healthUrl"] not in (None, job["trainerUrl"])
     info = again.ok("POST", "/training/v1/rlorTrainerJobs/local/kept-trainer/api/v1/get_info",
                     {"model_id": "kept-trainer"})
     assert "nano" in str(info)  # the adopted trainer answers through the gateway
