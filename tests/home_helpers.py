@@ -1,0 +1,71 @@
+"""A private FIRETITAN_HOME for end-to-end and chaos tests: its environment, its processes, a blocking caller."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from process_scan import live_pids
+
+from firetitan.server.control_plane.home import HomeLayout, read_api_key, read_discovery
+from firetitan.server.process import pid_alive, stop_pid
+
+
+class Home:
+    """A state directory, the environment that points every client and daemon at it, and its processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.layout = HomeLayout(root)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FIRETITAN_HOME": str(self.root), "HF_HUB_OFFLINE": "1",
+                "FIRETITAN_TRAINER_THREADS": "1", "FIRETITAN_REPLICA_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+    def daemon_pid(self) -> int | None:
+        info = read_discovery(self.layout)
+        return int(info["pid"]) if info and pid_alive(int(info["pid"])) else None
+
+    def control_plane_pids(self) -> list[int]:
+        return live_pids(lambda cmd: "firetitan.server.control_plane" in cmd and str(self.root) in cmd)
+
+    def worker_pids(self) -> list[int]:
+        """Trainer / deployment processes whose store is this home's, whoever their parent is."""
+        return live_pids(lambda cmd: ("firetitan.server.trainer" in cmd or "firetitan.server.deployment" in cmd)
+                         and f"{self.root}/store" in cmd)
+
+    def http(self) -> Callable[..., tuple[int, Any]]:
+        """A blocking `(method, path, body=None) -> (status, json)` caller against the running daemon."""
+        info = read_discovery(self.layout)
+        assert info is not None, "no control plane is running"
+        key = read_api_key(self.layout)
+        return lambda method, path, body=None: call(info["url"], method, path, body, key=key)
+
+    def stop_everything(self) -> None:
+        """Every process of this home, control planes first (they stop their workers); workers only
+        remain if a daemon was SIGKILLed and their watchdogs lag."""
+        for pid in self.control_plane_pids():
+            stop_pid(pid, timeout=20)
+        for pid in self.worker_pids():
+            stop_pid(pid, timeout=10)
+
+
+def call(url: str, method: str, path: str, body: Any = None, *, key: str | None = None,
+         timeout: float = 60.0) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + path, method=method, headers=headers,
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        return err.code, json.loads(raw) if raw else None
