@@ -6,7 +6,8 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,15 @@ def call(url: str, method: str, path: str, body: Any = None, *, key: str | None 
     except urllib.error.HTTPError as err:
         raw = err.read()
         return err.code, json.loads(raw) if raw else None
+
+
+@contextmanager
+def private_home(home: Home, monkeypatch: Any) -> Iterator[Home]:
+    """Point this process's FIRETITAN_* / HF_* / TOKENIZERS_* at `home`, and stop its processes after."""
+    for key, value in home.env.items():
+        if key.startswith(("FIRETITAN_", "HF_", "TOKENIZERS_")):
+            monkeypatch.setenv(key, value)
+    try:
+        yield home
+    finally:
+        home.stop_everything()

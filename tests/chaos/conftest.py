@@ -7,17 +7,13 @@ from pathlib import Path
 
 import pytest
 from chaos_home import ChaosHome
+from home_helpers import private_home
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ChaosHome]:
     h = ChaosHome(tmp_path / "ft-home")
-    for key, value in h.env.items():
-        if key.startswith(("FIRETITAN_", "HF_", "TOKENIZERS_")):
-            monkeypatch.setenv(key, value)
-    try:
+    with private_home(h, monkeypatch):
         yield h
-    finally:
-        h.stop_everything()
     # The suite's own contract: whatever a test did, it leaves no process of its home behind.
     assert h.control_plane_pids() == [] and h.worker_pids() == []

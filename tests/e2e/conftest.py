@@ -6,17 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from home_helpers import Home
+from home_helpers import Home, private_home
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Home]:
-    h = Home(tmp_path / "ft-home")
-    for key, value in h.env.items():
-        if key.startswith(("FIRETITAN_", "HF_", "TOKENIZERS_")):
-            monkeypatch.setenv(key, value)
-    try:
+    with private_home(Home(tmp_path / "ft-home"), monkeypatch) as h:
         yield h
-    finally:
-        h.stop_everything()
 
