@@ -19,6 +19,7 @@ from firetitan.server.control_plane.proxy import forward
 from firetitan.server.control_plane.resources import (
     JOB_CREATING,
     JOB_RUNNING,
+    TRAINER,
     CreateDeploymentRequest,
     CreateTrainerJobRequest,
     Deployment,
@@ -26,6 +27,7 @@ from firetitan.server.control_plane.resources import (
     UpdateDeploymentRequest,
 )
 from firetitan.server.control_plane.shapes import SHAPE_VERSION, SHAPES, resolve_shape
+from firetitan.server.control_plane.supervisor import WorkerKey
 from firetitan.server.deployment.schemas import HOT_LOAD_PATH, HotLoadRequest
 from firetitan.server.tinker_gateway import add_tinker_routes
 
@@ -166,7 +168,15 @@ async def trainer_gateway(request: web.Request) -> web.StreamResponse:
     tail = request.match_info["tail"]
     body = await _resolve_create_model(request, cp) if tail.endswith("create_model") else None
     with cp.jobs.activity(account, job_id):
-        return await forward(request, f"{job.trainer_url}/{tail}", request.app[PROXY_KEY], body=body)
+        resp = await forward(request, f"{job.trainer_url}/{tail}", request.app[PROXY_KEY], body=body)
+    key = WorkerKey(TRAINER, account, job_id)
+    if resp.status == 503 and (reason := await cp.supervisor.confirm_exit(key)):
+        # The worker died under this call: say so now (409 -> WorkerCrashedError in the SDK) rather than
+        # let the client retry a 503 until the next health check notices. The job is marked failed
+        # before the answer leaves, so a `resume` sent on this error always relaunches it.
+        await cp.jobs.worker_lost(key, reason)
+        raise ConflictError(f"trainer job {job.name!r} is not running: {reason}", field="rlorTrainerJobId")
+    return resp
 
 
 async def _resolve_create_model(request: web.Request, cp: ControlPlane) -> bytes | None:
@@ -287,7 +297,11 @@ async def _route(request: web.Request, account: str, deployment_id: str, body: b
     tail = request.path.split(f"/deployments/{deployment_id}", 1)[-1] if "/deployments/" in request.path \
         else request.path
     with cp.router.track(name, index):
-        return await forward(request, f"{ready[index]}{tail}", request.app[PROXY_KEY], body=body)
+        resp = await forward(request, f"{ready[index]}{tail}", request.app[PROXY_KEY], body=body)
+    if resp.status == 503:
+        # A dead replica leaves the ready set now, so the client's retry goes to a live one.
+        await cp.supervisor.confirm_exit(WorkerKey("replica", account, deployment_id, index))
+    return resp
 
 
 # shapes and checkpoints ----------------------------------------------------------------------

@@ -146,12 +146,32 @@ class Supervisor:
                 await asyncio.sleep(self._health_interval)
                 await asyncio.gather(*(self._check(session, k, w) for k, w in list(self._workers.items())))
 
+    async def confirm_exit(self, key: WorkerKey) -> str | None:
+        """Check now, not at the next health tick, whether `key`'s worker process has exited; if it has,
+        report it and return why. A proxy that cannot reach a worker asks this, so a caller learns of a
+        crash in one answer instead of retrying until the check loop catches up."""
+        watched = self._workers.get(key)
+        if watched is None or (watched.worker.alive() and pid_alive(watched.worker.pid)):
+            return None
+        popen = watched.worker.popen
+        if popen is not None:
+            # A killed multithreaded process is a zombie leader while its other threads still exit, and
+            # cannot be reaped until they have: wait (bounded) for that, to read its exit code.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(popen.wait, 5.0)
+        reason = self._exit_reason(key, watched)
+        await self._report(key, watched, reason)
+        return reason
+
+    def _exit_reason(self, key: WorkerKey, watched: _Watched) -> str:
+        worker = watched.worker
+        code = worker.popen.returncode if worker.popen is not None else None
+        return f"{key.kind} worker (pid {worker.pid}) exited with code {code}" + _log_tail(self.log_path(key))
+
     async def _check(self, session: aiohttp.ClientSession, key: WorkerKey, watched: _Watched) -> None:
         worker = watched.worker
         if not worker.alive():
-            code = worker.popen.returncode if worker.popen is not None else None
-            await self._report(key, watched, f"{key.kind} worker (pid {worker.pid}) exited with code {code}"
-                               + _log_tail(self.log_path(key)))
+            await self._report(key, watched, self._exit_reason(key, watched))
             return
         target = _health_target(watched.module, worker.url, worker.health_url)
         try:
