@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--deployment-id", default="research-serving")
     parser.add_argument("--target-score", type=float, default=0.9, help="stop once an eval reaches this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deployment-engine", choices=["embedded", "vllm"], default=None,
+                        help="serve the deployment with vLLM instead of the embedded engine (`make vllm-env`)")
     return parser.parse_args()
 
 
@@ -98,6 +100,7 @@ def main() -> None:
         deployment_id=args.deployment_id,
         learning_rate=args.learning_rate,
         replica_count=1,
+        deployment_engine=args.deployment_engine,
         cleanup_trainer_on_close=True,
         cleanup_deployment_on_close="scale_to_zero",
     )

@@ -51,6 +51,9 @@ class FiretitanProvisioningConfig(BaseModel):
     cleanup_reference_trainer_on_close: bool = True
     reference_required: bool = False
     deployment_shape: str | None = None
+    deployment_engine: Literal["embedded", "vllm"] | None = Field(
+        default=None, description="which engine serves a deployment this client creates; None: the training "
+        "shape's (embedded unless the shape names vLLM). vLLM needs `make vllm-env` (docs/scaling-out.md)")
     trainer_job_id: str | None = None
     deployment_id: str | None = None
     create_deployment: bool = True

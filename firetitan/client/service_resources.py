@@ -175,6 +175,9 @@ class ServiceResources:
             if dep["baseModel"] != cfg.base_model:
                 raise ConflictError(f"deployment {dep['name']} serves {dep['baseModel']!r}, not base_model "
                                     f"{cfg.base_model!r}", field="deployment_id")
+            if cfg.deployment_engine and dep.get("engine", "embedded") != cfg.deployment_engine:
+                raise ConflictError(f"deployment {dep['name']} runs engine {dep.get('engine')!r}, not "
+                                    f"deployment_engine {cfg.deployment_engine!r}", field="deployment_engine")
             if dep["state"] == "FAILED" or dep.get("maxReplicaCount", 0) < want:
                 # Re-attached (never deleted by us), but it must have replicas to serve; close()
                 # puts the count back so a deployment woken from zero does not stay up.
@@ -187,7 +190,7 @@ class ServiceResources:
             self.deployment = {"name": f"accounts/{cfg.account}/deployments/{dep_id}"}
             body = {"baseModel": cfg.base_model, "minReplicaCount": want, "maxReplicaCount": want,
                     "deploymentShape": (profile or {}).get("deploymentShape") or None,
-                    "displayName": cfg.display_name,
+                    "displayName": cfg.display_name, "engine": cfg.deployment_engine,
                     "hotLoadTrainerJob": f"accounts/{cfg.account}/rlorTrainerJobs/{cfg.trainer_job_id}"
                     if cfg.trainer_job_id else None}
             await http.request_json("POST", self.acct("/deployments"), json=body,

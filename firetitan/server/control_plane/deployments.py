@@ -106,9 +106,10 @@ class Deployments:
         else:
             deployment_id = f"deployment-{secrets.token_hex(4)}"
         base_model = local_base_model(req.base_model, self.cp.layout.root, "baseModel")
-        engines.check_engine(req.engine)
-        req = req.model_copy(update={"base_model": base_model})
         shape = deployment_shape(req.deployment_shape)
+        engine = req.engine or (shape.deployment.engine if shape else "embedded")
+        engines.check_engine(engine)
+        req = req.model_copy(update={"base_model": base_model, "engine": engine})
         if shape is not None and shape.base_model != req.base_model:
             raise InvalidRequestError(f"deploymentShape {req.deployment_shape!r} serves {shape.base_model!r}, "
                                       f"not baseModel {req.base_model!r}", field="deploymentShape")
@@ -124,7 +125,7 @@ class Deployments:
             dep = Deployment(
                 name=self.name(account, deployment_id), display_name=req.display_name,
                 description=req.description, base_model=req.base_model,
-                deployment_shape=shape.deployment.name if shape else None, engine=req.engine,
+                deployment_shape=shape.deployment.name if shape else None, engine=engine,
                 min_replica_count=replicas, max_replica_count=replicas, last_replica_count=replicas,
                 hot_load_trainer_job=req.hot_load_trainer_job, threads_per_replica=per_replica,
                 state=DEP_CREATING if replicas else DEP_READY)

@@ -137,7 +137,7 @@ class CreateDeploymentRequest(Wire):
     min_replica_count: int = Field(default=1, ge=0, le=16)
     max_replica_count: int = Field(default=1, ge=0, le=16)
     hot_load_trainer_job: str | None = None
-    engine: DeploymentEngine = "embedded"
+    engine: DeploymentEngine | None = None  # None: the deployment shape's engine, else "embedded"
 
 
 class UpdateDeploymentRequest(Wire):

@@ -18,6 +18,7 @@ class DeploymentShape:
     name: str
     max_running_seqs: int
     max_cached_tokens: int
+    engine: str = "embedded"  # which worker serves deployments of this shape (control_plane/engines.py)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainingShape:
             "deploymentShapeVersion": f"{self.deployment.name}/versions/{SHAPE_VERSION}",
             "maxRunningSeqs": self.deployment.max_running_seqs,
             "maxCachedTokens": self.deployment.max_cached_tokens,
+            "engine": self.deployment.engine,
             "latestValidated": True,
             # The official SDK reads the version's settings from `snapshot` (fireworks_client.py).
             "snapshot": {
@@ -68,9 +70,9 @@ class TrainingShape:
         }
 
 
-def _shape(shape_id: str, base_model: str, ctx: int, seqs: int) -> TrainingShape:
+def _shape(shape_id: str, base_model: str, ctx: int, seqs: int, engine: str = "embedded") -> TrainingShape:
     dep = DeploymentShape(f"accounts/local/deploymentShapes/{shape_id}", max_running_seqs=seqs,
-                          max_cached_tokens=seqs * ctx)
+                          max_cached_tokens=seqs * ctx, engine=engine)
     return TrainingShape(shape_id, base_model, ctx, "POLICY_TRAINER", dep)
 
 
@@ -79,6 +81,9 @@ SHAPES: dict[str, TrainingShape] = {
     for s in (
         _shape("tiny-qwen3-cpu", "firetitan/tiny-qwen3", 1024, 32),
         _shape("nano-qwen3-cpu", "firetitan/nano-qwen3", 512, 32),
+        # The same trainer; its deployments are served by vLLM (needs `make vllm-env`, docs/scaling-out.md).
+        _shape("tiny-qwen3-vllm", "firetitan/tiny-qwen3", 1024, 32, engine="vllm"),
+        _shape("nano-qwen3-vllm", "firetitan/nano-qwen3", 512, 32, engine="vllm"),
     )
 }
 

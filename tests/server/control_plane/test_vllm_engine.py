@@ -41,8 +41,10 @@ def test_vllm_deployment_serves_hot_loads_and_cleans_up(control_plane: Any, home
     from firetitan.models import load_model, load_tokenizer
 
     cp = control_plane
+    # The engine comes from the deployment shape (the request names none); `engine` in a request wins.
     dep = cp.ok("POST", f"{ACCT}/deployments?deploymentId=vdep",
-                {"baseModel": "firetitan/nano-qwen3", "engine": "vllm", "minReplicaCount": 1, "maxReplicaCount": 1})
+                {"baseModel": "firetitan/nano-qwen3", "deploymentShape": "accounts/local/deploymentShapes/nano-qwen3-vllm",
+                 "minReplicaCount": 1, "maxReplicaCount": 1})
     assert dep["engine"] == "vllm" and dep["state"] == "CREATING"
     dep = cp.wait_for(DEP, lambda d: d["state"] in ("READY", "FAILED"), timeout=900)
     assert dep["state"] == "READY", dep
