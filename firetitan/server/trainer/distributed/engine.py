@@ -32,7 +32,7 @@ from firetitan.losses import compute_loss
 from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
 from firetitan.server.trainer.distributed.group import RankGroup
 from firetitan.server.trainer.distributed.split import merge_metrics, split_batch
-from firetitan.server.trainer.engine import ModelSpec, TrainerEngine, _fb_body, local_shard
+from firetitan.server.trainer.engine import ModelSpec, TrainerEngine, _fb_body, grad_square_sum, local_shard
 from firetitan.types import AdamParams
 
 log = get_logger("firetitan.server.trainer.distributed")
@@ -171,9 +171,7 @@ class DistributedEngine(TrainerEngine):
     def _op_optim_step(self, params: AdamParams) -> dict[str, Any]:
         assert self.optimizer is not None
         grads = [p.grad for p in self.params if p.grad is not None]
-        square = torch.zeros(1, dtype=torch.float64, device=self.group.device)
-        for g in grads:
-            square += local_shard(g).double().pow(2).sum()
+        square = torch.tensor([grad_square_sum(grads)], dtype=torch.float64, device=self.group.device)
         dist.all_reduce(square)
         grad_norm = math.sqrt(float(square.item())) if grads else 0.0
         if not math.isfinite(grad_norm):
