@@ -26,7 +26,7 @@ from firetitan.checkpoints.train_state import (
     read_train_state_info,
     save_train_state,
 )
-from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError
+from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError, WorkerCrashedError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
 from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
@@ -68,8 +68,17 @@ class DistributedEngine(TrainerEngine):
     # -- driving (rank 0) and serving (other ranks)
     def _drive(self, op: str, **kwargs: Any) -> Any:
         with self._lock:
-            self.group.send((op, kwargs))
-            return getattr(self, f"_op_{op}")(**kwargs)
+            try:
+                self.group.send((op, kwargs))
+                return getattr(self, f"_op_{op}")(**kwargs)
+            except FiretitanError:
+                raise
+            except Exception as exc:
+                # A collective that fails because a peer died says "connection closed": name the rank.
+                dead = self.group.dead_rank(wait_s=2.0)
+                if dead is None:
+                    raise
+                raise WorkerCrashedError(dead, field="world_size") from exc
 
     def serve(self) -> None:
         """Ranks 1..N-1: run rank 0's operations until it says stop (or dies: the watchdog exits us)."""

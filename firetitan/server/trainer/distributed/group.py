@@ -72,26 +72,38 @@ class RankGroup:
         """Rank 0: a daemon thread that fails the job as soon as any child rank exits."""
         threading.Thread(target=self._watch, args=(on_failure,), name="rank-watcher", daemon=True).start()
 
-    def _watch(self, on_failure: Callable[[WorkerCrashedError], None]) -> None:
-        while not self._stopping:
+    def dead_rank(self, wait_s: float = 0.0) -> str | None:
+        """Rank 0: a message naming the first child rank that has exited (waiting up to `wait_s` for
+        one to be seen dead), or None while all run."""
+        deadline = time.monotonic() + wait_s
+        while True:
             for rank, child in enumerate(self.children, start=1):
                 code = child.poll()
-                if code is not None and not self._stopping:
-                    self._fail(rank, child.pid, code, on_failure)
-                    return
+                if code is not None:
+                    return (f"trainer rank {rank} of {self.world_size} (pid {child.pid}) exited with code "
+                            f"{code}; the data-parallel job cannot continue and rank 0 exits")
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(WATCH_INTERVAL_S)
 
-    def _fail(self, rank: int, pid: int, code: int, on_failure: Callable[[WorkerCrashedError], None]) -> None:
-        message = (f"trainer rank {rank} of {self.world_size} (pid {pid}) exited with code {code}; "
-                   "the data-parallel job cannot continue and rank 0 exits")
-        # Plain stderr as well as the structured log: the control plane keeps this line in the job's
-        # FAILED status (its log tail), naming the rank that died.
+    def _watch(self, on_failure: Callable[[WorkerCrashedError], None]) -> None:
+        while not self._stopping:
+            message = self.dead_rank()
+            if message is not None and not self._stopping:
+                self._fail(message, on_failure)
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _fail(self, message: str, on_failure: Callable[[WorkerCrashedError], None]) -> None:
+        # Plain stderr as well as the structured log: the control plane keeps the end of the log in the
+        # job's FAILED status, so the line is printed again last, after the failed call's traceback.
         print(f"firetitan trainer: {message}", file=sys.stderr, flush=True)
-        log.error("rank_died", rank=rank, pid=pid, code=code)
+        log.error("rank_died", message=message)
         with contextlib.suppress(Exception):
             on_failure(WorkerCrashedError(message, field="world_size"))
         self.kill_children()
         time.sleep(FAIL_GRACE_S)
+        print(f"firetitan trainer: {message}", file=sys.stderr, flush=True)
         os._exit(1)
 
     def kill_children(self) -> None:
