@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,3 +144,35 @@ def test_a_state_saved_with_one_world_size_resumes_exactly_with_the_other(pair: 
     finally:
         src.close()
         dst.close()
+
+
+def test_a_killed_two_rank_worker_leaves_no_rank_and_restarts_from_its_sharded_autosave(tmp_path: Path) -> None:
+    args = ("--base-model", NANO, "--job-id", "dp", "--autosave-every", "2", "--world-size", "2")
+    first = start_trainer(tmp_path / "first", *args, state_dir=tmp_path / "state")
+    try:
+        tc = _client(first)
+        for step in range(3):  # autosaved (all ranks' shards) at step 2; step 3 is lost below
+            tc.forward_backward(batch(500 + step, [5, 6]), "cross_entropy").result(120)
+            tc.optim_step(PARAMS).result(120)
+            if step == 1:
+                at_two = _weights(tc, first, "at-two")
+        ranks = [psutil.Process(pid) for pid in _rank_pids(first)]
+        assert len(ranks) == 1
+        tc.close()
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.popen.wait(30)
+        deadline = time.monotonic() + 10  # the rank's parent watchdog polls every 0.5 s
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks):
+            assert time.monotonic() < deadline, "rank 1 outlived a killed rank 0"
+            time.sleep(0.1)
+    finally:
+        first.process.stop()
+    second = start_trainer(tmp_path / "second", *args, state_dir=tmp_path / "state")
+    try:
+        tc = _client(second)
+        info = tc.get_info().result(60)
+        assert (info.step, info.restored_from_step, info.steps_lost) == (2, 2, 1)
+        assert max_diff(at_two, _weights(tc, second, "restored")) <= TOL
+        tc.close()
+    finally:
+        second.process.stop()
