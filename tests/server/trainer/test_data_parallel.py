@@ -176,3 +176,28 @@ def test_a_killed_two_rank_worker_leaves_no_rank_and_restarts_from_its_sharded_a
         tc.close()
     finally:
         second.process.stop()
+
+
+def test_killing_rank_1_fails_the_pending_future_with_a_typed_error_naming_it(tmp_path: Path) -> None:
+    from firetitan.errors import WorkerCrashedError
+
+    trainer = start_trainer(tmp_path, "--base-model", NANO, "--job-id", "dp", "--world-size", "2")
+    try:
+        tc = _client(trainer)
+        rank0 = psutil.Process(trainer.process.pid)
+        ranks = rank0.children(recursive=True)
+        future = tc.forward_backward(batch(600, [400] * 48), "cross_entropy")
+        time.sleep(1.0)
+        assert not future.done(), "the forward_backward finished before the kill: make it bigger"
+        os.kill(ranks[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(WorkerCrashedError) as err:
+            future.result(60)
+        print(f"\nrank kill (direct HTTP): typed error {time.monotonic() - killed:.2f}s after kill -9: {err.value}")
+        assert f"trainer rank 1 of 2 (pid {ranks[0].pid}) exited with code -9" in str(err.value)
+        assert trainer.process.popen is not None and trainer.process.popen.wait(30) == 1
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+        tc.close()
+    finally:
+        trainer.process.stop()
+    assert "trainer rank 1 of 2" in (tmp_path / "trainer.log").read_text().strip().splitlines()[-1]

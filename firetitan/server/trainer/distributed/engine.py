@@ -26,11 +26,11 @@ from firetitan.checkpoints.train_state import (
     read_train_state_info,
     save_train_state,
 )
-from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError, WorkerCrashedError
+from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
 from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
-from firetitan.server.trainer.distributed.group import RankGroup
+from firetitan.server.trainer.distributed.group import RankGroup, rank_died
 from firetitan.server.trainer.distributed.split import merge_metrics, split_batch
 from firetitan.server.trainer.engine import ModelSpec, TrainerEngine, _fb_body, grad_square_sum, local_shard
 from firetitan.types import AdamParams
@@ -78,7 +78,7 @@ class DistributedEngine(TrainerEngine):
                 dead = self.group.dead_rank(wait_s=2.0)
                 if dead is None:
                     raise
-                raise WorkerCrashedError(dead, field="world_size") from exc
+                raise rank_died(dead) from exc
 
     def serve(self) -> None:
         """Ranks 1..N-1: run rank 0's operations until it says stop (or dies: the watchdog exits us)."""

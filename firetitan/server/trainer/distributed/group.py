@@ -33,6 +33,13 @@ COMMAND_TIMEOUT_S = 10 * 365 * 24 * 3600.0
 WATCH_INTERVAL_S = 0.1
 # After failing its pending futures, rank 0 waits this long (long-polls answer) before exiting.
 FAIL_GRACE_S = 0.5
+# A future failed by a dead rank answers 409 (not WorkerCrashedError's usual 503, which clients
+# retry into a worker that is about to exit): final, like the control plane's "job not running".
+RANK_DIED_STATUS = 409
+
+
+def rank_died(message: str) -> WorkerCrashedError:
+    return WorkerCrashedError(message, field="world_size", status_code=RANK_DIED_STATUS)
 
 
 def check_world_size(value: int, field: str = "world_size") -> int:
@@ -100,7 +107,7 @@ class RankGroup:
         print(f"firetitan trainer: {message}", file=sys.stderr, flush=True)
         log.error("rank_died", message=message)
         with contextlib.suppress(Exception):
-            on_failure(WorkerCrashedError(message, field="world_size"))
+            on_failure(rank_died(message))
         self.kill_children()
         time.sleep(FAIL_GRACE_S)
         print(f"firetitan trainer: {message}", file=sys.stderr, flush=True)
