@@ -11,7 +11,6 @@ import pytest
 from chaos_home import ACCT, NANO, ChaosHome, wait_until
 
 from firetitan import types
-from firetitan.client.provision import ensure_control_plane
 from firetitan.client.service import FiretitanServiceClient
 from firetitan.errors import WorkerCrashedError
 
@@ -30,21 +29,16 @@ def _datum(length: int, offset: int = 0) -> types.Datum:
 
 @pytest.mark.slow
 def test_killing_rank_1_fails_the_pending_future_typed_and_leaves_no_process(home: ChaosHome) -> None:
-    ensure_control_plane()  # the SDK's own start of the home's daemon ($FIRETITAN_HOME)
-    status, body = home.http()("POST", f"{ACCT}/rlorTrainerJobs?rlorTrainerJobId={JOB_ID}",
-                               {"trainingConfig": {"baseModel": NANO, "worldSize": 2}})
-    assert status == 200, body
-    job = home.wait_for(JOB, lambda j: j["state"] != "JOB_STATE_CREATING", timeout=180)
-    assert job["state"] == "JOB_STATE_RUNNING", job
-    assert job["trainingConfig"]["worldSize"] == 2
-    rank0 = psutil.Process(job["pid"])
-    ranks = rank0.children(recursive=True)
-    assert len(ranks) == 1 and "firetitan.server.trainer.distributed.rank" in " ".join(ranks[0].cmdline())
     service = FiretitanServiceClient.from_firetitan_config(
-        base_model=NANO, trainer_job_id=JOB_ID, learning_rate=1e-2, create_deployment=False,
+        base_model=NANO, trainer_job_id=JOB_ID, world_size=2, learning_rate=1e-2, create_deployment=False,
         cleanup_trainer_on_close=False)
     try:
         client = service.create_training_client()
+        job = home.http()("GET", JOB)[1]
+        assert job["state"] == "JOB_STATE_RUNNING" and job["trainingConfig"]["worldSize"] == 2, job
+        rank0 = psutil.Process(job["pid"])
+        ranks = rank0.children(recursive=True)
+        assert len(ranks) == 1 and "firetitan.server.trainer.distributed.rank" in " ".join(ranks[0].cmdline())
         client.forward_backward([_datum(16), _datum(12)], "cross_entropy").result()
         client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         assert client.get_info().result().step == 1
