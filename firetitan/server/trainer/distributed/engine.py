@@ -81,21 +81,13 @@ class DistributedEngine(TrainerEngine):
                 raise rank_died(dead) from exc
 
     def serve(self) -> None:
-        """Ranks 1..N-1: run rank 0's operations until it says stop (or dies: the watchdog exits us)."""
+        """Ranks 1..N-1: run rank 0's operations until it is gone (the parent watchdog exits us)."""
         while True:
             op, kwargs = self.group.receive()
-            if op == "stop":
-                return
             try:
                 getattr(self, f"_op_{op}")(**kwargs)
             except FiretitanError as exc:  # decided by all ranks together: rank 0 reports it
                 log.debug("op_refused", op=op, rank=self.group.rank, error=str(exc))
-
-    def stop_ranks(self) -> None:
-        if self.group.rank == 0:
-            self.group._stopping = True
-            with self._lock:
-                self.group.send(("stop", {}))
 
     def _any(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank (every rank must call this at the same point)."""
@@ -294,13 +286,13 @@ def engine_factory(world_size: int, device: torch.device, rank_args: list[str]) 
             loop = anyio.from_thread.run_sync(asyncio.get_running_loop)
         except RuntimeError:
             loop = None
-        group = start_group(world_size, device, [*rank_args, "--model-id", model_id, "--spec", _spec_json(spec)])
 
         def on_failure(error: FiretitanError) -> None:
             if loop is not None:
                 loop.call_soon_threadsafe(futures.fail_pending, error.status_code, error.to_body())
 
-        group.watch(on_failure)
+        group = start_group(world_size, device, [*rank_args, "--model-id", model_id, "--spec", _spec_json(spec)],
+                            on_failure)
         try:
             return DistributedEngine(model_id, spec, store=store, states=states, group=group)
         except BaseException:

@@ -131,8 +131,10 @@ def _init(rank: int, world_size: int, store: Any, device: torch.device) -> Any:
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=COMMAND_TIMEOUT_S))
 
 
-def start_group(world_size: int, device: torch.device, rank_args: list[str]) -> RankGroup:
-    """Rank 0: open the rendezvous store on a free loopback port, start ranks 1..N-1, join them.
+def start_group(world_size: int, device: torch.device, rank_args: list[str],
+                on_failure: Callable[[WorkerCrashedError], None]) -> RankGroup:
+    """Rank 0: open the rendezvous store on a free loopback port, start ranks 1..N-1, watch them
+    (`on_failure`, then exit, as soon as one dies, also while joining), join them.
 
     Children are plain subprocesses of `python -m firetitan.server.trainer.distributed.rank` (not
     torch.multiprocessing): they must not inherit this process's aiohttp loop and threads (fork), and
@@ -148,6 +150,7 @@ def start_group(world_size: int, device: torch.device, rank_args: list[str]) -> 
                "--port", str(store.port), *rank_args]
         children.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env))
     group = RankGroup(rank=0, world_size=world_size, device=device, commands=None, children=children)
+    group.watch(on_failure)  # a rank that fails to start must not leave us waiting in the rendezvous
     try:
         group.commands = _init(0, world_size, store, device)
     except BaseException:

@@ -48,12 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     engine = DistributedEngine(args.model_id, spec, store=None, states=None, group=group)
     log.info("rank_ready", rank=args.rank, world_size=args.world_size, pid=os.getpid())
     try:
-        engine.serve()
+        engine.serve()  # returns never: rank 0's exit ends this process through the watchdog
     except Exception:
         log.exception("rank_failed", rank=args.rank)
         sys.stdout.flush()
         os._exit(1)
-    log.info("rank_stopped", rank=args.rank)
 
 
 if __name__ == "__main__":
