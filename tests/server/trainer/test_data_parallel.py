@@ -201,3 +201,34 @@ def test_killing_rank_1_fails_the_pending_future_with_a_typed_error_naming_it(tm
     finally:
         trainer.process.stop()
     assert "trainer rank 1 of 2" in (tmp_path / "trainer.log").read_text().strip().splitlines()[-1]
+
+
+def test_a_non_finite_loss_on_one_rank_is_refused_by_all_and_the_job_goes_on(pair: Pair) -> None:
+    from firetitan.errors import NonFiniteError
+    from firetitan.types import ModelInput, TensorData
+
+    def rl_datum(tokens: list[int], logprob: float) -> Datum:
+        n = len(tokens) - 1
+        return Datum(model_input=ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+            "target_tokens": TensorData.from_list(tokens[1:], "int64"),
+            "logprobs": TensorData.from_list([logprob] * n, "float32"),
+            "advantages": TensorData.from_list([1.0] * n, "float32")})
+
+    good = rl_datum([5, 17, 42, 99, 7, 300], -2.0)
+    poisoned = rl_datum([8, 21, 33, 4, 5], -1e30)  # exp(lp - q) overflows: an infinite loss on rank 1 only
+    a, b = _client(pair.one), _client(pair.two)
+    try:
+        start = a.save_state("finite-start", overwrite=True).result(120).path
+        for tc in (a, b):
+            tc.load_state(start).result(120)
+            tc.forward_backward([good, good], "importance_sampling").result(120)
+            with pytest.raises(NonFiniteError) as err:
+                tc.forward_backward([good, poisoned], "importance_sampling").result(120)
+            assert err.value.field == "loss"
+        sa, sb = a.optim_step(PARAMS).result(120), b.optim_step(PARAMS).result(120)
+        assert sa.metrics["accumulated_backwards"] == sb.metrics["accumulated_backwards"] == 1.0
+        assert sb.metrics["grad_norm"] == pytest.approx(sa.metrics["grad_norm"], rel=TOL)
+        assert max_diff(_weights(a, pair.one, "finite-1"), _weights(b, pair.two, "finite-2")) <= TOL
+    finally:
+        a.close()
+        b.close()
