@@ -7,6 +7,8 @@ must agree (a refused step) are all-reduced before anyone raises.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import os
 import threading
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -30,7 +33,7 @@ from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
 from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
-from firetitan.server.trainer.distributed.group import RankGroup, rank_died
+from firetitan.server.trainer.distributed.group import RankGroup, rank_died, start_group
 from firetitan.server.trainer.distributed.split import merge_metrics, split_batch
 from firetitan.server.trainer.engine import ModelSpec, TrainerEngine, _fb_body, grad_square_sum, local_shard
 from firetitan.types import AdamParams
@@ -275,13 +278,7 @@ class DistributedEngine(TrainerEngine):
 def engine_factory(world_size: int, device: torch.device, rank_args: list[str]) -> Callable[..., TrainerEngine]:
     """`TrainerSettings.make_engine` for a job of `world_size` ranks: starts the group, shards the
     model, and fails the worker's pending futures (then exits) when a rank dies."""
-    from firetitan.server.trainer.distributed.group import start_group
-
     def make(model_id: str, spec: ModelSpec, *, store: Any, states: Any, futures: Any) -> TrainerEngine:
-        import asyncio
-
-        import anyio
-
         try:  # built in a worker thread of the service's event loop
             loop = anyio.from_thread.run_sync(asyncio.get_running_loop)
         except RuntimeError:
@@ -303,6 +300,4 @@ def engine_factory(world_size: int, device: torch.device, rank_args: list[str]) 
 
 
 def _spec_json(spec: ModelSpec) -> str:
-    import json
-
     return json.dumps({"base_model": spec.base_model, "forward_only": spec.forward_only, "seed": spec.seed})
