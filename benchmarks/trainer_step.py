@@ -14,6 +14,10 @@ a `delta`, and reports the delta's size against the full size.
     .venv/bin/python benchmarks/trainer_step.py [--model firetitan/tiny-qwen3] [--batch 8] [--seq-len 256]
         [--steps 12] [--threads 1]
 
+Then the data-parallel trainer (`--world-sizes 1,2`, "" to skip): one trainer job worker per world
+size (`--world-size N`: N rank processes of `--threads` each, the model sharded with FSDP2 over gloo),
+the same steps over HTTP in alternating blocks, and the median step time of each against world size 1.
+
 Writes benchmarks/results/trainer_step.json.
 """
 
@@ -70,6 +74,40 @@ def http_step(tc: TrainingClient, data: list[Datum], adam: AdamParams) -> float:
     return time.perf_counter() - start
 
 
+def world_size_steps(args: argparse.Namespace, data: list[Datum], adam: AdamParams,
+                     root: Path) -> dict[str, Any]:
+    """Median HTTP step time of a trainer job worker per world size, in alternating blocks."""
+    sizes = [int(x) for x in args.world_sizes.split(",") if x.strip()]
+    workers, clients = {}, {}
+    try:
+        for n in sizes:
+            workers[n] = spawn_worker(
+                "firetitan.server.trainer",
+                ["--store-dir", str(root / f"store-ws{n}"), "--state-dir", str(root / f"state-ws{n}"),
+                 "--base-model", args.model, "--job-id", f"ws{n}", "--world-size", str(n),
+                 "--autosave-every", "0"],
+                threads=args.threads, log_path=root / f"trainer-ws{n}.log", ready_timeout=300)
+            clients[n] = TrainingClient.create(workers[n].url, args.model)  # the preloaded job model
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        for n in sizes:
+            for _ in range(2):
+                http_step(clients[n], data, adam)
+        while min(len(t) for t in times.values()) < args.steps:
+            for n in sizes:
+                times[n] += [http_step(clients[n], data, adam) for _ in range(args.block)]
+    finally:
+        for n in clients:
+            clients[n].close()
+        for w in workers.values():
+            w.stop()
+    medians = {n: statistics.median(t[: args.steps]) for n, t in times.items()}
+    first = sizes[0]
+    return {"world_sizes": sizes, "threads_per_rank": args.threads,
+            "step_s_median": {str(n): m for n, m in medians.items()},
+            "step_s_all": {str(n): t[: args.steps] for n, t in times.items()},
+            f"ratio_to_ws{first}": {str(n): m / medians[first] for n, m in medians.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="firetitan/tiny-qwen3")
@@ -79,6 +117,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=3, help="steps per alternating block")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--small-calls", type=int, default=20, help="tiny forward calls timed per side")
+    parser.add_argument("--world-sizes", default="1,2", help='data-parallel world sizes to compare ("" = skip)')
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,6 +162,7 @@ def main() -> None:
             tc.unload_model().result(60)
             tc.close()
             worker.stop()
+        data_parallel = world_size_steps(args, data, adam, root) if args.world_sizes.strip() else None
 
     med_local, med_remote = statistics.median(local), statistics.median(remote)
     result: dict[str, Any] = {
@@ -152,6 +192,7 @@ def main() -> None:
             "delta_steps_after_base": 3,
             "learning_rate": adam.learning_rate,
         },
+        "data_parallel": data_parallel,
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                  "load_avg_1m": os.getloadavg()[0], "torch": torch.__version__},
     }
@@ -160,7 +201,9 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("http_overhead_ratio_median", "http_overhead_ms_median",
                                              "tiny_forward_ms")}
                      | {"in_process_median_s": med_local, "http_median_s": med_remote,
-                        "delta_to_full_ratio": result["snapshot"]["delta_to_full_ratio"]}, indent=2))
+                        "delta_to_full_ratio": result["snapshot"]["delta_to_full_ratio"],
+                        "data_parallel_step_s_median": data_parallel and data_parallel["step_s_median"]},
+                     indent=2))
 
 
 if __name__ == "__main__":

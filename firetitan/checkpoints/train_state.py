@@ -73,13 +73,17 @@ def save_train_state(
     extra: dict[str, Any] | None = None,
     *,
     name: str | None = None,
+    tmp: str | os.PathLike[str] | None = None,
+    coordinator: bool = True,
 ) -> TrainStateInfo:
     """Write model (trainable params) and optimizer state to the new directory `path`, atomically.
 
     `extra` must be JSON-serialisable (data cursor, lr schedule position, base model name...).
+    Under a process group every rank calls this with the same `tmp` (chosen by the coordinator) and
+    writes its shards there; only the `coordinator` checks `path`, writes the manifest and renames.
     """
     path = Path(path)
-    if path.exists():
+    if coordinator and path.exists():
         raise ConflictError(f"train state {str(name or path.name)!r} already exists", field="name")
     try:
         extra_json = json.loads(json.dumps(extra or {}))
@@ -101,7 +105,11 @@ def save_train_state(
         extra=extra_json,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = Path(tmp) if tmp is not None else path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{os.urandom(4).hex()}"
+    if not coordinator:
+        with _single_process_dcp():
+            dcp.save(payload, checkpoint_id=str(tmp))
+        return info
     try:
         with _single_process_dcp():
             dcp.save(payload, checkpoint_id=str(tmp))
@@ -229,12 +237,15 @@ class TrainStateStore:
         extra: dict[str, Any] | None = None,
         *,
         overwrite: bool = False,
+        writer: Any = None,
     ) -> TrainStateInfo:
-        """Save under `name`; an existing name raises `ConflictError` unless `overwrite`."""
+        """Save under `name`; an existing name raises `ConflictError` unless `overwrite`.
+
+        `writer` replaces `save_train_state` (same signature), e.g. by one that saves every rank's shards."""
         path = self.path(name)
         if path.exists() and overwrite:
             self.delete(name)
-        return save_train_state(path, model, optimizer, step, extra, name=name)
+        return (writer or save_train_state)(path, model, optimizer, step, extra, name=name)
 
     def load(
         self, ref: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -290,12 +301,14 @@ class LatestStateStore:
             return 0
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int,
-             extra: dict[str, Any] | None = None) -> TrainStateInfo | None:
-        """Save the state of `step` (None if that step is already saved) and drop all but the newest `keep`."""
+             extra: dict[str, Any] | None = None, *, writer: Any = None) -> TrainStateInfo | None:
+        """Save the state of `step` (None if that step is already saved) and drop all but the newest `keep`.
+
+        `writer` replaces `save_train_state` (same signature), as in `TrainStateStore.save`."""
         path = self.dir / f"step-{int(step):010d}"
         if (path / TRAIN_STATE_FILE).is_file():
             return None
-        info = save_train_state(path, model, optimizer, step, extra, name=path.name)
+        info = (writer or save_train_state)(path, model, optimizer, step, extra, name=path.name)
         for old in self._states()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return info

@@ -44,6 +44,8 @@ class FiretitanProvisioningConfig(BaseModel):
     base_model: str = Field(min_length=1)
     tokenizer_model: str | None = None
     lora_rank: int = Field(default=0, ge=0, le=1024)
+    # Data-parallel ranks of the trainer job (docs/data-parallel-trainer.md); > 1 needs lora_rank 0.
+    world_size: int = Field(default=1, ge=1, le=8)
     lora_alpha: float | None = Field(default=None, gt=0)
     training_shape_id: str | None = None
     reference_training_shape_id: str | None = None

@@ -132,7 +132,8 @@ class ServiceResources:
             self.job = {"name": f"accounts/{cfg.account}/rlorTrainerJobs/{new_id}"}
         body: dict[str, Any] = {
             "trainingConfig": {"baseModel": cfg.base_model, "loraRank": 0 if forward_only else cfg.lora_rank,
-                               "learningRate": cfg.learning_rate, "maxContextLength": cfg.max_context_length},
+                               "learningRate": cfg.learning_rate, "maxContextLength": cfg.max_context_length,
+                               "worldSize": 1 if forward_only else cfg.world_size},
             "displayName": cfg.display_name, "forwardOnly": forward_only, "serviceMode": True,
             "inactivityTimeout": f"{cfg.inactivity_timeout:.0f}s" if cfg.inactivity_timeout else None}
         params = {"rlorTrainerJobId": new_id}

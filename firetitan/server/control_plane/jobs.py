@@ -126,6 +126,8 @@ class TrainerJobs:
                     "--lora-rank", str(job.training_config.lora_rank), "--job-id", job_id]
             if job.forward_only:
                 args.append("--forward-only")
+            if job.training_config.world_size > 1:
+                args += ["--world-size", str(job.training_config.world_size)]
             try:
                 worker = await self.cp.supervisor.start(WorkerKey(TRAINER, account, job_id), TRAINER_MODULE, args,
                                                         threads=job.threads)
@@ -236,5 +238,9 @@ def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None
         raise InvalidRequestError(f"trainingConfig.baseModel {base_model!r} does not match training shape "
                                   f"{shape.name!r}, which trains {shape.base_model!r}",
                                   field="trainingConfig.baseModel")
+    if config.world_size > 1 and config.lora_rank:
+        raise InvalidRequestError(f"trainingConfig.worldSize {config.world_size} needs trainingConfig.loraRank 0: "
+                                  "a data-parallel trainer trains full parameters only (or use worldSize 1)",
+                                  field="trainingConfig.worldSize")
     max_ctx = config.max_context_length or (shape.max_context_length if shape else None)
     return config.model_copy(update={"base_model": base_model, "max_context_length": max_ctx})

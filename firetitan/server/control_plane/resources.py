@@ -81,6 +81,8 @@ class TrainingConfig(Wire):
     lora_rank: int = Field(default=0, ge=0, le=1024)
     learning_rate: float = Field(default=1e-5, gt=0)
     max_context_length: int | None = Field(default=None, gt=0)
+    # Data-parallel ranks of the trainer (docs/data-parallel-trainer.md); > 1 needs lora_rank 0.
+    world_size: int = Field(default=1, ge=1, le=8)
 
 
 class CreateTrainerJobRequest(Wire):

@@ -27,7 +27,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autosave-every", type=int, default=10,
                         help="save the job model's latest train state every N optimizer steps (0 = off)")
     parser.add_argument("--autosave-keep", type=int, default=2, help="latest train states kept (newest)")
-    return parser.parse_args(argv)
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="data-parallel ranks of the preloaded model (1..8; this process is rank 0 and "
+                             "starts the others, see docs/data-parallel-trainer.md)")
+    args = parser.parse_args(argv)
+    from firetitan.server.trainer.distributed import MAX_WORLD_SIZE
+
+    if not 1 <= args.world_size <= MAX_WORLD_SIZE:
+        parser.error(f"--world-size: {args.world_size} is not in 1..{MAX_WORLD_SIZE}")
+    if args.world_size > 1 and (args.base_model is None or args.lora_rank):
+        parser.error("--world-size > 1 needs --base-model (the job model is the one sharded) and --lora-rank 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
                                api_key=args.api_key, max_models=args.max_models,
                                model_roots=tuple(args.model_root), autosave_every=args.autosave_every,
                                autosave_keep=args.autosave_keep, resolve_model=_alias_resolver())
+    if args.world_size > 1:
+        from firetitan.server.trainer.distributed.engine import engine_factory
+
+        rank_args = (["--log-level", args.log_level] if args.log_level else []) + (
+            ["--threads", str(args.threads)] if args.threads else [])
+        settings.make_engine = engine_factory(args.world_size, torch.device("cpu"), rank_args)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
 
 

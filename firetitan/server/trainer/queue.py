@@ -74,6 +74,13 @@ class FutureStore:
         for rid in [rid for rid, rec in self._records.items() if rec.done.is_set()][:excess]:
             del self._records[rid]
 
+    def fail_pending(self, status: int, body: dict[str, Any]) -> int:
+        """Finish every pending future with this error (the worker is going down); returns how many."""
+        pending = [rec for rec in self._records.values() if not rec.done.is_set()]
+        for rec in pending:
+            rec.finish(status, body)
+        return len(pending)
+
     def __len__(self) -> int:
         return len(self._records)
 

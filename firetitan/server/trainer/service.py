@@ -48,6 +48,9 @@ class TrainerSettings:
     # and at shutdown), keeping the newest `autosave_keep`.
     autosave_every: int = 10
     autosave_keep: int = 2
+    # Builds the preloaded (job) model's engine: `(model_id, spec, store=, states=, futures=)`; None =
+    # a plain TrainerEngine. A data-parallel job (--world-size N) passes the distributed factory.
+    make_engine: Callable[..., TrainerEngine] | None = None
 
 
 @dataclass
@@ -164,7 +167,11 @@ class TrainerService:
 
         def build() -> dict[str, Any]:
             try:
-                engine = TrainerEngine(model_id, spec, store=self.store, states=self.states)
+                if preload and self.settings.make_engine is not None:
+                    engine = self.settings.make_engine(model_id, spec, store=self.store, states=self.states,
+                                                       futures=self.futures)
+                else:
+                    engine = TrainerEngine(model_id, spec, store=self.store, states=self.states)
                 if preload:
                     self._restore_latest(engine)
                 sess.engine = engine  # only now: get_info must not see the model before it is restored
@@ -255,7 +262,7 @@ class TrainerService:
 
     def _save_latest(self, engine: TrainerEngine) -> dict[str, Any]:
         extra = {**engine.spec.as_extra(), "policy_version": engine.policy_version}
-        self.latest.save(engine.model, engine.optimizer, engine.step, extra)
+        self.latest.save(engine.model, engine.optimizer, engine.step, extra, writer=engine.state_writer)
         self._latest_saved_step = engine.step
         return {"type": "save_latest", "model_id": engine.model_id, "step": engine.step}
 

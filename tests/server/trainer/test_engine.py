@@ -55,7 +55,12 @@ def test_optim_steps_match_plain_torch_adamw_with_per_step_hyperparameters_and_c
         for g in opt.param_groups:
             g.update(lr=params.learning_rate, betas=(params.beta1, params.beta2), eps=params.eps,
                      weight_decay=params.weight_decay)
-        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), params.grad_clip_norm or float("inf"))
+        # The engine's norm is accumulated in float64 (the same however the gradients are sharded);
+        # torch's float32 total norm differs from it by ~1e-5 relative on this model.
+        grads = [p.grad for p in ref.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([g.double() for g in grads])
+        if params.grad_clip_norm:
+            torch.nn.utils.clip_grads_with_norm_(ref.parameters(), params.grad_clip_norm, norm)
         opt.step()
         opt.zero_grad()
         assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
