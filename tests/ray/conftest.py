@@ -60,3 +60,15 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_cluster: dict[str,
         yield h
     assert h.control_plane_pids() == [] and h.worker_pids() == []
     assert firetitan_actors() == []
+
+
+@pytest.fixture
+def own_cluster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayHome]:
+    """A home whose daemon starts a Ray cluster of its own (no --ray-address)."""
+    monkeypatch.setenv("FIRETITAN_PROVISIONER", "ray")
+    monkeypatch.delenv("FIRETITAN_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    h = RayHome(tmp_path / "ft-home")
+    with private_home(h, monkeypatch):
+        yield h
+    assert h.control_plane_pids() == [] and h.worker_pids() == []

@@ -9,6 +9,7 @@ checks, crash reports and restart rules do not depend on which provisioner start
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +141,11 @@ def make_provisioner(name: str, *, ray_address: str | None = None, cpus: int | N
     if name == "local":
         return LocalProvisioner()
     if name == "ray":
+        if not ray_address:
+            # A cluster of its own is this machine's alone: Ray binds loopback only when this is set
+            # before it is imported. No usage reports over the network either way.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
             from firetitan.server.control_plane.ray_provisioner import RayProvisioner
         except ImportError as exc:

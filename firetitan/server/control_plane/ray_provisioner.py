@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +150,8 @@ class RayWorker:
 
 
 class RayProvisioner:
-    """Workers as Ray actors on the cluster at `address` (None: a local cluster of this machine's
-    `cpus`, started here and shut down by `close`)."""
+    """Workers as Ray actors on the cluster at `address` (None: a new local cluster of `cpus` CPUs,
+    started here and shut down by `close`)."""
 
     name = "ray"
 
@@ -164,17 +165,16 @@ class RayProvisioner:
         self.startup_s: float | None = None
 
     def open(self) -> None:
-        import time
 
-        # Ray reports usage statistics over the network unless told not to.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         began = time.monotonic()
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False,
                                   "logging_level": logging.WARNING, "ignore_reinit_error": True}
         if self._address:
             ray.init(address=self._address, **common)
         else:
-            ray.init(num_cpus=self._cpus, object_store_memory=OWN_CLUSTER_OBJECT_STORE_BYTES,
+            # "local": always a new cluster, never one found through $RAY_ADDRESS or `ray start` (for
+            # those, pass --ray-address, "auto" included).
+            ray.init(address="local", num_cpus=self._cpus, object_store_memory=OWN_CLUSTER_OBJECT_STORE_BYTES,
                      include_dashboard=False, **common)
         self.startup_s = time.monotonic() - began
         log.info("ray_connected", address=self._address or "local (started here)",
