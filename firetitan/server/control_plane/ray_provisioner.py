@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from firetitan.errors import APITimeoutError, FiretitanError, WorkerCrashedError
+from firetitan.errors import APITimeoutError, ConfigError, FiretitanError, WorkerCrashedError
 from firetitan.logging import get_logger
 from firetitan.server.control_plane.provisioner import OnStart, Worker
 from firetitan.server.process import ADOPTER_FILE_ENV, PARENT_GRACE_ENV, WorkerProcess, spawn_worker
@@ -169,13 +169,17 @@ class RayProvisioner:
         began = time.monotonic()
         common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False,
                                   "logging_level": logging.WARNING, "ignore_reinit_error": True}
-        if self._address:
-            ray.init(address=self._address, **common)
-        else:
-            # "local": always a new cluster, never one found through $RAY_ADDRESS or `ray start` (for
-            # those, pass --ray-address, "auto" included).
-            ray.init(address="local", num_cpus=self._cpus, object_store_memory=OWN_CLUSTER_OBJECT_STORE_BYTES,
-                     include_dashboard=False, **common)
+        try:
+            if self._address:
+                ray.init(address=self._address, **common)
+            else:
+                # "local": always a new cluster, never one found through $RAY_ADDRESS or `ray start` (for
+                # those, pass --ray-address, "auto" included).
+                ray.init(address="local", num_cpus=self._cpus, object_store_memory=OWN_CLUSTER_OBJECT_STORE_BYTES,
+                         include_dashboard=False, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at --ray-address {self._address!r}" if self._address else "a local Ray cluster"
+            raise ConfigError(f"could not connect to {where}: {exc}", field="ray_address") from exc
         self.startup_s = time.monotonic() - began
         log.info("ray_connected", address=self._address or "local (started here)",
                  gcs=ray.get_runtime_context().gcs_address, seconds=round(self.startup_s, 2),
