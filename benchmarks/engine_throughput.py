@@ -7,10 +7,17 @@ Same command, same model, same prompts, same number of output tokens per request
 - generate loop: `model.generate` once per request, one after another (measured over
   `--generate-requests` of them; its tokens/s does not depend on how many are timed);
 - static batch: the whole batch left-padded, one prefill, then a plain decode loop on the transformers
-  model with its KV cache (`DynamicCache`), sampling every row each step.
+  model with its KV cache (`DynamicCache`), sampling every row each step;
+- vLLM (only when `$FIRETITAN_VLLM_PYTHON` names a vLLM environment's python, e.g. `.venv-vllm/bin/python`
+  from `make vllm-env`): `vllm serve` on the same model (a built-in is exported as an HF directory), the
+  same prompts all sent at once over OpenAI `/v1/completions` (`ignore_eos`, temperature 1), at most
+  `--concurrency` running (`--max-num-seqs`), with `--threads` CPU threads. It is measured over HTTP, the
+  embedded engine in-process: the HTTP cost is vLLM's handicap here (benchmarks/engine_vs_vllm.py compares
+  both over HTTP).
 
     .venv/bin/python benchmarks/engine_throughput.py [--model firetitan/tiny-qwen3] [--concurrency 64]
         [--max-tokens 64] [--threads 1]
+    FIRETITAN_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python benchmarks/engine_throughput.py ...  # + vLLM
 
 Writes benchmarks/results/engine_throughput.json (tokens/s of each, and the ratios).
 """
@@ -18,9 +25,11 @@ Writes benchmarks/results/engine_throughput.json (tokens/s of each, and the rati
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -132,6 +141,28 @@ def run_static_batch(model: torch.nn.Module, prompts: list[list[int]], max_token
     return {"seconds": elapsed, "output_tokens": produced, "tokens_per_s": produced / elapsed}
 
 
+def run_vllm(vllm_python: str, model_name: str, prompts: list[list[int]], max_tokens: int, concurrency: int,
+             threads: int, repeats: int) -> dict[str, Any]:
+    """Best of `repeats` rounds of all `prompts` at once against `vllm serve` (after one warm-up round)."""
+    import engine_vs_vllm as ev  # this directory's vLLM launcher and load generator (on sys.path as a script)
+
+    longest = max(len(p) for p in prompts) + max_tokens
+    opts = argparse.Namespace(vllm_python=vllm_python, threads=threads, vllm_cpu_bind=None, vllm_kv_gib=1,
+                              vllm_preload="auto", max_model_len=max(1024, longest))
+    with tempfile.TemporaryDirectory(prefix="ft-bench-vllm-") as scratch:
+        directory = ev.model_dir(model_name, Path(scratch))
+        server = ev.start_vllm(directory, opts, Path(scratch), concurrency)
+        try:
+            asyncio.run(server.wait_ready(900.0))
+            asyncio.run(ev.one_level(server.url, prompts[:concurrency], concurrency, 4))  # warm-up
+            runs = [asyncio.run(ev.one_level(server.url, prompts, concurrency, max_tokens)) for _ in range(repeats)]
+        finally:
+            server.stop()
+    best = max(runs, key=lambda r: r["tok_s"])
+    return {"seconds": best["seconds"], "output_tokens": best["completion_tokens"], "tokens_per_s": best["tok_s"],
+            "transport": "HTTP /v1/completions", "vllm_python": vllm_python}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="firetitan/tiny-qwen3")
@@ -154,6 +185,9 @@ def main() -> None:
     static = best(run_static_batch, model, prompts, args.max_tokens)
     engine = best(run_engine, model, tokenizer, prompts, args.max_tokens, args.concurrency)
     generate = best(run_generate_loop, model, prompts[: args.generate_requests], args.max_tokens)
+    vllm_python = os.environ.get("FIRETITAN_VLLM_PYTHON")
+    vllm = run_vllm(vllm_python, args.model, prompts, args.max_tokens, args.concurrency, args.threads,
+                    args.repeats) if vllm_python else None
     result = {
         "benchmark": "engine_throughput",
         "command": f"python benchmarks/engine_throughput.py --model {args.model} --concurrency {args.concurrency} "
@@ -164,6 +198,7 @@ def main() -> None:
         "engine": engine, "generate_loop": generate, "static_batch": static,
         "engine_vs_generate_loop": engine["tokens_per_s"] / generate["tokens_per_s"],
         "engine_vs_static_batch": engine["tokens_per_s"] / static["tokens_per_s"],
+        **({"vllm": vllm, "engine_vs_vllm": engine["tokens_per_s"] / vllm["tokens_per_s"]} if vllm else {}),
         "goals": {"engine_vs_generate_loop": ">= 5", "engine_vs_static_batch": ">= 0.8"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "load_average": os.getloadavg()},
@@ -172,8 +207,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("engine_vs_generate_loop", "engine_vs_static_batch")}))
+    vllm_note = f", vLLM {vllm['tokens_per_s']:.0f} tok/s (HTTP)" if vllm else ""
     print(f"engine {engine['tokens_per_s']:.0f} tok/s, generate loop {generate['tokens_per_s']:.0f} tok/s, "
-          f"static batch {static['tokens_per_s']:.0f} tok/s -> {args.out}")
+          f"static batch {static['tokens_per_s']:.0f} tok/s{vllm_note} -> {args.out}")
 
 
 if __name__ == "__main__":

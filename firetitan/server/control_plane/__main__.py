@@ -28,6 +28,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="exit after this many seconds with no workers and no requests (0 = never)")
     parser.add_argument("--worker-grace", type=float, default=15.0,
                         help="seconds workers outlive a crashed control plane, waiting to be adopted")
+    parser.add_argument("--provisioner", choices=["local", "ray"], default=env("FIRETITAN_PROVISIONER", "local"),
+                        help="where workers run: local subprocesses, or Ray actors (needs firetitan[ray])")
+    parser.add_argument("--ray-address", default=env("FIRETITAN_RAY_ADDRESS") or None,
+                        help="the Ray cluster for --provisioner ray (default: start a local one)")
+    parser.add_argument("--ray-gpus-per-worker", type=float, default=float(env("FIRETITAN_RAY_GPUS_PER_WORKER", "0")),
+                        help="num_gpus each worker's Ray actor requests")
 
 
 def _env_int(name: str) -> int | None:
@@ -40,7 +46,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                         idle_check_interval=min(5.0, max(0.5, args.trainer_idle_timeout / 4)),
                         trainer_threads=args.trainer_threads, replica_threads=args.replica_threads,
                         worker_host="127.0.0.1", exit_when_idle=args.exit_when_idle,
-                        worker_grace_s=args.worker_grace)
+                        worker_grace_s=args.worker_grace, provisioner=args.provisioner,
+                        ray_address=args.ray_address, ray_gpus_per_worker=args.ray_gpus_per_worker)
     if args.cpus:
         settings.cpus = args.cpus
     return settings

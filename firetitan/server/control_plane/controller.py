@@ -21,6 +21,7 @@ from firetitan.server.control_plane.deployments import Deployments
 from firetitan.server.control_plane.home import HOME_ENV, HomeLayout
 from firetitan.server.control_plane.hotload import HotLoads
 from firetitan.server.control_plane.jobs import TrainerJobs
+from firetitan.server.control_plane.provisioner import make_provisioner
 from firetitan.server.control_plane.resources import TRAINER
 from firetitan.server.control_plane.router import ReplicaRouter
 from firetitan.server.control_plane.state import StateStore
@@ -54,6 +55,11 @@ class Settings:
     # Workers outlive a crashed control plane this long; a control plane restarted on the same home
     # within it adopts the ones its records name (pid, url, key, identity), otherwise they stop.
     worker_grace_s: float = 15.0
+    # Where workers run (control_plane/provisioner.py): "local" child processes, or "ray" actors on the
+    # cluster at `ray_address` (None: a local Ray cluster started, and stopped, by this control plane).
+    provisioner: str = "local"
+    ray_address: str | None = None
+    ray_gpus_per_worker: float = 0.0
 
 
 def split_threads(cpus: int, replicas: int, trainer: int | None = None,
@@ -78,6 +84,8 @@ class ControlPlane:
             logs_dir=layout.logs, api_key=api_key, on_exit=self._on_worker_exit,
             health_interval=settings.health_interval, ready_timeout=settings.ready_timeout,
             host=settings.worker_host,
+            provisioner=make_provisioner(settings.provisioner, ray_address=settings.ray_address, cpus=settings.cpus,
+                                         gpus_per_worker=settings.ray_gpus_per_worker),
             # Workers read the alias table and their state from the same home as this control plane.
             worker_env={PARENT_GRACE_ENV: str(settings.worker_grace_s), ADOPTER_FILE_ENV: str(layout.discovery_file),
                         HOME_ENV: str(layout.root)})
@@ -99,6 +107,8 @@ class ControlPlane:
         ready = asyncio.Event()
         self._runner = asyncio.create_task(self._run_group(ready), name="control-plane-tasks")
         await ready.wait()
+        # Connecting to (or starting) a Ray cluster takes seconds; nothing is served before it is done.
+        self.supervisor.provisioner.open()
         await self.jobs.recover()
         await self.deployments.recover()
         self.spawn(self.supervisor.run(), "supervisor")
@@ -118,6 +128,7 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner
         await self.supervisor.stop_all()
+        await asyncio.to_thread(self.supervisor.provisioner.close)
         if self._session is not None:
             await self._session.close()
         self.store.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +10,8 @@ from pathlib import Path
 import aiohttp
 
 from firetitan.logging import get_logger
-from firetitan.server.process import WorkerProcess, pid_alive, spawn_worker, stop_pid
+from firetitan.server.control_plane.provisioner import LocalProvisioner, Provisioner, Worker, local_worker
+from firetitan.server.process import WorkerProcess, pid_alive, stop_pid
 
 log = get_logger("firetitan.control_plane.supervisor")
 
@@ -39,7 +38,7 @@ class WorkerKey:
 @dataclass
 class _Watched:
     module: str
-    worker: WorkerProcess
+    worker: Worker
     health_failures: int = 0
     last_failure: str = ""
 
@@ -48,14 +47,15 @@ ExitCallback = Callable[[WorkerKey, str], Awaitable[None]]
 
 
 class Supervisor:
-    """Owns worker processes by key. A worker that exits, or fails `max_health_failures` health
-    checks in a row, is removed and reported through `on_exit(key, reason)`; workers stopped on
-    purpose are not reported."""
+    """Owns workers by key, started through its provisioner (local subprocesses, or Ray actors). A
+    worker that exits, or fails `max_health_failures` health checks in a row, is removed and reported
+    through `on_exit(key, reason)`; workers stopped on purpose are not reported."""
 
     def __init__(self, *, logs_dir: Path, api_key: str | None, on_exit: ExitCallback,
                  health_interval: float = 2.0, max_health_failures: int = 3,
                  ready_timeout: float = 300.0, host: str = "127.0.0.1",
-                 worker_env: dict[str, str] | None = None) -> None:
+                 worker_env: dict[str, str] | None = None, provisioner: Provisioner | None = None) -> None:
+        self.provisioner: Provisioner = provisioner or LocalProvisioner()
         self._logs_dir = logs_dir
         self._worker_env = dict(worker_env or {})
         self._api_key = api_key
@@ -65,13 +65,13 @@ class Supervisor:
         self._ready_timeout = ready_timeout
         self._host = host
         self._workers: dict[WorkerKey, _Watched] = {}
-        self._starting: dict[WorkerKey, subprocess.Popen[bytes]] = {}  # spawned, not yet ready
+        self._starting: dict[WorkerKey, Callable[[], bool]] = {}  # started, not yet ready: how to kill it
 
-    def get(self, key: WorkerKey) -> WorkerProcess | None:
+    def get(self, key: WorkerKey) -> Worker | None:
         watched = self._workers.get(key)
         return watched.worker if watched else None
 
-    def workers(self) -> dict[WorkerKey, WorkerProcess]:
+    def workers(self) -> dict[WorkerKey, Worker]:
         return {k: w.worker for k, w in self._workers.items()}
 
     def log_path(self, key: WorkerKey) -> Path:
@@ -79,36 +79,35 @@ class Supervisor:
         return self._logs_dir / f"{name}.log"
 
     async def start(self, key: WorkerKey, module: str, args: list[str], *, threads: int,
-                    ready_timeout: float | None = None) -> WorkerProcess:
-        """Spawn a worker (in a thread: startup loads torch and a model) and watch it."""
+                    ready_timeout: float | None = None) -> Worker:
+        """Start a worker (in a thread: startup loads torch and a model) and watch it."""
         if key in self._workers:
             await self.stop(key)
         env = {**self._worker_env, **({"FIRETITAN_WORKER_API_KEY": self._api_key} if self._api_key else {})}
         try:
             worker = await asyncio.to_thread(
-                spawn_worker, module, args, ready_timeout=ready_timeout or self._ready_timeout,
+                self.provisioner.start, str(key), module, args, ready_timeout=ready_timeout or self._ready_timeout,
                 log_path=self.log_path(key), env=env, host=self._host, threads=threads,
-                on_start=lambda popen: self._starting.__setitem__(key, popen))
+                on_start=lambda abort: self._starting.__setitem__(key, abort))
         finally:
             self._starting.pop(key, None)
         self._workers[key] = _Watched(module, worker)
-        log.info("worker_started", key=str(key), pid=worker.pid, url=worker.url)
+        log.info("worker_started", key=str(key), pid=worker.pid, url=worker.url, provisioner=self.provisioner.name)
         return worker
 
     def abort_start(self, key: WorkerKey) -> bool:
         """Kill a worker that is still loading, so the `start` awaiting it fails at once
         (WorkerCrashedError) instead of a delete or scale-down waiting out its startup. It has served
         nothing and saved nothing yet: SIGKILL loses nothing. Returns whether one was killed."""
-        popen = self._starting.get(key)
-        if popen is None or popen.poll() is not None:
+        abort = self._starting.get(key)
+        if abort is None or not abort():
             return False
-        popen.kill()
-        log.info("worker_start_aborted", key=str(key), pid=popen.pid)
+        log.info("worker_start_aborted", key=str(key))
         return True
 
     def adopt(self, key: WorkerKey, module: str, worker: WorkerProcess) -> None:
-        """Watch a worker started by an earlier run of this control plane."""
-        self._workers[key] = _Watched(module, worker)
+        """Watch a worker started by an earlier run of this control plane (a process on this machine)."""
+        self._workers[key] = _Watched(module, local_worker(worker))
         log.info("worker_adopted", key=str(key), pid=worker.pid, url=worker.url)
 
     async def adoptable(self, module: str, pid: int | None, url: str | None, *, expect: dict[str, str],
@@ -151,27 +150,22 @@ class Supervisor:
         report it and return why. A proxy that cannot reach a worker asks this, so a caller learns of a
         crash in one answer instead of retrying until the check loop catches up."""
         watched = self._workers.get(key)
-        if watched is None or (watched.worker.alive() and pid_alive(watched.worker.pid)):
+        if watched is None or not await asyncio.to_thread(watched.worker.gone):
             return None
-        popen = watched.worker.popen
-        if popen is not None:
-            # A killed multithreaded process is a zombie leader while its other threads still exit, and
-            # cannot be reaped until they have: wait (bounded) for that, to read its exit code.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(popen.wait, 5.0)
-        reason = self._exit_reason(key, watched)
+        reason = await asyncio.to_thread(self._exit_reason, key, watched)
         await self._report(key, watched, reason)
         return reason
 
     def _exit_reason(self, key: WorkerKey, watched: _Watched) -> str:
+        """Blocking (a Ray worker's outcome comes from its actor): call it in a thread."""
         worker = watched.worker
-        code = worker.popen.returncode if worker.popen is not None else None
-        return f"{key.kind} worker (pid {worker.pid}) exited with code {code}" + _log_tail(self.log_path(key))
+        tail = worker.log_tail(self.log_path(key), 800)
+        return f"{key.kind} worker (pid {worker.pid}) {worker.exit_detail()}" + (f"; last log lines: {tail}" if tail else "")
 
     async def _check(self, session: aiohttp.ClientSession, key: WorkerKey, watched: _Watched) -> None:
         worker = watched.worker
         if not worker.alive():
-            await self._report(key, watched, self._exit_reason(key, watched))
+            await self._report(key, watched, await asyncio.to_thread(self._exit_reason, key, watched))
             return
         target = _health_target(watched.module, worker.url, worker.health_url)
         try:
@@ -197,9 +191,7 @@ class Supervisor:
         if self._workers.get(key) is not watched:
             return
         del self._workers[key]
-        if watched.worker.popen is not None:
-            with contextlib.suppress(Exception):
-                watched.worker.popen.wait(timeout=1)
+        await asyncio.to_thread(watched.worker.release)
         log.warning("worker_lost", key=str(key), reason=reason)
         await self._on_exit(key, reason)
 
@@ -207,14 +199,6 @@ class Supervisor:
 def _health_target(module: str, url: str, health_url: str | None) -> str:
     """The worker's health listener when it published one, else the health route on its main port."""
     return f"{health_url}/health" if health_url else url + _HEALTH_PATH[module]
-
-
-def _log_tail(path: Path, n: int = 800) -> str:
-    try:
-        tail = path.read_bytes()[-n:].decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f"; last log lines: {tail}" if tail else ""
 
 
 def kill_leftover(pid: int | None, module: str) -> None:
