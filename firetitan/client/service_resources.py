@@ -132,7 +132,8 @@ class ServiceResources:
             self.job = {"name": f"accounts/{cfg.account}/rlorTrainerJobs/{new_id}"}
         body: dict[str, Any] = {
             "trainingConfig": {"baseModel": cfg.base_model, "loraRank": 0 if forward_only else cfg.lora_rank,
-                               "learningRate": cfg.learning_rate, "maxContextLength": cfg.max_context_length},
+                               "learningRate": cfg.learning_rate, "maxContextLength": cfg.max_context_length,
+                               "device": cfg.device, "dtype": cfg.dtype},
             "displayName": cfg.display_name, "forwardOnly": forward_only, "serviceMode": True,
             "inactivityTimeout": f"{cfg.inactivity_timeout:.0f}s" if cfg.inactivity_timeout else None}
         params = {"rlorTrainerJobId": new_id}
@@ -187,7 +188,7 @@ class ServiceResources:
             self.deployment = {"name": f"accounts/{cfg.account}/deployments/{dep_id}"}
             body = {"baseModel": cfg.base_model, "minReplicaCount": want, "maxReplicaCount": want,
                     "deploymentShape": (profile or {}).get("deploymentShape") or None,
-                    "displayName": cfg.display_name,
+                    "displayName": cfg.display_name, "device": cfg.device, "dtype": cfg.dtype,
                     "hotLoadTrainerJob": f"accounts/{cfg.account}/rlorTrainerJobs/{cfg.trainer_job_id}"
                     if cfg.trainer_job_id else None}
             await http.request_json("POST", self.acct("/deployments"), json=body,

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 
-from firetitan.errors import ConfigError
+from firetitan.devices import check_device, check_dtype
+from firetitan.errors import ConfigError, InvalidRequestError
 from firetitan.server.common import add_common_args
 from firetitan.server.control_plane.controller import Settings
 from firetitan.server.control_plane.home import resolve_home
@@ -28,6 +30,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="exit after this many seconds with no workers and no requests (0 = never)")
     parser.add_argument("--worker-grace", type=float, default=15.0,
                         help="seconds workers outlive a crashed control plane, waiting to be adopted")
+    parser.add_argument("--device", default=env("FIRETITAN_DEVICE") or None, type=_flag(check_device),
+                        help="default device of trainer jobs and deployments: auto|cpu|cuda[:i]|mps")
+    parser.add_argument("--dtype", default=env("FIRETITAN_DTYPE") or None, type=_flag(check_dtype),
+                        help="default dtype of trainer jobs and deployments: float32|bfloat16")
+
+
+def _flag(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a setting validator: a bad value is a usage error, not a traceback."""
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidRequestError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+    return parse
 
 
 def _env_int(name: str) -> int | None:
@@ -40,7 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                         idle_check_interval=min(5.0, max(0.5, args.trainer_idle_timeout / 4)),
                         trainer_threads=args.trainer_threads, replica_threads=args.replica_threads,
                         worker_host="127.0.0.1", exit_when_idle=args.exit_when_idle,
-                        worker_grace_s=args.worker_grace)
+                        worker_grace_s=args.worker_grace,
+                        device=args.device, dtype=args.dtype)
     if args.cpus:
         settings.cpus = args.cpus
     return settings

@@ -54,6 +54,10 @@ class Settings:
     # Workers outlive a crashed control plane this long; a control plane restarted on the same home
     # within it adopts the ones its records name (pid, url, key, identity), otherwise they stop.
     worker_grace_s: float = 15.0
+    # `firetitan serve --device/--dtype`: this host's default for jobs and deployments that name none
+    # (a request's own setting wins, then this, then its shape's, then auto / float32).
+    device: str | None = None
+    dtype: str | None = None
 
 
 def split_threads(cpus: int, replicas: int, trainer: int | None = None,

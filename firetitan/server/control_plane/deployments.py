@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+from firetitan.devices import DEFAULT_DEVICE, DEFAULT_DTYPE
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
 from firetitan.logging import get_logger
 from firetitan.server.control_plane import engines
@@ -107,6 +108,9 @@ class Deployments:
             deployment_id = f"deployment-{secrets.token_hex(4)}"
         base_model = local_base_model(req.base_model, self.cp.layout.root, "baseModel")
         engines.check_engine(req.engine)
+        if req.engine == "vllm" and req.dtype not in (None, "float32"):
+            raise InvalidRequestError(f"dtype: {req.dtype!r} is not served by engine 'vllm' (its CPU build runs "
+                                      "float32); use dtype 'float32' or engine 'embedded'", field="dtype")
         req = req.model_copy(update={"base_model": base_model})
         shape = deployment_shape(req.deployment_shape)
         if shape is not None and shape.base_model != req.base_model:
@@ -127,6 +131,8 @@ class Deployments:
                 deployment_shape=shape.deployment.name if shape else None, engine=req.engine,
                 min_replica_count=replicas, max_replica_count=replicas, last_replica_count=replicas,
                 hot_load_trainer_job=req.hot_load_trainer_job, threads_per_replica=per_replica,
+                device=req.device or settings.device or (shape.device if shape else DEFAULT_DEVICE),
+                dtype=req.dtype or settings.dtype or (shape.dtype if shape else DEFAULT_DTYPE),
                 state=DEP_CREATING if replicas else DEP_READY)
             self.save(account, dep)
         self.cp.spawn(self.reconcile(account, deployment_id), f"create-{dep.name}")
@@ -259,6 +265,8 @@ class Deployments:
         if shape is not None:
             args += ["--max-running-seqs", str(shape.deployment.max_running_seqs),
                      "--max-cached-tokens", str(shape.deployment.max_cached_tokens)]
+        if dep.engine == "embedded":  # the vLLM worker has its own dtype handling (float32 on CPU)
+            args += ["--device", dep.device, "--dtype", dep.dtype]
         args += engines.replica_args(dep.engine, self.cp.layout.root, account, dep.deployment_id, index)
         timeout = engines.ready_timeout(dep.engine, self.cp.settings.ready_timeout, self.cp.settings.vllm_ready_timeout)
         worker = await self.cp.supervisor.start(key, engines.replica_module(dep.engine), args,

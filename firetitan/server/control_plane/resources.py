@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from firetitan.devices import DeviceSetting, DTypeSetting
 from firetitan.errors import InvalidRequestError
 from firetitan.server.deployment.schemas import LoadingState
 
@@ -81,6 +82,9 @@ class TrainingConfig(Wire):
     lora_rank: int = Field(default=0, ge=0, le=1024)
     learning_rate: float = Field(default=1e-5, gt=0)
     max_context_length: int | None = Field(default=None, gt=0)
+    # None: the training shape's setting, else auto / float32. Resolved on the worker's host.
+    device: DeviceSetting | None = None
+    dtype: DTypeSetting | None = None
 
 
 class CreateTrainerJobRequest(Wire):
@@ -138,6 +142,8 @@ class CreateDeploymentRequest(Wire):
     max_replica_count: int = Field(default=1, ge=0, le=16)
     hot_load_trainer_job: str | None = None
     engine: DeploymentEngine = "embedded"
+    device: DeviceSetting | None = None  # None: the deployment shape's setting, else auto
+    dtype: DTypeSetting | None = None  # None: the deployment shape's setting, else float32
 
 
 class UpdateDeploymentRequest(Wire):
@@ -154,6 +160,8 @@ class Deployment(Wire):
     base_model: str
     deployment_shape: str | None = None
     engine: DeploymentEngine = "embedded"  # which worker serves it: the embedded engine or vLLM
+    device: str = "auto"  # passed to every replica as --device (resolved on the replica's host)
+    dtype: str = "float32"  # the served weights' dtype (--dtype)
     state: str = DEP_CREATING
     status: Status = Field(default_factory=Status)
     min_replica_count: int = 1

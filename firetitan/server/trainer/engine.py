@@ -17,6 +17,7 @@ import torch
 
 from firetitan.checkpoints import SnapshotStore, TrainStateStore
 from firetitan.checkpoints.train_state import load_train_state, read_train_state_info
+from firetitan.devices import device_type, torch_dtype
 from firetitan.errors import InvalidRequestError, NonFiniteError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
@@ -39,12 +40,18 @@ _UNEMBED_MODULES = ("lm_head",)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to build: base model, LoRA (None = full-parameter), reference-only mode, init seed."""
+    """What to build: base model, LoRA (None = full-parameter), reference-only mode, init seed, and where.
+
+    `device` is a resolved device (`cpu`, `cuda:1`, never `auto`); `dtype` the compute and snapshot
+    dtype: parameters and AdamW state stay float32 either way (see docs/gpu-and-multiprocess.md).
+    """
 
     base_model: str
     lora: LoraConfig | None = None
     forward_only: bool = False
     seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def is_lora(self) -> bool:
@@ -85,7 +92,10 @@ class TrainerEngine:
         self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
         if spec.lora is not None:
             model = self._wrap_lora(model, spec.lora)
-        self.model = model.eval()  # no dropout: training forward == reference forward
+        # float32 master weights on the job's device; bf16 is the compute dtype (autocast) only.
+        self.device = torch.device(spec.device)
+        self.compute_dtype = torch_dtype(spec.dtype)
+        self.model = model.to(self.device).eval()  # no dropout: training forward == reference forward
         if spec.forward_only:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -137,9 +147,11 @@ class TrainerEngine:
         if not batch.lengths:
             return _fb_body([], {"loss:sum": 0.0})
         grad_mode = torch.enable_grad() if backward else torch.no_grad()
+        batch = batch.to(self.device)
         with self._adapter(disable_adapter), grad_mode:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            lps = gather_logprobs(out.logits, batch)
+            with self._autocast():
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            lps = gather_logprobs(out.logits, batch)  # log-softmax and the loss in float32
             flat_lp = torch.cat([lp.reshape(-1) for lp in lps])
             flat_inputs = {"target_tokens": torch.cat([t.reshape(-1) for t in batch.targets])}
             for key in batch.inputs[0]:
@@ -156,6 +168,12 @@ class TrainerEngine:
         if not math.isfinite(metrics["loss:sum"]):
             log.warning("non_finite_loss", model_id=self.model_id, loss_fn=batch.loss_fn)
         return _fb_body([lp.detach() for lp in lps], metrics)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 matmuls over the float32 weights; a no-op for float32 jobs (bit-identical to before)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type(str(self.device)), dtype=self.compute_dtype)
 
     @contextlib.contextmanager
     def _adapter(self, disable: bool) -> Iterator[None]:
@@ -216,7 +234,7 @@ class TrainerEngine:
             group["weight_decay"] = params.weight_decay
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params, params.grad_clip_norm,
-                                                 torch.tensor(grad_norm))
+                                                 torch.tensor(grad_norm, device=self.device))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -268,7 +286,7 @@ class TrainerEngine:
                                             client_suffix=client_suffix)
         else:
             kind = checkpoint_type or ("delta" if self._base_identity and not self._rebase_due else "base")
-            state = {k: v.detach() for k, v in self.model.state_dict().items()}
+            state = self._snapshot_state()
             if kind == "delta":
                 if self._base_identity is None:
                     raise InvalidRequestError(
@@ -289,6 +307,20 @@ class TrainerEngine:
                 "previous_snapshot_identity": manifest.previous_snapshot_identity,
                 "size_bytes": manifest.size_bytes, "full_size_bytes": manifest.full_size_bytes,
                 "checksum": manifest.checksum, "step": self.step, "policy_version": self.policy_version}
+
+    def _snapshot_state(self) -> dict[str, torch.Tensor]:
+        """The weights as the deployment serves them: on the CPU, in the job's dtype.
+
+        A bf16 snapshot is half the bytes of float32, and its deltas are far sparser: an update smaller
+        than half a bf16 step leaves the stored value unchanged, so its XOR is zero.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self.model.state_dict().items():
+            v = v.detach()
+            if v.is_floating_point() and v.dtype != self.compute_dtype:
+                v = v.to(self.compute_dtype)
+            out[k] = v.to("cpu")
+        return out
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -358,6 +390,8 @@ class TrainerEngine:
             "step": self.step,
             "policy_version": self.policy_version,
             "forward_only": self.spec.forward_only,
+            "device": str(self.device),
+            "dtype": self.spec.dtype,
             "vocab_size": self.vocab_size,
             "last_base_snapshot": self._base_identity,
             "restored_from_step": self.restored_from_step,
@@ -374,6 +408,6 @@ def _abs_max(t: torch.Tensor) -> float:
 def _fb_body(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, Any]:
     outputs = []
     for lp in logprobs:
-        td = TensorData.from_torch(lp)
+        td = TensorData.from_torch(lp.cpu())
         outputs.append({"logprobs": td.to_wire(compact=td.size >= COMPACT_MIN_ELEMENTS)})
     return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": outputs, "metrics": metrics}
