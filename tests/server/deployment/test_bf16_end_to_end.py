@@ -33,17 +33,26 @@ PROMPT = [1, 40, 41, 42, 43, 44]
 BF16_LOGPROB_ATOL = 0.02
 
 
-@pytest.fixture(scope="module")
-def bf16_worker(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    log_path = tmp_path_factory.mktemp("bf16-deployment-logs") / "worker.log"
+def _worker(store_dir: Path, logs: Path, dtype: str) -> Iterator[WorkerProcess]:
+    # Own workers (not the session's shared one): these tests hot-load other weights into them.
     proc = spawn_worker("firetitan.server.deployment",
-                        ["--base-model", NANO, "--store-dir", str(store_dir), "--deployment-id", "bf16-dep",
+                        ["--base-model", NANO, "--store-dir", str(store_dir), "--deployment-id", f"{dtype}-dep",
                          "--max-running-seqs", "4", "--max-cached-tokens", "4096", "--device", "cpu",
-                         "--dtype", "bfloat16"],
-                        threads=1, log_path=log_path, ready_timeout=180)
+                         "--dtype", dtype],
+                        threads=1, log_path=logs / f"{dtype}-worker.log", ready_timeout=180)
     yield proc
     proc.stop(timeout=10)
     assert not proc.alive()
+
+
+@pytest.fixture(scope="module")
+def bf16_worker(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    yield from _worker(store_dir, tmp_path_factory.mktemp("bf16-logs"), "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def fp32_worker(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    yield from _worker(store_dir, tmp_path_factory.mktemp("fp32-logs"), "float32")
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +131,12 @@ async def test_bf16_snapshots_hot_load_into_a_bf16_deployment_and_match_the_trai
 
 
 async def test_bf16_snapshots_hot_load_into_a_float32_deployment(
-        worker: WorkerProcess, trained: tuple[TrainerEngine, list[str]]) -> None:
+        fp32_worker: WorkerProcess, trained: tuple[TrainerEngine, list[str]]) -> None:
     """A float32 deployment casts the bf16 base up to serve it and still applies the bf16 delta to the base
     as stored (the XOR is over bf16 bits)."""
     engine, identities = trained
-    await hot_load(worker.url, identities)
-    diff = await max_diff(worker.url, engine)
+    await hot_load(fp32_worker.url, identities)
+    diff = await max_diff(fp32_worker.url, engine)
     print(f"float32 deployment of bf16 snapshots vs bf16 trainer forward: {diff:.5f} nats")
     assert diff <= BF16_LOGPROB_ATOL
 
