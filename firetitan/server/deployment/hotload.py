@@ -102,9 +102,11 @@ class SnapshotLoader:
         return manifest.kind
 
     def prepare(self, identity: str, state: HotLoadState) -> PreparedWeights:
-        manifest = self.store.verify(identity)  # whole-file checksums first: a corrupt payload is refused
+        # Whole-file checksums first: a corrupt payload is refused. A base's weights file is skipped there
+        # because load_state_dict checks each of its tensors against its digest (one hash per tensor).
+        manifest = self.store.verify(identity, tensors_checked=True)
         if manifest.kind == "base":
-            sd = self.store.load_state_dict(identity)
+            sd = self.store.load_state_dict(identity, verify=True)
             served = self._checked(sd, identity)
             same = all(served[k] is v for k, v in sd.items())  # no cast: one copy serves both purposes
             return PreparedWeights(identity, "base", served, identity, stored=None if same else sd)
