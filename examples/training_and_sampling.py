@@ -40,6 +40,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--deployment-id", default="research-serving")
     parser.add_argument("--target-score", type=float, default=0.9, help="stop once an eval reaches this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=os.environ.get("FIRETITAN_DEVICE"),
+                        help="auto|cpu|cuda[:i]|mps for the trainer and the deployment (default: the server's)")
+    parser.add_argument("--dtype", default=os.environ.get("FIRETITAN_DTYPE"),
+                        help="float32|bfloat16 (default: the server's, else float32)")
     return parser.parse_args()
 
 
@@ -100,6 +104,8 @@ def main() -> None:
         replica_count=1,
         cleanup_trainer_on_close=True,
         cleanup_deployment_on_close="scale_to_zero",
+        device=args.device,
+        dtype=args.dtype,
     )
     scores: list[tuple[int, float]] = []
     try:

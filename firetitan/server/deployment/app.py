@@ -69,6 +69,7 @@ class DeploymentService:
                                        max_prefill_tokens=settings.max_prefill_tokens,
                                        max_kv_tokens=settings.max_kv_tokens, device=settings.device,
                                        dtype=settings.dtype)
+            log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model
         self.tokenizer = serving.tokenizer

@@ -112,6 +112,7 @@ class TrainerEngine:
         self.restored_from_step: int | None = None
         self.steps_lost: int | None = None
         log.info("model_loaded", model_id=model_id, base_model=spec.base_model, lora=spec.is_lora,
+                 device=str(self.device), dtype=spec.dtype,
                  params=self.num_params, trainable=self.num_trainable,
                  seconds=round(time.monotonic() - started, 3))
 
