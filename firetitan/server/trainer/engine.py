@@ -7,6 +7,7 @@ thread, one call at a time per engine (the request queue guarantees that).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -298,7 +299,7 @@ class TrainerEngine:
                 full = manifest.full_size_bytes or 0
                 self._rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
             else:
-                manifest = self.store.save_base(name, state, self.config, tokenizer=self._get_tokenizer(),
+                manifest = self.store.save_base(name, state, self._snapshot_config(), tokenizer=self._get_tokenizer(),
                                                 base_model=self.spec.base_model, client_suffix=client_suffix)
                 self._base_identity = manifest.identity
                 self._rebase_due = False
@@ -322,6 +323,14 @@ class TrainerEngine:
                 v = v.to(self.compute_dtype)
             out[k] = v.to("cpu")
         return out
+
+    def _snapshot_config(self) -> Any:
+        """The model config with the snapshot's dtype, so `from_pretrained(dir)` (vLLM) loads it as stored."""
+        if self.compute_dtype == torch.float32:
+            return self.config
+        config = copy.deepcopy(self.config)
+        config.dtype = self.compute_dtype
+        return config
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:

@@ -15,6 +15,7 @@ A float32 deployment of float32 weights agrees with the trainer to 1e-4 (test_de
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +120,8 @@ async def test_bf16_snapshots_hot_load_into_a_bf16_deployment_and_match_the_trai
     base, delta = store.manifest(identities[0]), store.manifest(identities[1])
     assert (base.kind, delta.kind) == ("base", "delta")
     assert set(base.dtypes.values()) == {"bfloat16"} and set(delta.dtypes.values()) == {"bfloat16"}
+    config = json.loads((store.base_dir(base.identity) / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"  # from_pretrained(dir) loads it as stored
     await hot_load(bf16_worker.url, identities)
     diff = await max_diff(bf16_worker.url, engine)
     print(f"bf16 deployment vs bf16 trainer forward: max |logprob diff| = {diff:.5f} nats")
