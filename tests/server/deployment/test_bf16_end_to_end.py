@@ -142,20 +142,3 @@ async def test_bf16_snapshots_hot_load_into_a_float32_deployment(
     diff = await max_diff(fp32_worker.url, engine)
     print(f"float32 deployment of bf16 snapshots vs bf16 trainer forward: {diff:.5f} nats")
     assert diff <= BF16_LOGPROB_ATOL
-
-
-def test_device_and_dtype_errors_name_the_field() -> None:
-    from firetitan.devices import check_device, check_dtype, resolve_device
-    from firetitan.errors import InvalidRequestError
-
-    with pytest.raises(InvalidRequestError) as err:
-        check_dtype("float16", field="trainingConfig.dtype")
-    assert err.value.field == "trainingConfig.dtype" and "bfloat16" in err.value.message
-    with pytest.raises(InvalidRequestError) as err:
-        check_device("gpu")
-    assert err.value.field == "device" and "cuda:<index>" in err.value.message
-    if not torch.cuda.is_available():
-        with pytest.raises(InvalidRequestError) as err:
-            resolve_device("cuda:0", field="--device")
-        assert err.value.field == "--device"
-        assert resolve_device("auto") in ("cpu", "mps")
