@@ -10,6 +10,7 @@ time is measured in this same command, and reported per step and as (save + hot-
 
     .venv/bin/python benchmarks/weight_sync.py [--model firetitan/tiny-qwen3] [--steps 6]
     .venv/bin/python benchmarks/weight_sync.py --model models/smollm2-135m-instruct   # opt-in, `make smollm2`
+    .venv/bin/python benchmarks/weight_sync.py --synthetic-smollm2 --steps 4   # SmolLM2-135M shapes, random init
 
 Writes benchmarks/results/weight_sync[_<model>].json.
 """
@@ -45,6 +46,20 @@ def _batch(engine: TrainerEngine, gen: torch.Generator, rows: int, width: int) -
     data = [Datum(model_input=ModelInput.from_ints(r[:-1].tolist()),
                   loss_fn_inputs={"target_tokens": TensorData.from_torch(r[1:])}) for r in ids]
     return prepare_batch(data, "cross_entropy", None, engine.vocab_size, engine.pad_id)
+
+
+def synthetic_smollm2(directory: Path) -> str:
+    """A LlamaForCausalLM with SmolLM2-135M-Instruct's shapes (134.5 M parameters, tied embeddings), random
+    init, as a local HF directory: snapshot sizes and sync times at that scale without the real weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=2,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    return str(directory)
 
 
 def run(model_name: str, dtype: str, steps: int, lr: float, root: Path) -> dict[str, Any]:
@@ -100,14 +115,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--synthetic-smollm2", action="store_true",
+                        help="SmolLM2-135M shapes with random weights instead of --model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.synthetic_smollm2:
+            args.model = synthetic_smollm2(Path(tmp) / "synthetic-smollm2-135m")
         for dtype in args.dtypes.split(","):
             runs.append(run(args.model, dtype, args.steps, args.lr, Path(tmp)))
     builtin = args.model.startswith("firetitan/")
     out = args.out or RESULTS / ("weight_sync.json" if builtin else f"weight_sync_{Path(args.model).name}.json")
+    if args.synthetic_smollm2:
+        args.model = "synthetic SmolLM2-135M shapes (LlamaForCausalLM, random init)"
     result = {"benchmark": "weight_sync", "model": args.model, "lr": args.lr, "threads": args.threads,
               "batch": "8 x 64 random tokens, cross_entropy, AdamW", "path": "file snapshot (no shared memory)",
               "torch": torch.__version__, "machine": platform.machine(),
