@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 # (script, extra args). Order: cheap in-process ones first, multi-process ones last.
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("snapshot_size.py", []),
+    ("weight_sync.py", []),
     ("trainer_step.py", []),
     ("engine_throughput.py", []),
     ("hotload_pause.py", []),

@@ -5,6 +5,11 @@ against it, check the delta reproduces the weights bit for bit, and record both 
 and the save/apply times (median of a few repeats). Baselines in the same run: the base save/load
 itself, zlib instead of zstd, and the XOR compressed without the byte-plane shuffle.
 
+`engine_chain` is the path a trainer job really takes: a `TrainerEngine` with float32 master weights
+(bf16 jobs train under autocast) saves a sampler snapshot after every step, in the job's dtype, and
+starts a new base whenever a delta passes REBASE_DELTA_FRACTION of a full save. Each snapshot's size is
+reported against a full save in its own dtype and against a float32 full save.
+
     .venv/bin/python benchmarks/snapshot_size.py [--model firetitan/tiny-qwen3] [--repeats 3]
 
 Writes benchmarks/results/snapshot_size.json.
@@ -108,23 +113,67 @@ def run_case(model_name: str, dtype: torch.dtype, lr: float, steps: int, repeats
     }
 
 
+def run_engine_chain(model_name: str, dtype: str, lr: float, steps: int, root: Path) -> dict[str, Any]:
+    """Snapshots after each of `steps` AdamW steps of a TrainerEngine job in `dtype` (automatic base/delta)."""
+    from firetitan.server.trainer.batch import prepare_batch
+    from firetitan.server.trainer.engine import REBASE_DELTA_FRACTION, ModelSpec, TrainerEngine
+    from firetitan.types import AdamParams, Datum, ModelInput, TensorData
+
+    engine = TrainerEngine("bench", ModelSpec(model_name, dtype=dtype), store=SnapshotStore(root / f"chain-{dtype}-{lr:g}"),
+                           states=None)
+    fp32_full = sum(p.numel() * 4 for p in engine.model.state_dict().values())
+    gen = torch.Generator().manual_seed(0)
+    snaps = []
+    for step in range(steps):
+        ids = torch.randint(3, engine.vocab_size, (8, 65), generator=gen)
+        data = [Datum(model_input=ModelInput.from_ints(row[:-1].tolist()),
+                      loss_fn_inputs={"target_tokens": TensorData.from_torch(row[1:])}) for row in ids]
+        engine.forward(prepare_batch(data, "cross_entropy", None, engine.vocab_size), backward=True)
+        engine.optim_step(AdamParams(learning_rate=lr, weight_decay=0.01))
+        started = time.perf_counter()
+        out = engine.save_for_sampler(f"s{step}", None, None)
+        save_s = time.perf_counter() - started
+        full = out["full_size_bytes"] or out["size_bytes"]
+        snaps.append({"step": step + 1, "kind": out["checkpoint_type"], "bytes": out["size_bytes"],
+                      "over_full_same_dtype": round(out["size_bytes"] / full, 4),
+                      "over_full_float32": round(out["size_bytes"] / fp32_full, 4), "save_s": round(save_s, 4)})
+    deltas = [s for s in snaps if s["kind"] == "delta"]
+    return {"dtype": dtype, "lr": lr, "steps": steps, "rebase_delta_fraction": REBASE_DELTA_FRACTION,
+            "float32_full_bytes": fp32_full, "bases": sum(s["kind"] == "base" for s in snaps),
+            "delta_over_full_same_dtype": [min(s["over_full_same_dtype"] for s in deltas),
+                                           max(s["over_full_same_dtype"] for s in deltas)] if deltas else None,
+            "delta_over_full_float32": [min(s["over_full_float32"] for s in deltas),
+                                        max(s["over_full_float32"] for s in deltas)] if deltas else None,
+            "snapshots": snaps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="firetitan/tiny-qwen3")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--chain-steps", type=int, default=10, help="steps of each engine_chain run")
+    parser.add_argument("--chain-only", action="store_true", help="skip the dtype x lr x steps grid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    chain: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in (torch.float32, torch.bfloat16):
             for lr in (1e-5, 1e-4):
                 for steps in (1, 10):
+                    if args.chain_only:
+                        continue
                     row = run_case(args.model, dtype, lr, steps, args.repeats, Path(tmp))
                     rows.append(row)
                     print(json.dumps(row))
+        for name in ("float32", "bfloat16"):
+            for lr in (1e-5, 1e-4):
+                run = run_engine_chain(args.model, name, lr, args.chain_steps, Path(tmp))
+                chain.append(run)
+                print(json.dumps({k: v for k, v in run.items() if k != "snapshots"}))
     result = {
         "benchmark": "snapshot_size",
         "model": args.model,
@@ -137,6 +186,7 @@ def main() -> None:
         "machine": platform.machine(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
+        "engine_chain": chain,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

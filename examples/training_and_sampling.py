@@ -42,6 +42,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deployment-engine", choices=["embedded", "vllm"], default=None,
                         help="serve the deployment with vLLM instead of the embedded engine (`make vllm-env`)")
+    parser.add_argument("--device", default=os.environ.get("FIRETITAN_DEVICE"),
+                        help="auto|cpu|cuda[:i]|mps for the trainer and the deployment (default: the server's)")
+    parser.add_argument("--dtype", default=os.environ.get("FIRETITAN_DTYPE"),
+                        help="float32|bfloat16 (default: the server's, else float32)")
     return parser.parse_args()
 
 
@@ -103,6 +107,8 @@ def main() -> None:
         deployment_engine=args.deployment_engine,
         cleanup_trainer_on_close=True,
         cleanup_deployment_on_close="scale_to_zero",
+        device=args.device,
+        dtype=args.dtype,
     )
     scores: list[tuple[int, float]] = []
     try:

@@ -131,6 +131,8 @@ def _pkg_version(name: str) -> str | None:
 def _doctor_report() -> dict[str, Any]:
     import torch  # imported here: `firetitan --version` must stay fast
 
+    from firetitan.devices import doctor_report
+
     home = state_dir()
     packages = (
         "firetitan",
@@ -155,8 +157,8 @@ def _doctor_report() -> dict[str, Any]:
             "num_threads": torch.get_num_threads(),
             "num_interop_threads": torch.get_num_interop_threads(),
             "cuda_available": torch.cuda.is_available(),
-            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         },
+        "devices": doctor_report(),  # what `device: auto` picks here and which dtypes work on it
         "state_dir": {
             "path": str(home),
             "from": HOME_ENV if os.environ.get(HOME_ENV) else "platformdirs.user_cache_dir",

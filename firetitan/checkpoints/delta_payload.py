@@ -62,11 +62,15 @@ def apply_delta(
     manifest: SnapshotManifest,
     base_state_dict: Mapping[str, torch.Tensor],
     verify: bool,
+    base_digests: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weights the delta payload at `path` produces from `base_state_dict`, tied aliases restored.
 
     Every base tensor the delta touches must match the digest recorded at save time, and (with
     `verify`) every changed result tensor its own digest; any mismatch raises `SnapshotError`.
+    `base_digests` are the digests the base tensors were already verified against when they were
+    loaded (the base's manifest): given, they are compared instead of hashing the base again, so a
+    hot-load hashes each tensor once rather than the whole base on every delta.
     """
     identity, prev = manifest.identity, manifest.previous_snapshot_identity
     try:
@@ -81,7 +85,8 @@ def apply_delta(
             blob_keys = set(f.keys())
             out: dict[str, torch.Tensor] = {}
             for key, entry in index.items():
-                out[key] = _apply_entry(f, key, entry, blob_keys, base_state_dict, codec, identity, prev)
+                out[key] = _apply_entry(f, key, entry, blob_keys, base_state_dict, codec, identity, prev,
+                                        base_digests)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"delta {identity!r} payload is unreadable: {exc}") from exc
     if verify:
@@ -99,6 +104,7 @@ def _apply_entry(
     codec: str,
     identity: str,
     prev: str | None,
+    base_digests: Mapping[str, str] | None,
 ) -> torch.Tensor:
     encoding = entry["encoding"]
     dtype, shape = dz.parse_dtype(entry["dtype"]), list(entry["shape"])
@@ -113,7 +119,8 @@ def _apply_entry(
             f"delta {identity!r} applies to base {prev!r}, but the given base's {key!r} is "
             f"{dz.dtype_name(base.dtype)}{list(base.shape)}, expected {entry['dtype']}{shape}"
         )
-    if dz.tensor_sha256(base) != entry["base_sha256"]:
+    known = None if base_digests is None else base_digests.get(key)
+    if (known if known is not None else dz.tensor_sha256(base)) != entry["base_sha256"]:
         raise SnapshotError(
             f"delta {identity!r} applies to base {prev!r}, but the given base differs at tensor {key!r}"
         )

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from firetitan.devices import DeviceSetting, DTypeSetting
 from firetitan.errors import ConfigError
 
 CLEANUP_DEPLOYMENT_ON_CLOSE_SCALE_TO_ZERO = "scale_to_zero"
@@ -67,6 +68,10 @@ class FiretitanProvisioningConfig(BaseModel):
     train_attn: bool = True
     train_unembed: bool = True
     replica_count: int = Field(default=1, ge=0, le=16)
+    device: DeviceSetting | None = Field(default=None, description="trainer and deployment device: auto|cpu|"
+                                         "cuda[:i]|mps (None: the shape's or the server's default)")
+    dtype: DTypeSetting | None = Field(default=None, description="float32|bfloat16: the trainer's compute and "
+                                       "snapshot dtype and the deployment's served dtype (None: the default)")
     trainer_timeout_s: float = Field(default=3600.0, gt=0)
     deployment_timeout_s: float = Field(default=5400.0, gt=0)
     hotload_timeout_s: float = Field(default=600.0, gt=0)

@@ -133,7 +133,8 @@ class ServiceResources:
         body: dict[str, Any] = {
             "trainingConfig": {"baseModel": cfg.base_model, "loraRank": 0 if forward_only else cfg.lora_rank,
                                "learningRate": cfg.learning_rate, "maxContextLength": cfg.max_context_length,
-                               "worldSize": 1 if forward_only else cfg.world_size},
+                               "worldSize": 1 if forward_only else cfg.world_size,
+                               "device": cfg.device, "dtype": cfg.dtype},
             "displayName": cfg.display_name, "forwardOnly": forward_only, "serviceMode": True,
             "inactivityTimeout": f"{cfg.inactivity_timeout:.0f}s" if cfg.inactivity_timeout else None}
         params = {"rlorTrainerJobId": new_id}
@@ -192,6 +193,7 @@ class ServiceResources:
             body = {"baseModel": cfg.base_model, "minReplicaCount": want, "maxReplicaCount": want,
                     "deploymentShape": (profile or {}).get("deploymentShape") or None,
                     "displayName": cfg.display_name, "engine": cfg.deployment_engine,
+                    "device": cfg.device, "dtype": cfg.dtype,
                     "hotLoadTrainerJob": f"accounts/{cfg.account}/rlorTrainerJobs/{cfg.trainer_job_id}"
                     if cfg.trainer_job_id else None}
             await http.request_json("POST", self.acct("/deployments"), json=body,

@@ -49,6 +49,8 @@ def test_hosted_aliases_and_defaults() -> None:
     ({"lora_rank": -1}, "lora_rank"),
     ({"learning_rate": 0}, "learning_rate"),
     ({"no_such_option": 1}, "no_such_option"),
+    ({"device": "gpu"}, "device"),
+    ({"dtype": "float16"}, "dtype"),
 ])
 def test_bad_config_raises_config_error_naming_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:

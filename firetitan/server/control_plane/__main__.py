@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 
-from firetitan.errors import ConfigError
+from firetitan.devices import check_device, check_dtype
+from firetitan.errors import ConfigError, InvalidRequestError
 from firetitan.server.common import add_common_args
 from firetitan.server.control_plane.controller import Settings
 from firetitan.server.control_plane.home import resolve_home
@@ -34,6 +36,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="the Ray cluster for --provisioner ray (default: start a local one)")
     parser.add_argument("--ray-gpus-per-worker", type=float, default=float(env("FIRETITAN_RAY_GPUS_PER_WORKER", "0")),
                         help="num_gpus each worker's Ray actor requests")
+    parser.add_argument("--device", default=env("FIRETITAN_DEVICE") or None, type=_flag(check_device),
+                        help="default device of trainer jobs and deployments: auto|cpu|cuda[:i]|mps")
+    parser.add_argument("--dtype", default=env("FIRETITAN_DTYPE") or None, type=_flag(check_dtype),
+                        help="default dtype of trainer jobs and deployments: float32|bfloat16")
+
+
+def _flag(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a setting validator: a bad value is a usage error, not a traceback."""
+    def parse(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidRequestError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+    return parse
 
 
 def _env_int(name: str) -> int | None:
@@ -47,7 +63,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                         trainer_threads=args.trainer_threads, replica_threads=args.replica_threads,
                         worker_host="127.0.0.1", exit_when_idle=args.exit_when_idle,
                         worker_grace_s=args.worker_grace, provisioner=args.provisioner,
-                        ray_address=args.ray_address, ray_gpus_per_worker=args.ray_gpus_per_worker)
+                        ray_address=args.ray_address, ray_gpus_per_worker=args.ray_gpus_per_worker,
+                        device=args.device, dtype=args.dtype)
     if args.cpus:
         settings.cpus = args.cpus
     return settings

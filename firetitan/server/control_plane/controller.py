@@ -60,6 +60,10 @@ class Settings:
     provisioner: str = "local"
     ray_address: str | None = None
     ray_gpus_per_worker: float = 0.0
+    # `firetitan serve --device/--dtype`: this host's default for jobs and deployments that name none
+    # (a request's own setting wins, then this, then its shape's, then auto / float32).
+    device: str | None = None
+    dtype: str | None = None
 
 
 def split_threads(cpus: int, replicas: int, trainer: int | None = None,

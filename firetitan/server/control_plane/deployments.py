@@ -9,6 +9,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+from firetitan.devices import DEFAULT_DEVICE, DEFAULT_DTYPE
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError
 from firetitan.logging import get_logger
 from firetitan.server.control_plane import engines
@@ -109,6 +110,9 @@ class Deployments:
         shape = deployment_shape(req.deployment_shape)
         engine = req.engine or (shape.deployment.engine if shape else "embedded")
         engines.check_engine(engine)
+        if engine == "vllm" and req.dtype not in (None, "float32"):
+            raise InvalidRequestError(f"dtype: {req.dtype!r} is not served by engine 'vllm' (its CPU build runs "
+                                      "float32); use dtype 'float32' or engine 'embedded'", field="dtype")
         req = req.model_copy(update={"base_model": base_model, "engine": engine})
         if shape is not None and shape.base_model != req.base_model:
             raise InvalidRequestError(f"deploymentShape {req.deployment_shape!r} serves {shape.base_model!r}, "
@@ -128,6 +132,8 @@ class Deployments:
                 deployment_shape=shape.deployment.name if shape else None, engine=engine,
                 min_replica_count=replicas, max_replica_count=replicas, last_replica_count=replicas,
                 hot_load_trainer_job=req.hot_load_trainer_job, threads_per_replica=per_replica,
+                device=req.device or settings.device or (shape.device if shape else DEFAULT_DEVICE),
+                dtype=req.dtype or settings.dtype or (shape.dtype if shape else DEFAULT_DTYPE),
                 state=DEP_CREATING if replicas else DEP_READY)
             self.save(account, dep)
         self.cp.spawn(self.reconcile(account, deployment_id), f"create-{dep.name}")
@@ -260,6 +266,8 @@ class Deployments:
         if shape is not None:
             args += ["--max-running-seqs", str(shape.deployment.max_running_seqs),
                      "--max-cached-tokens", str(shape.deployment.max_cached_tokens)]
+        if dep.engine == "embedded":  # the vLLM worker has its own dtype handling (float32 on CPU)
+            args += ["--device", dep.device, "--dtype", dep.dtype]
         args += engines.replica_args(dep.engine, self.cp.layout.root, account, dep.deployment_id, index)
         timeout = engines.ready_timeout(dep.engine, self.cp.settings.ready_timeout, self.cp.settings.vllm_ready_timeout)
         worker = await self.cp.supervisor.start(key, engines.replica_module(dep.engine), args,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from firetitan.devices import DEFAULT_DEVICE, DEFAULT_DTYPE
 from firetitan.errors import ConflictError, FiretitanError, InvalidRequestError, NotFoundError
 from firetitan.logging import get_logger
 from firetitan.server.control_plane.resources import (
@@ -35,7 +36,7 @@ from firetitan.server.control_plane.supervisor import TRAINER_MODULE, WorkerKey,
 from firetitan.server.process import WorkerProcess
 
 if TYPE_CHECKING:
-    from firetitan.server.control_plane.controller import ControlPlane
+    from firetitan.server.control_plane.controller import ControlPlane, Settings
 
 log = get_logger("firetitan.control_plane.jobs")
 
@@ -101,7 +102,7 @@ class TrainerJobs:
             shape_name = shape_name or req.training_shape
             home = self.cp.layout.root
             shape = resolve_shape(shape_name, "trainingShape", home) if shape_name else None
-            config = _resolve_training_config(req.training_config, shape, home)
+            config = _resolve_training_config(req.training_config, shape, home, self.cp.settings)
             threads, _ = split_threads(self.cp.settings.cpus, 1, self.cp.settings.trainer_threads)
             job = TrainerJob(
                 name=self.name(account, job_id), display_name=req.display_name, training_config=config,
@@ -128,6 +129,8 @@ class TrainerJobs:
                 args.append("--forward-only")
             if job.training_config.world_size > 1:
                 args += ["--world-size", str(job.training_config.world_size)]
+            args += ["--device", job.training_config.device or DEFAULT_DEVICE,
+                     "--dtype", job.training_config.dtype or DEFAULT_DTYPE]
             try:
                 worker = await self.cp.supervisor.start(WorkerKey(TRAINER, account, job_id), TRAINER_MODULE, args,
                                                         threads=job.threads)
@@ -227,7 +230,8 @@ def _account(name: str) -> str:
     return name.split("/")[1]
 
 
-def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None, home: Path) -> TrainingConfig:
+def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None, home: Path,
+                             settings: Settings) -> TrainingConfig:
     # Hosted names resolve here, once: the record and the worker's --base-model hold the local model.
     base_model = local_base_model(config.base_model, home, "trainingConfig.baseModel") if config.base_model \
         else (shape.base_model if shape else None)
@@ -243,4 +247,7 @@ def _resolve_training_config(config: TrainingConfig, shape: TrainingShape | None
                                   "a data-parallel trainer trains full parameters only (or use worldSize 1)",
                                   field="trainingConfig.worldSize")
     max_ctx = config.max_context_length or (shape.max_context_length if shape else None)
-    return config.model_copy(update={"base_model": base_model, "max_context_length": max_ctx})
+    device = config.device or settings.device or (shape.device if shape else DEFAULT_DEVICE)
+    dtype = config.dtype or settings.dtype or (shape.dtype if shape else DEFAULT_DTYPE)
+    return config.model_copy(update={"base_model": base_model, "max_context_length": max_ctx,
+                                     "device": device, "dtype": dtype})

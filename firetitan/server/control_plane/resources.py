@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from firetitan.devices import DeviceSetting, DTypeSetting
 from firetitan.errors import InvalidRequestError
 from firetitan.server.deployment.schemas import LoadingState
 
@@ -83,6 +84,9 @@ class TrainingConfig(Wire):
     max_context_length: int | None = Field(default=None, gt=0)
     # Data-parallel ranks of the trainer (docs/data-parallel-trainer.md); > 1 needs lora_rank 0.
     world_size: int = Field(default=1, ge=1, le=8)
+    # None: the training shape's setting, else auto / float32. Resolved on the worker's host.
+    device: DeviceSetting | None = None
+    dtype: DTypeSetting | None = None
 
 
 class CreateTrainerJobRequest(Wire):
@@ -140,6 +144,8 @@ class CreateDeploymentRequest(Wire):
     max_replica_count: int = Field(default=1, ge=0, le=16)
     hot_load_trainer_job: str | None = None
     engine: DeploymentEngine | None = None  # None: the deployment shape's engine, else "embedded"
+    device: DeviceSetting | None = None  # None: the deployment shape's setting, else auto
+    dtype: DTypeSetting | None = None  # None: the deployment shape's setting, else float32
 
 
 class UpdateDeploymentRequest(Wire):
@@ -156,6 +162,8 @@ class Deployment(Wire):
     base_model: str
     deployment_shape: str | None = None
     engine: DeploymentEngine = "embedded"  # which worker serves it: the embedded engine or vLLM
+    device: str = "auto"  # passed to every replica as --device (resolved on the replica's host)
+    dtype: str = "float32"  # the served weights' dtype (--dtype)
     state: str = DEP_CREATING
     status: Status = Field(default_factory=Status)
     min_replica_count: int = 1

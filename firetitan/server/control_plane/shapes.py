@@ -29,6 +29,8 @@ class TrainingShape:
     trainer_mode: str  # POLICY_TRAINER | LORA_TRAINER | FORWARD_ONLY
     deployment: DeploymentShape
     trainer_threads: int | None = None  # None: split the machine's cores (see threads.py)
+    device: str = "auto"  # trainer and deployment device unless a request names one
+    dtype: str = "float32"  # trainer compute/snapshot dtype and the deployment's served dtype
 
     @property
     def name(self) -> str:
@@ -48,6 +50,8 @@ class TrainingShape:
             "acceleratorCount": 0,
             "nodeCount": 1,
             "trainerThreads": self.trainer_threads,
+            "device": self.device,
+            "dtype": self.dtype,
             "deploymentShape": self.deployment.name,
             "deploymentShapeVersion": f"{self.deployment.name}/versions/{SHAPE_VERSION}",
             "maxRunningSeqs": self.deployment.max_running_seqs,

@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
     parser.add_argument("--max-kv-tokens", type=int, default=None,
                         help="KV cache memory bound, in positions over all rows (slots + 1); caps the context")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]|mps (auto: cuda, else mps, else cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32|bfloat16: the served weights' dtype")
     return parser.parse_args(argv)
 
 
@@ -37,10 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from firetitan.devices import check_dtype, resolve_device
     from firetitan.logging import configure_logging
     from firetitan.server.deployment.app import DeploymentSettings, build_app
 
     configure_logging(args.log_level, capture_stdlib=True)
+    device = resolve_device(args.device, field="--device")  # fails here, before serving, if absent
+    dtype = check_dtype(args.dtype, field="--dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(max(1, min(args.threads, 2)))
@@ -50,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
                                   api_key=args.api_key, seed=args.seed,
                                   max_waiting_requests=args.max_waiting_requests,
                                   max_choices_per_request=args.max_choices_per_request,
-                                  max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens)
+                                  max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
+                                  device=device, dtype=dtype)
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's

@@ -52,6 +52,8 @@ class DeploymentSettings:
     max_choices_per_request: int = 128  # prompts x n in one request; more -> 400 naming `n`
     max_prefill_tokens: int = 4096  # prompt tokens prefilled per engine step (longer prompts: in chunks)
     max_kv_tokens: int | None = None  # KV memory bound in positions over all rows; None: rows x model context
+    device: str = "cpu"  # resolved (never "auto"): where the weights, the KV cache and the forward live
+    dtype: str = "float32"  # the served weights' dtype; hot-loaded snapshots are cast to it
 
 
 class DeploymentService:
@@ -65,7 +67,9 @@ class DeploymentService:
             serving = embedded_serving(settings.base_model, max_running_seqs=settings.max_running_seqs,
                                        max_cached_tokens=settings.max_cached_tokens, seed=settings.seed,
                                        max_prefill_tokens=settings.max_prefill_tokens,
-                                       max_kv_tokens=settings.max_kv_tokens)
+                                       max_kv_tokens=settings.max_kv_tokens, device=settings.device,
+                                       dtype=settings.dtype)
+            log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model
         self.tokenizer = serving.tokenizer
@@ -333,7 +337,8 @@ def build_app(settings: DeploymentSettings, serving: Serving | None = None) -> w
         # Plain attributes only: the health listener calls this from its own thread.
         return {"status": "ok", "deployment_id": settings.deployment_id,
                 "policy_version": service.engine.policy_version,
-                "current_snapshot_identity": service.hot.current_identity, **service.serving.marks}
+                "current_snapshot_identity": service.hot.current_identity,
+                "device": settings.device, "dtype": settings.dtype, **service.serving.marks}
 
     app[HEALTH_DETAIL] = health_detail
 

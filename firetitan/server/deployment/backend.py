@@ -81,8 +81,9 @@ class StartupWeights(Mapping[str, torch.Tensor]):
     tensor out once (`dict(weights)` reads every key once), so nothing stays resident between merges.
     """
 
-    def __init__(self, base_model: str, names: list[str]) -> None:
+    def __init__(self, base_model: str, names: list[str], dtype: str = "float32") -> None:
         self.base_model = base_model
+        self.dtype = dtype
         self._names = names
         self._known = frozenset(names)
         self._pending: dict[str, torch.Tensor] | None = None
@@ -90,7 +91,7 @@ class StartupWeights(Mapping[str, torch.Tensor]):
     def _load(self) -> dict[str, torch.Tensor]:
         from firetitan.models import load_model
 
-        return dict(load_model(self.base_model).state_dict())
+        return dict(load_model(self.base_model, dtype=self.dtype).state_dict())
 
     def keys(self) -> list[str]:  # type: ignore[override]
         # `dict(weights)` calls keys() and then reads each key once: load once for the whole copy.
@@ -115,11 +116,12 @@ class StartupWeights(Mapping[str, torch.Tensor]):
 
 
 def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_tokens: int, seed: int,
-                     max_prefill_tokens: int, max_kv_tokens: int | None = None) -> Serving:
-    """The built-in torch engine over a model loaded in this process."""
+                     max_prefill_tokens: int, max_kv_tokens: int | None = None, device: str = "cpu",
+                     dtype: str = "float32") -> Serving:
+    """The built-in torch engine over a model loaded in this process, in `dtype` on `device` (resolved)."""
     from firetitan.models import load_model, load_tokenizer
 
-    model = load_model(base_model)
+    model = load_model(base_model, dtype=dtype).to(device)
     tokenizer = load_tokenizer(base_model)
     eos = _eos_ids(tokenizer)
 
@@ -131,7 +133,7 @@ def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_token
     cfg = model.config
     context = kv_row_positions(int(cfg.max_position_embeddings), max_running_seqs, max_kv_tokens)
     return Serving(make_engine, tokenizer, int(cfg.vocab_size), context, model=model,
-                   startup_weights=StartupWeights(base_model, list(model.state_dict())))
+                   startup_weights=StartupWeights(base_model, list(model.state_dict()), dtype))
 
 
 def _eos_ids(tokenizer: Any) -> set[int]:

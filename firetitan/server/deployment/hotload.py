@@ -46,6 +46,8 @@ class PreparedWeights:
     state_dict: dict[str, torch.Tensor]
     base_identity: str | None  # the base this leaves loaded (deltas and LoRA keep the previous one)
     source_dir: Path | None = None  # set by loaders for engines that reload from an HF directory (vLLM)
+    # A base as stored (its snapshot dtype), which later deltas XOR against, when the served dtype differs.
+    stored: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -100,10 +102,14 @@ class SnapshotLoader:
         return manifest.kind
 
     def prepare(self, identity: str, state: HotLoadState) -> PreparedWeights:
-        manifest = self.store.verify(identity)  # whole-file checksums first: a corrupt payload is refused
+        # Whole-file checksums first: a corrupt payload is refused. A base's weights file is skipped there
+        # because load_state_dict checks each of its tensors against its digest (one hash per tensor).
+        manifest = self.store.verify(identity, tensors_checked=True)
         if manifest.kind == "base":
-            sd = self.store.load_state_dict(identity)
-            return PreparedWeights(identity, "base", self._checked(sd, identity), identity)
+            sd = self.store.load_state_dict(identity, verify=True)
+            served = self._checked(sd, identity)
+            same = all(served[k] is v for k, v in sd.items())  # no cast: one copy serves both purposes
+            return PreparedWeights(identity, "base", served, identity, stored=None if same else sd)
         if manifest.kind == "delta":
             if state.base_state_dict is None:
                 raise SnapshotError(f"delta {identity!r} needs its base loaded first")
@@ -243,7 +249,8 @@ class ReplicaHotLoader:
         hot = self.state
         hot.current_identity = prepared.identity
         if prepared.kind == "base":
-            hot.base_identity, hot.base_state_dict = prepared.identity, prepared.state_dict
+            hot.base_identity = prepared.identity
+            hot.base_state_dict = prepared.stored if prepared.stored is not None else prepared.state_dict
         hot.loaded_adapters = [{"identity": prepared.identity, "status": "loaded"}] if prepared.kind == "lora" else []
         hot.loading.stage, hot.loading.finished_at = "done", time.time()
         self._remember({"identity": prepared.identity, "kind": prepared.kind, "status": "loaded",

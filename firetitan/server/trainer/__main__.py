@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autosave-every", type=int, default=10,
                         help="save the job model's latest train state every N optimizer steps (0 = off)")
     parser.add_argument("--autosave-keep", type=int, default=2, help="latest train states kept (newest)")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]|mps (auto: cuda, else mps, else cpu)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32|bfloat16: compute and sampler-snapshot dtype (weights and Adam stay float32)")
     parser.add_argument("--world-size", type=int, default=1,
                         help="data-parallel ranks of the preloaded model (1..8; this process is rank 0 and "
                              "starts the others, see docs/data-parallel-trainer.md)")
@@ -45,10 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from firetitan.devices import check_dtype, resolve_device
     from firetitan.logging import configure_logging
     from firetitan.server.trainer.app import TrainerSettings, build_app
 
     configure_logging(args.log_level)
+    device = resolve_device(args.device, field="--device")  # fails here, before serving, if absent
+    dtype = check_dtype(args.dtype, field="--dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(max(1, min(args.threads, 2)))
@@ -56,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
                                lora_rank=args.lora_rank, job_id=args.job_id, forward_only=args.forward_only,
                                api_key=args.api_key, max_models=args.max_models,
                                model_roots=tuple(args.model_root), autosave_every=args.autosave_every,
-                               autosave_keep=args.autosave_keep, resolve_model=_alias_resolver())
+                               autosave_keep=args.autosave_keep, resolve_model=_alias_resolver(),
+                               device=device, dtype=dtype)
     if args.world_size > 1:
         from firetitan.server.trainer.distributed.engine import engine_factory
 
         rank_args = (["--log-level", args.log_level] if args.log_level else []) + (
             ["--threads", str(args.threads)] if args.threads else [])
-        settings.make_engine = engine_factory(args.world_size, torch.device("cpu"), rank_args)
+        settings.make_engine = engine_factory(args.world_size, torch.device(device), rank_args)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
 
 

@@ -28,6 +28,15 @@ class PreparedBatch:
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
+    def to(self, device: torch.device | str) -> PreparedBatch:
+        """The same batch with every tensor on `device` (itself when they already are)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return PreparedBatch(self.input_ids.to(device), mask, self.lengths, [t.to(device) for t in self.targets],
+                             [{k: v.to(device) for k, v in inp.items()} for inp in self.inputs],
+                             self.loss_fn, self.loss_fn_config)
+
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, field: str) -> None:
     if ids.numel() == 0:
@@ -112,12 +121,12 @@ def gather_logprobs(logits: torch.Tensor, batch: PreparedBatch) -> list[torch.Te
     lengths = batch.lengths
     widths = [1 if t.dim() == 1 else int(t.shape[1]) for t in batch.targets]
     k = max(widths)
-    positions = torch.zeros(logits.shape[:2], dtype=torch.bool)
+    positions = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
     for i, n in enumerate(lengths):
         positions[i, :n] = True
     logp = torch.log_softmax(logits[positions].float(), dim=-1)  # [sum(lengths), V]
     # Targets with fewer than k columns are padded with token 0; the padding is sliced off below.
-    idx = torch.zeros((logp.shape[0], k), dtype=torch.int64)
+    idx = torch.zeros((logp.shape[0], k), dtype=torch.int64, device=logits.device)
     start = 0
     for n, w, target in zip(lengths, widths, batch.targets, strict=True):
         idx[start:start + n, :w] = target.view(n, w)

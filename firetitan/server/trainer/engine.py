@@ -7,6 +7,7 @@ thread, one call at a time per engine (the request queue guarantees that).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import torch
 
 from firetitan.checkpoints import SnapshotStore, TrainStateStore
 from firetitan.checkpoints.train_state import load_train_state, read_train_state_info, save_train_state
+from firetitan.devices import device_type, torch_dtype
 from firetitan.errors import InvalidRequestError, NonFiniteError
 from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
@@ -39,12 +41,18 @@ _UNEMBED_MODULES = ("lm_head",)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to build: base model, LoRA (None = full-parameter), reference-only mode, init seed."""
+    """What to build: base model, LoRA (None = full-parameter), reference-only mode, init seed, and where.
+
+    `device` is a resolved device (`cpu`, `cuda:1`, never `auto`); `dtype` the compute and snapshot
+    dtype: parameters and AdamW state stay float32 either way (see docs/gpu-and-multiprocess.md).
+    """
 
     base_model: str
     lora: LoraConfig | None = None
     forward_only: bool = False
     seed: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
     @property
     def is_lora(self) -> bool:
@@ -89,7 +97,10 @@ class TrainerEngine:
         self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
         if spec.lora is not None:
             model = self._wrap_lora(model, spec.lora)
-        self.model = model.eval()  # no dropout: training forward == reference forward
+        # float32 master weights on the job's device; bf16 is the compute dtype (autocast) only.
+        self.device = torch.device(spec.device)
+        self.compute_dtype = torch_dtype(spec.dtype)
+        self.model = model.to(self.device).eval()  # no dropout: training forward == reference forward
         if spec.forward_only:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -106,6 +117,7 @@ class TrainerEngine:
         self.restored_from_step: int | None = None
         self.steps_lost: int | None = None
         log.info("model_loaded", model_id=model_id, base_model=spec.base_model, lora=spec.is_lora,
+                 device=str(self.device), dtype=spec.dtype,
                  params=self.num_params, trainable=self.num_trainable,
                  seconds=round(time.monotonic() - started, 3))
 
@@ -141,9 +153,11 @@ class TrainerEngine:
         if not batch.lengths:
             return _fb_body([], {"loss:sum": 0.0})
         grad_mode = torch.enable_grad() if backward else torch.no_grad()
+        batch = batch.to(self.device)
         with self._adapter(disable_adapter), grad_mode:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            lps = gather_logprobs(out.logits, batch)
+            with self._autocast():
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            lps = gather_logprobs(out.logits, batch)  # log-softmax and the loss in float32
             flat_lp = torch.cat([lp.reshape(-1) for lp in lps])
             flat_inputs = {"target_tokens": torch.cat([t.reshape(-1) for t in batch.targets])}
             for key in batch.inputs[0]:
@@ -160,6 +174,12 @@ class TrainerEngine:
         if not math.isfinite(metrics["loss:sum"]):
             log.warning("non_finite_loss", model_id=self.model_id, loss_fn=batch.loss_fn)
         return _fb_body([lp.detach() for lp in lps], metrics)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 matmuls over the float32 weights; a no-op for float32 jobs (bit-identical to before)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type(str(self.device)), dtype=self.compute_dtype)
 
     @contextlib.contextmanager
     def _adapter(self, disable: bool) -> Iterator[None]:
@@ -220,7 +240,7 @@ class TrainerEngine:
             group["weight_decay"] = params.weight_decay
         if params.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params, params.grad_clip_norm,
-                                                 torch.tensor(grad_norm))
+                                                 torch.tensor(grad_norm, device=self.device))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -273,7 +293,7 @@ class TrainerEngine:
                                             client_suffix=client_suffix)
         else:
             kind = checkpoint_type or ("delta" if self._base_identity and not self._rebase_due else "base")
-            state = self._full_state()
+            state = self._snapshot_state()
             if kind == "delta":
                 if self._base_identity is None:
                     raise InvalidRequestError(
@@ -284,7 +304,7 @@ class TrainerEngine:
                 full = manifest.full_size_bytes or 0
                 self._rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
             else:
-                manifest = self.store.save_base(name, state, self.config, tokenizer=self._get_tokenizer(),
+                manifest = self.store.save_base(name, state, self._snapshot_config(), tokenizer=self._get_tokenizer(),
                                                 base_model=self.spec.base_model, client_suffix=client_suffix)
                 self._base_identity = manifest.identity
                 self._rebase_due = False
@@ -298,6 +318,27 @@ class TrainerEngine:
     def _full_state(self) -> dict[str, torch.Tensor]:
         """Every weight of the model, unsharded (a sharded engine gathers them to rank 0)."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def _snapshot_state(self) -> dict[str, torch.Tensor]:
+        """The weights as the deployment serves them: full, on the CPU, in the job's dtype.
+
+        A bf16 snapshot is half the bytes of float32, and its deltas are far sparser: an update smaller
+        than half a bf16 step leaves the stored value unchanged, so its XOR is zero.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self._full_state().items():
+            if v.is_floating_point() and v.dtype != self.compute_dtype:
+                v = v.to(self.compute_dtype)
+            out[k] = v.to("cpu")
+        return out
+
+    def _snapshot_config(self) -> Any:
+        """The model config with the snapshot's dtype, so `from_pretrained(dir)` (vLLM) loads it as stored."""
+        if self.compute_dtype == torch.float32:
+            return self.config
+        config = copy.deepcopy(self.config)
+        config.dtype = self.compute_dtype
+        return config
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -368,6 +409,8 @@ class TrainerEngine:
             "step": self.step,
             "policy_version": self.policy_version,
             "forward_only": self.spec.forward_only,
+            "device": str(self.device),
+            "dtype": self.spec.dtype,
             "vocab_size": self.vocab_size,
             "last_base_snapshot": self._base_identity,
             "restored_from_step": self.restored_from_step,
@@ -404,6 +447,6 @@ def _abs_max(t: torch.Tensor) -> float:
 def _fb_body(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, Any]:
     outputs = []
     for lp in logprobs:
-        td = TensorData.from_torch(lp)
+        td = TensorData.from_torch(lp.cpu())
         outputs.append({"logprobs": td.to_wire(compact=td.size >= COMPACT_MIN_ELEMENTS)})
     return {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": outputs, "metrics": metrics}

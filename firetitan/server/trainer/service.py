@@ -51,6 +51,9 @@ class TrainerSettings:
     # Builds the preloaded (job) model's engine: `(model_id, spec, store=, states=, futures=)`; None =
     # a plain TrainerEngine. A data-parallel job (--world-size N) passes the distributed factory.
     make_engine: Callable[..., TrainerEngine] | None = None
+    # Where every model of this worker lives (a resolved device, never "auto") and its compute/snapshot dtype.
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 @dataclass
@@ -137,7 +140,8 @@ class TrainerService:
         base = resolve_model_name(req.base_model) if preload else self.admit_base_model(req.base_model)
         if req.lora_config is not None:
             lora_target_modules(req.lora_config)
-        spec = ModelSpec(base_model=base, lora=req.lora_config, forward_only=self.settings.forward_only or req.forward_only, seed=req.seed)
+        spec = ModelSpec(base_model=base, lora=req.lora_config, forward_only=self.settings.forward_only or req.forward_only,
+                         seed=req.seed, device=self.settings.device, dtype=self.settings.dtype)
         reused = self._reuse_preloaded(req, spec)
         if reused is not None:
             return reused

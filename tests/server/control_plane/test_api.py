@@ -72,6 +72,12 @@ def test_bad_requests_get_400_naming_the_field(control_plane: ControlPlaneProc) 
         (f"{ACCT}/deployments", {"baseModel": "firetitan/nano-qwen3", "maxReplicaCount": 99}, 400,
          "maxReplicaCount"),
         (f"{ACCT}/deployments", {"minReplicaCount": 0}, 400, "baseModel"),
+        (f"{ACCT}/rlorTrainerJobs", {"trainingConfig": {"baseModel": "firetitan/nano-qwen3", "device": "gpu"}},
+         400, "trainingConfig.device"),
+        (f"{ACCT}/rlorTrainerJobs", {"trainingConfig": {"baseModel": "firetitan/nano-qwen3", "dtype": "float16"}},
+         400, "trainingConfig.dtype"),
+        (f"{ACCT}/deployments", {"baseModel": "firetitan/nano-qwen3", "dtype": "fp8"}, 400, "dtype"),
+        (f"{ACCT}/deployments", {"baseModel": "firetitan/nano-qwen3", "device": "tpu"}, 400, "device"),
         (f"{ACCT}/deployments?deploymentId=UPPER", {"baseModel": "firetitan/nano-qwen3"}, 400, "deploymentId"),
     ]
     for path, body, want_status, field in cases:

@@ -122,3 +122,23 @@ async def test_one_wait_raises_on_a_reported_failure_and_on_timeout() -> None:
     with pytest.raises(APITimeoutError) as err:
         await wait_until_serving(stuck, "x", 0, where="d", poll_s=0)
     assert "swapping" in err.value.message
+
+
+def test_device_and_dtype_come_from_the_request_then_the_server_then_the_shape(tmp_path) -> None:
+    import dataclasses
+
+    from firetitan.server.control_plane.controller import Settings
+    from firetitan.server.control_plane.jobs import _resolve_training_config
+    from firetitan.server.control_plane.resources import TrainingConfig
+
+    shape = dataclasses.replace(resolve_shape("nano-qwen3-cpu"), device="cpu", dtype="bfloat16")
+    plain = TrainingConfig(base_model="firetitan/nano-qwen3")
+    got = _resolve_training_config(plain, None, tmp_path, Settings())
+    assert (got.device, got.dtype) == ("auto", "float32")
+    got = _resolve_training_config(plain, shape, tmp_path, Settings())
+    assert (got.device, got.dtype) == ("cpu", "bfloat16")
+    got = _resolve_training_config(plain, shape, tmp_path, Settings(device="cuda:1", dtype="float32"))
+    assert (got.device, got.dtype) == ("cuda:1", "float32")
+    mine = TrainingConfig(base_model="firetitan/nano-qwen3", device="mps", dtype="bf16")
+    got = _resolve_training_config(mine, shape, tmp_path, Settings(device="cuda:1", dtype="float32"))
+    assert (got.device, got.dtype) == ("mps", "bfloat16")

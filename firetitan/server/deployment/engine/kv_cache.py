@@ -17,12 +17,13 @@ class SlotKVCache:
     """
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 max_capacity: int, initial_capacity: int = 256) -> None:
+                 max_capacity: int, initial_capacity: int = 256, device: torch.device | str = "cpu") -> None:
         self.num_layers = num_layers
         self.num_slots = num_slots
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.device = torch.device(device)
         self.max_capacity = max_capacity
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -81,7 +82,8 @@ class SlotKVCache:
         new_k: list[torch.Tensor] = []
         new_v: list[torch.Tensor] = []
         for layer in range(self.num_layers):
-            k, v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if keep and rows:
                 k[rows, :, :keep] = self.k[layer][rows, :, :keep]
                 v[rows, :, :keep] = self.v[layer][rows, :, :keep]

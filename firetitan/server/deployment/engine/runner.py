@@ -51,11 +51,12 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_positions = int(cfg.max_position_embeddings)
         self.vocab_size = int(cfg.vocab_size)
-        self.dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.dtype, self.device = first.dtype, first.device  # the KV cache and inputs follow the weights
         self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
         self.max_positions = kv_row_positions(self.max_positions, max_slots, max_kv_tokens)
         self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
-                                 max_capacity=self.max_positions)
+                                 max_capacity=self.max_positions, device=self.device)
 
     def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,14 +80,15 @@ class ModelRunner:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.inner.norm(hidden)).float()
+        # Sampling (seeded CPU generators) and logprobs run in float32 on the CPU whatever the device.
+        return self.model.lm_head(self.inner.norm(hidden)).float().cpu()
 
     @torch.no_grad()
     def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V]."""
         hidden = self._prefill_hidden(slots, prompts)
-        last = torch.tensor([len(p) for p in prompts]) - 1
-        return self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1)
+        last = torch.tensor([len(p) for p in prompts], device=self.device) - 1
+        return self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1)).squeeze(1)
 
     def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Fill the KV rows of `slots` with the prompts; returns the final hidden states [B, T, H].
@@ -101,7 +103,8 @@ class ModelRunner:
         ids = torch.zeros((len(prompts), longest), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        positions = torch.arange(longest).unsqueeze(0).expand(len(prompts), -1)
+        ids = ids.to(self.device)
+        positions = torch.arange(longest, device=self.device).unsqueeze(0).expand(len(prompts), -1)
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions)
         first, end = slots.start, slots.stop
@@ -121,11 +124,12 @@ class ModelRunner:
         count = len(tokens)
         end = start + count
         self.cache.ensure_capacity(end + 1)
-        ids = torch.tensor([list(tokens)], dtype=torch.long)
-        positions = torch.arange(start, end).unsqueeze(0)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions)
-        mask = (torch.arange(end).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)).view(1, 1, count, end)
+        mask = (torch.arange(end, device=self.device).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)
+                ).view(1, 1, count, end)
         for index, layer in enumerate(self.layers):
             residual = hidden
             q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
@@ -147,14 +151,14 @@ class ModelRunner:
         """
         bsz = len(tokens)
         cache = self.cache
-        pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long)
+        pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long, device=self.device)
         span = int(pos.max()) + 1
         cache.ensure_capacity(span)
-        ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, pos.unsqueeze(1))
-        rows = torch.arange(bsz)
-        mask = (torch.arange(span).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
+        rows = torch.arange(bsz, device=self.device)
+        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
         for index, layer in enumerate(self.layers):
             residual = hidden
             q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
@@ -186,8 +190,8 @@ class ModelRunner:
             prompts = [r.prompt for r in decision.prefill]
             slots = cache.allocate(len(prompts))
             hidden = self._prefill_hidden(slots, prompts)
-            last = torch.tensor([len(p) for p in prompts]) - 1
-            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts)), last].unsqueeze(1)).squeeze(1))
+            last = torch.tensor([len(p) for p in prompts], device=self.device) - 1
+            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1)).squeeze(1))
             for row, request in enumerate(decision.prefill):
                 if request.options.echo:
                     rows = self._logits(hidden[row : row + 1, : len(request.prompt)])[0]

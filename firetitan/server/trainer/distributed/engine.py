@@ -300,4 +300,5 @@ def engine_factory(world_size: int, device: torch.device, rank_args: list[str]) 
 
 
 def _spec_json(spec: ModelSpec) -> str:
-    return json.dumps({"base_model": spec.base_model, "forward_only": spec.forward_only, "seed": spec.seed})
+    return json.dumps({"base_model": spec.base_model, "forward_only": spec.forward_only, "seed": spec.seed,
+                       "device": spec.device, "dtype": spec.dtype})
