@@ -70,6 +70,15 @@ class DataCursor:
                 raise ValueError(f"positions: {p} was not handed out (or was already trained)")
             self._issued.remove(p)
 
+    def can_issue(self) -> bool:
+        """Whether `next()` would hand out a position now (one to redo, or an epoch not yet handed out)."""
+        return bool(self._redo) or self.limit is None or self._next < self.limit
+
+    @property
+    def outstanding(self) -> int:
+        """Positions handed out and neither trained nor given back (in flight, queued, or buffered)."""
+        return len(self._issued)
+
     @property
     def exhausted(self) -> bool:
         return not self._redo and not self._issued and self.limit is not None and self._next >= self.limit

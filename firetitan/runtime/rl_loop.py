@@ -71,6 +71,15 @@ class RLLoop:
         self.admission.set_sampler_version(self.registry.oldest_served())
 
     async def run(self) -> None:
+        """Train until `steps`, cancellation, or the data running out (a finite cursor).
+
+        Every wait has an end condition: the trainer's wait for a batch ends with a batch or None
+        (`BatchAssembler.next_batch`: stream closed, or no prompt can come back); its wait on a
+        periodic job's one-slot queue ends when that job's current run ends, itself bounded by the
+        job's `timeout_s`; rollout workers wait on the gate, which every trainer step, publish and
+        give-back wakes, and are cancelled here once the trainer stops; every remote call is bounded
+        by a deadline (`remote.call`).
+        """
         s = self.settings
         send, receive = anyio.create_memory_object_stream[RolloutGroup](s.queue_size or s.groups_per_step)
         workers = RolloutWorkers(admission=self.admission, cursor=self.cursor, registry=self.registry,

@@ -6,6 +6,13 @@ and sends it into a bounded stream (backpressure when the trainer is behind).
 Consumer: `BatchAssembler.next_batch(trainer_step)` takes the oldest groups, trains only those with
 `trainer_step - version <= bound`, and gives stale ones back (their prompt is re-issued, the drop is
 counted), so the bound holds no matter how sampling and training timings interleave.
+
+Liveness invariant (every wait here has an end condition): a waiting task is woken by the event that
+can unblock it, or the loop ends it. The admission wait ends on the next gate change (release, trainer
+step, published version); a worker with no position to hand out waits for the next gate change too,
+since every give-back of a position releases its slot; and the consumer stops waiting (returns None)
+once its buffer holds every outstanding position and the cursor can hand out no other, because then
+no further group can ever arrive — the workers are cancelled by the loop when the trainer stops.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ class Admission:
             await self._changed.wait()
         return self.gate.admit()
 
+    async def changed(self) -> None:
+        """Wait for the next gate change (a slot given back, a trainer step, a published version)."""
+        await self._changed.wait()
+
     def release(self) -> None:
         self.gate.give_back()
         self._notify()
@@ -93,8 +104,9 @@ class RolloutWorkers:
     async def run(self) -> None:
         """Admit and run rollouts until cancelled (the owner decides when training is done).
 
-        When the cursor has nothing left to hand out it waits, since stale drops and failed rollouts
-        give their prompts back and those must be redone.
+        When the cursor has nothing left to hand out it waits for the next gate change (not a timed
+        poll): stale drops and failed rollouts give their prompts back, each with a slot release, and
+        those must be redone. If none can come back, the consumer ends the run (`next_batch` -> None).
         """
         async with self.send:
             async with anyio.create_task_group() as tg:
@@ -109,7 +121,8 @@ class RolloutWorkers:
                     if position is None:
                         self.admission.release()
                         self.limiter.release()
-                        await anyio.sleep(0.05)
+                        # No await between next() and this wait, so no give-back can slip by unseen.
+                        await self.admission.changed()
                         continue
                     # Read at admission; the registry only moves forward while the rollout runs, so
                     # the tag is never newer than the weights that produced the tokens.
@@ -175,6 +188,7 @@ class BatchAssembler:
         self.buffer: list[RolloutGroup] = []
         self.dropped = 0
         self.closed = False
+        self.starved = False  # the data ran out: no full batch can be assembled any more
 
     def _drop(self, group: RolloutGroup, trainer_step: int) -> None:
         self.dropped += 1
@@ -202,6 +216,13 @@ class BatchAssembler:
                         self.metrics.staleness.add(staleness(trainer_step, g.version))
                 return batch
             if self.closed:
+                return None
+            if not self.cursor.can_issue() and self.cursor.outstanding <= len(self.buffer):
+                # Every handed-out position is here and none is left to hand out: waiting on the
+                # stream would never end (the workers wait for a give-back that cannot happen).
+                self.starved = True
+                if self.metrics:
+                    self.metrics.log("data_exhausted", trainer_step, buffered=len(self.buffer))
                 return None
             try:
                 self.buffer.append(await self.receive.receive())

@@ -41,7 +41,8 @@ async def train_teacher(log_dir: Path, home: Path | None, *, model: str = "firet
     return str(recs[-1]["state_path"]), stable_job_id("sft", log_dir)
 
 
-async def train_rl_teacher(log_dir: Path, home: Path | None, *, steps: int = 30) -> tuple[str, str]:
+async def train_rl_teacher(log_dir: Path, home: Path | None, *, steps: int = 30, groups_per_step: int = 4,
+                           group_size: int = 8) -> tuple[str, str]:
     """An IGPO-trained nano-qwen3 on the lookup env: it calls the tool more often than a fresh student.
 
     Its shift is over whole token classes (vowel-initial first words) that a random-init student
@@ -51,8 +52,15 @@ async def train_rl_teacher(log_dir: Path, home: Path | None, *, steps: int = 30)
     from firetitan.envs import LookupEnv
     from firetitan.recipes.igpo import IGPOConfig, igpo
 
-    cfg = IGPOConfig(log_dir=log_dir, steps=steps, groups_per_step=4, group_size=8, max_tokens=4, max_turns=3,
+    cfg = IGPOConfig(log_dir=log_dir, steps=steps, groups_per_step=groups_per_step, group_size=group_size,
+                     max_tokens=4, max_turns=3,
                      learning_rate=1e-2, eval_every=0, save_every=0, service_kwargs={"home": str(home)} if home else {})
     await igpo(cfg, lookup_rows(400, seed=0), [], LookupEnv)
     recs = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
     return str(recs[-1]["state_path"]), stable_job_id("igpo", log_dir)
+
+
+def episode_records(log_dir: Path) -> list[dict[str, Any]]:
+    """The per-step `episodes` events of a run (success, reverse_kl, ...), in step order."""
+    recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "episodes"]

@@ -80,6 +80,21 @@ def test_cursor_epochs_and_give_back() -> None:
     assert c.exhausted
 
 
+def test_cursor_can_issue_and_outstanding() -> None:
+    # What the batch assembler's end-of-data check reads: nothing left to hand out, and how many
+    # handed-out positions are still untrained.
+    c = DataCursor(2, epochs=1)
+    assert c.can_issue() and c.outstanding == 0
+    a, b = c.next(), c.next()
+    assert not c.can_issue() and c.outstanding == 2
+    c.give_back(b)
+    assert c.can_issue() and c.outstanding == 1, "a given-back position can be issued again"
+    assert c.next() == b
+    c.mark_trained([a, b])
+    assert not c.can_issue() and c.outstanding == 0 and c.exhausted
+    assert DataCursor(2, epochs=None).can_issue()
+
+
 def test_cursor_state_redoes_untrained(tmp_path) -> None:
     c = DataCursor(10, epochs=None, seed=7)
     issued = [c.next() for _ in range(6)]
