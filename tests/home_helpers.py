@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -49,6 +50,17 @@ class Home:
         key = read_api_key(self.layout)
         return lambda method, path, body=None: call(info["url"], method, path, body, key=key)
 
+    def wait_for(self, path: str, predicate: Callable[[Any], bool], timeout: float = 120.0) -> Any:
+        """GET `path` from the daemon until `predicate(body)` holds; fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, payload = self.http()("GET", path)
+            assert status == 200, (status, payload)
+            if predicate(payload):
+                return payload
+            assert time.monotonic() < deadline, f"timed out waiting on {path}: {payload}"
+            time.sleep(0.1)
+
     def stop_everything(self) -> None:
         """Every process of this home, control planes first (they stop their workers); workers only
         remain if a daemon was SIGKILLed and their watchdogs lag."""
@@ -56,6 +68,16 @@ class Home:
             stop_pid(pid, timeout=20)
         for pid in self.worker_pids():
             stop_pid(pid, timeout=10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
+    """Poll `predicate` every `step` seconds; whether it held within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 def call(url: str, method: str, path: str, body: Any = None, *, key: str | None = None,

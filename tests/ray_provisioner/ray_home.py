@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import ray
-from home_helpers import Home
+from home_helpers import Home, wait_until
 
 NAMESPACE = "firetitan"  # firetitan.server.control_plane.ray_provisioner.NAMESPACE
 ACCT = "/v1/accounts/local"
@@ -16,14 +15,7 @@ NANO = "firetitan/nano-qwen3"
 
 class RayHome(Home):
     def wait_for(self, path: str, predicate: Callable[[Any], bool], timeout: float = 180.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            status, payload = self.http()("GET", path)
-            assert status == 200, (status, payload)
-            if predicate(payload):
-                return payload
-            assert time.monotonic() < deadline, f"timed out waiting on {path}: {payload}"
-            time.sleep(0.2)
+        return super().wait_for(path, predicate, timeout)  # Ray actors start slower than processes
 
 
 def firetitan_actors() -> list[str]:
@@ -31,10 +23,4 @@ def firetitan_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
+__all__ = ["ACCT", "NAMESPACE", "NANO", "RayHome", "firetitan_actors", "wait_until"]

@@ -225,7 +225,7 @@ class TrainerEngine:
         """
         assert self.optimizer is not None
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = math.sqrt(grad_square_sum(grads)) if grads else 0.0
+        grad_norm = self._grad_norm(grads)
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"optim_step: the gradient norm is {grad_norm}; the step was refused",
                                  field="adam_params")
@@ -239,8 +239,7 @@ class TrainerEngine:
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
         if params.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(self.params, params.grad_clip_norm,
-                                                 torch.tensor(grad_norm, device=self.device))
+            self._clip_grads(grads, clip, params.grad_clip_norm, grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -249,6 +248,14 @@ class TrainerEngine:
         return {"metrics": {"grad_norm": grad_norm, "learning_rate": params.learning_rate,
                             "step": float(self.step), "accumulated_backwards": float(accumulated)},
                 "step": self.step, "policy_version": self.policy_version}
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> float:
+        """The total L2 norm of the gradients (a sharded engine reduces it over its ranks)."""
+        return math.sqrt(grad_square_sum(grads)) if grads else 0.0
+
+    def _clip_grads(self, grads: list[torch.Tensor], clip: float, max_norm: float, grad_norm: float) -> None:
+        """Scale the gradients by `clip` (< 1 when the norm passes `max_norm`), as torch's clipping does."""
+        torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, torch.tensor(grad_norm, device=self.device))
 
     @torch.no_grad()
     def _check_update(self, params: AdamParams, clip: float) -> None:

@@ -173,35 +173,18 @@ class DistributedEngine(TrainerEngine):
         return self._drive("optim_step", params=params)
 
     def _op_optim_step(self, params: AdamParams) -> dict[str, Any]:
-        assert self.optimizer is not None
-        grads = [p.grad for p in self.params if p.grad is not None]
+        return TrainerEngine.optim_step(self, params)  # every rank runs the same step on its shards
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> float:
         square = torch.tensor([grad_square_sum(grads)], dtype=torch.float64, device=self.group.device)
-        dist.all_reduce(square)
-        grad_norm = math.sqrt(float(square.item())) if grads else 0.0
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"optim_step: the gradient norm is {grad_norm}; the step was refused",
-                                 field="adam_params")
-        clip = 1.0
-        if params.grad_clip_norm > 0 and grads:
-            clip = min(1.0, params.grad_clip_norm / (grad_norm + 1e-6))  # torch's clip coefficient
-        self._check_update(params, clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = params.learning_rate
-            group["betas"] = (params.beta1, params.beta2)
-            group["eps"] = params.eps
-            group["weight_decay"] = params.weight_decay
+        dist.all_reduce(square)  # every rank takes part, even one without gradients
+        return math.sqrt(float(square.item())) if grads else 0.0
+
+    def _clip_grads(self, grads: list[torch.Tensor], clip: float, max_norm: float, grad_norm: float) -> None:
         if clip < 1.0:
             with torch.no_grad():
                 for g in grads:
                     local_shard(g).mul_(clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.policy_version += 1
-        accumulated, self.pending_backward = self.pending_backward, 0
-        return {"metrics": {"grad_norm": grad_norm, "learning_rate": params.learning_rate,
-                            "step": float(self.step), "accumulated_backwards": float(accumulated)},
-                "step": self.step, "policy_version": self.policy_version}
 
     def _check_update(self, params: AdamParams, clip: float) -> None:
         refused: NonFiniteError | None = None
