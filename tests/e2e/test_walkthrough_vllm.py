@@ -17,9 +17,7 @@ from typing import Any
 
 import pytest
 from process_scan import live_pids
-
-from firetitan.errors import ConfigError
-from firetitan.server.deployment.vllm_backend.child import vllm_python
+from vllm_env import needs_vllm
 
 Home = Any  # the `home` fixture (tests/e2e/conftest.py)
 REPO = Path(__file__).resolve().parents[2]
@@ -27,14 +25,6 @@ EXAMPLE = str(REPO / "examples" / "training_and_sampling.py")
 # 40 steps take nano-qwen3 from 0 to 1.0 on the embedded engine (0, 0.04, 0.32, 0.84, 1.0 when measured).
 ARGS = ["--base-model", "firetitan/nano-qwen3", "--steps", "40", "--eval-interval", "10", "--target-score", "2"]
 ONE_LETTER = 1 / 25
-
-
-def _has_vllm() -> bool:
-    try:
-        vllm_python()
-    except ConfigError:
-        return False
-    return True
 
 
 def _eval_scores(home: Home, *extra: str) -> list[float]:
@@ -45,8 +35,7 @@ def _eval_scores(home: Home, *extra: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_vllm(), reason="vLLM environment not built: run `make vllm-env` or set "
-                    "FIRETITAN_VLLM_PYTHON to a python with vllm")
+@needs_vllm
 def test_walkthrough_on_vllm_learns_as_on_the_embedded_engine(home: Home) -> None:
     engine_cores_before = set(live_pids(_vllm_engine_core))
     embedded = _eval_scores(home, "--deployment-id", "walk-embedded")

@@ -6,23 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from vllm_env import needs_vllm
 
-from firetitan.errors import ConfigError, InvalidRequestError
+from firetitan.errors import InvalidRequestError
 from firetitan.server.control_plane.engines import check_engine
-from firetitan.server.deployment.vllm_backend.child import VLLM_PYTHON_ENV, vllm_python
+from firetitan.server.deployment.vllm_backend.child import VLLM_PYTHON_ENV
 
 ACCT = "/v1/accounts/local"
 DEP = f"{ACCT}/deployments/vdep"
 HOT = f"{DEP}/hot_load/v1/models/hot_load"
 PROMPT = [1, 30, 44, 91, 7, 250, 12, 9]
-
-
-def _has_vllm() -> bool:
-    try:
-        vllm_python()
-    except ConfigError:
-        return False
-    return True
 
 
 def test_engine_vllm_is_refused_without_its_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -34,8 +27,7 @@ def test_engine_vllm_is_refused_without_its_environment(monkeypatch: pytest.Monk
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_vllm(), reason="vLLM environment not built: run `make vllm-env` or set "
-                    "FIRETITAN_VLLM_PYTHON to a python with vllm")
+@needs_vllm
 def test_vllm_deployment_serves_hot_loads_and_cleans_up(control_plane: Any, home_workers: Any) -> None:
     from firetitan.checkpoints import SnapshotStore
     from firetitan.models import load_model, load_tokenizer

