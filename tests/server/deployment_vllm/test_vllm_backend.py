@@ -213,3 +213,27 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
         time.sleep(0.2)
     out = _complete(worker, prompt=PROMPT, max_tokens=4, logprobs=True, raw_output=True, ignore_eos=True)
     assert out["choices"][0]["raw_output"]["policy_versions"] == ["vllm-base-3"] * 4
+
+
+def test_lora_snapshot_is_served_merged_and_matches_the_peft_model(worker: WorkerProcess, model_dir: Path,
+                                                                   store: SnapshotStore) -> None:
+    """A LoRA snapshot (a PEFT adapter) is merged into the startup weights and swapped in like a base: the
+    served logprobs equal the PEFT model's merged forward (1e-4) and carry the adapter's identity."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    peft_model.eval()
+    adapter = store.save_lora("vllm-lora", peft_model, base_model=str(model_dir))
+    merged = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    resp = httpx.post(f"{worker.url}/hot_load/v1/models/hot_load", json={"identity": adapter.identity},
+                      timeout=600)
+    assert resp.status_code == 200, resp.text
+    out = _complete(worker, prompt=PROMPT, max_tokens=8, seed=4, logprobs=True, raw_output=True, ignore_eos=True)
+    _check_choice(out["choices"][0], PROMPT, adapter.identity, model_dir, weights=merged)
