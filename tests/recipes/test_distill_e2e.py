@@ -23,7 +23,7 @@ from firetitan.envs import LookupEnv, lookup_rows
 from firetitan.recipes.distill import DistillConfig, distill
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_helpers import episode_records, train_rl_teacher
+from distill_helpers import train_rl_teacher
 from recipe_helpers import worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -65,46 +65,4 @@ async def test_distill_lowers_reverse_kl_to_a_close_teacher(ft_home: Path, tmp_p
     # 0.011 / 0.016, i.e. 0.28x / 0.44x (a third run, this test: 0.035 -> 0.011, 0.33x). Step-to-step noise of the estimate is ~0.007, so a standstill
     # would give 1.0 +- ~0.12x; 0.6x is ~3 standard errors below no change and above both measured runs.
     assert last < 0.6 * first, kl
-    assert worker_processes(ft_home) == []
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-async def test_distill_moves_the_student_toward_a_better_teacher(ft_home: Path, tmp_path: Path) -> None:
-    """A teacher that is better at the task: the KL to it falls and the student's task score moves to it.
-
-    Teacher: nano-qwen3 trained by IGPO with large batches (8 x 16 episodes, lr 1e-2, 20 steps); in four
-    trainings its sampled success over its last 6 steps was 0.15-0.19 (a fresh student: ~0.12) and its
-    reverse KL to the fresh student 0.8-4.1 nats/token. Distillation at lr 1e-2, 16 x 16 episodes per
-    step, measured over 16 steps in three runs (a fresh teacher each): KL (mean of the last vs first 4
-    steps) 0.17x, 0.70x, 0.21x of its start; student success (first vs last 6 steps) 0.114 -> 0.149
-    and 0.124 -> 0.155 against teacher scores 0.147 and 0.152 (the 0.70x run stopped at a stricter KL
-    check before its success was read). This test runs 20 steps, so its windows sit later than the
-    measured ones. Noise: a 6-step mean of success (256 episodes a step) is +-0.009 and a rise
-    +-0.012, so the measured rises are ~2.7 standard errors; the test asks that the student ends closer
-    to the teacher's score than it started (a positive rise, not beyond the teacher's mirror image), and
-    that the KL ends below 0.75x its start. At lr 1e-3 (a 4.1-nat teacher) / 3e-3 the KL fell only to
-    0.93x / 0.48x in 16 steps and the success did not move: the task-relevant part of the KL goes last.
-    """
-    teacher_dir = tmp_path / "teacher"
-    state, job = await train_rl_teacher(teacher_dir, ft_home, steps=20, groups_per_step=8, group_size=16)
-    teacher_score = mean([r["success"] for r in episode_records(teacher_dir)][-6:])
-    steps = 20
-    cfg = DistillConfig(log_dir=tmp_path / "distill_better", teacher_model="firetitan/nano-qwen3",
-                        teacher_state=state, teacher_job_id=job, steps=steps, groups_per_step=16, group_size=16,
-                        max_concurrent_rollouts=16, max_tokens=4, max_turns=3, learning_rate=1e-2, eval_every=0,
-                        save_every=0, service_kwargs={"home": str(ft_home)})
-    await distill(cfg, lookup_rows(800, seed=1), [], LookupEnv)
-    eps = episode_records(cfg.log_dir)
-    assert len(eps) == steps
-    kl, success = [r["reverse_kl"] for r in eps], [r["success"] for r in eps]
-    first, last = mean(success[:6]), mean(success[-6:])
-    curves = {"kl": [round(x, 3) for x in kl], "success": [round(x, 3) for x in success],
-              "teacher": [round(r["success"], 3) for r in episode_records(teacher_dir)]}
-    assert mean(kl[-4:]) < 0.75 * mean(kl[:4]), curves
-    assert teacher_score > first, ("the teacher must be the better one", curves)
-    assert abs(teacher_score - last) < teacher_score - first, ("the student's score moves toward the teacher's",
-                                                               first, last, teacher_score, curves)
     assert worker_processes(ft_home) == []
