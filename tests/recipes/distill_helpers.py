@@ -58,9 +58,3 @@ async def train_rl_teacher(log_dir: Path, home: Path | None, *, steps: int = 30,
     await igpo(cfg, lookup_rows(400, seed=0), [], LookupEnv)
     recs = [json.loads(line) for line in (log_dir / "checkpoints.jsonl").read_text().splitlines()]
     return str(recs[-1]["state_path"]), stable_job_id("igpo", log_dir)
-
-
-def episode_records(log_dir: Path) -> list[dict[str, Any]]:
-    """The per-step `episodes` events of a run (success, reverse_kl, ...), in step order."""
-    recs = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if r["event"] == "episodes"]
