@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -373,13 +374,7 @@ class TrainerEngine:
             raise InvalidRequestError(
                 f"path: train state was saved from base model {saved_base!r}, this model is "
                 f"{self.spec.base_model!r}", field="path")
-        self.model.zero_grad(set_to_none=True)
-        # A fresh optimizer either way: weights-only loads reset Adam's moments (Tinker's load_state).
-        optimizer = None if self.spec.forward_only else self._new_optimizer()
-        step, _extra = self.states.load(path, self.model, optimizer if with_optimizer else None)
-        self.optimizer = optimizer
-        self.step = step
-        self.pending_backward = 0
+        step, _extra = self._load_files(self.states.resolve(path), with_optimizer, root=self.states.states_dir)
         self.policy_version += 1
         return {"path": path, "type": "load_weights", "model_id": self.model_id, "step": step,
                 "optimizer_loaded": with_optimizer}
@@ -391,13 +386,24 @@ class TrainerEngine:
         if saved_base is not None and saved_base != self.spec.base_model:
             raise InvalidRequestError(f"latest state {path!r} is of base model {saved_base!r}, not "
                                       f"{self.spec.base_model!r}", field="base_model")
-        optimizer = None if self.spec.forward_only else self._new_optimizer()
-        step, extra = load_train_state(path, self.model, optimizer if info.has_optimizer else None)
-        self.optimizer = optimizer
-        self.step = step
+        step, extra = self._load_files(Path(path), info.has_optimizer, root=None)
         self.policy_version = int(extra.get("policy_version", step))
         self.restored_from_step = step
         self.steps_lost = max(0, last_known_step - step)
+
+    def _load_files(self, path: Path, with_optimizer: bool, root: Path | None) -> tuple[int, dict[str, Any]]:
+        """Load the state at `path` (under `root` when given) into the model and a fresh optimizer.
+
+        A fresh optimizer either way: weights-only loads reset Adam's moments (Tinker's load_state).
+        A sharded engine runs this on every rank (DCP reshards to its world size).
+        """
+        self.model.zero_grad(set_to_none=True)
+        optimizer = None if self.spec.forward_only else self._new_optimizer()
+        step, extra = load_train_state(path, self.model, optimizer if with_optimizer else None, root=root)
+        self.optimizer = optimizer
+        self.step = step
+        self.pending_backward = 0
+        return step, extra
 
     # -- info
     def info(self) -> dict[str, Any]:

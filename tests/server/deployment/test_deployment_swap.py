@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import torch
 from deployment_http_helpers import TIMEOUT, post, stream
-from peft import LoraConfig, get_peft_model
+from lora_helpers import random_lora
 
 from firetitan.checkpoints import SnapshotStore
 from firetitan.models import load_model
@@ -161,14 +161,7 @@ async def test_async_swap_mid_stream_and_sync_swap_after_drain(
 
 async def test_lora_adapter_logprobs_match_peft_model(worker: WorkerProcess, store: SnapshotStore,
                                                       nano_sd: dict[str, torch.Tensor]) -> None:
-    peft_model = get_peft_model(load_model(NANO), LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
-    peft_model.eval()
+    peft_model = random_lora(load_model(NANO))
     adapter = store.save_lora("swap-lora", peft_model, base_model=NANO)
     status, out = await hot_load(worker.url, {"identity": adapter.identity})
     assert status == 200, out

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from lora_helpers import random_lora
 from vllm_env import needs_vllm
 
 from firetitan.checkpoints import SnapshotStore
@@ -225,16 +226,7 @@ def test_lora_snapshot_is_served_merged_and_matches_the_peft_model(worker: Worke
                                                                    store: SnapshotStore) -> None:
     """A LoRA snapshot (a PEFT adapter) is merged into the startup weights and swapped in like a base: the
     served logprobs equal the PEFT model's merged forward (1e-4) and carry the adapter's identity."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(load_model(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=[
-        "q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
-    peft_model.eval()
+    peft_model = random_lora(load_model(model_dir))
     adapter = store.save_lora("vllm-lora", peft_model, base_model=str(model_dir))
     merged = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
 

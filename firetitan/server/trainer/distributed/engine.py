@@ -25,8 +25,6 @@ from torch.distributed.fsdp import fully_shard
 
 from firetitan.checkpoints.train_state import (
     TrainStateInfo,
-    load_train_state,
-    read_train_state_info,
     save_train_state,
 )
 from firetitan.errors import FiretitanError, InvalidRequestError, NonFiniteError
@@ -222,41 +220,19 @@ class DistributedEngine(TrainerEngine):
 
     def load_state(self, path: str, with_optimizer: bool) -> dict[str, Any]:
         assert self.states is not None
-        info = self.states.info(path)
-        saved_base = info.extra.get("base_model")
-        if saved_base is not None and saved_base != self.spec.base_model:
-            raise InvalidRequestError(
-                f"path: train state was saved from base model {saved_base!r}, this model is "
-                f"{self.spec.base_model!r}", field="path")
-        if with_optimizer and not info.has_optimizer:
+        if with_optimizer and not self.states.info(path).has_optimizer:
+            # Refused on rank 0 before any rank starts loading, so no collective is left half done.
             raise InvalidRequestError(f"train state {path!r} was saved without optimizer state; load it without "
                                       "the optimizer", field="path")
-        step, _ = self._drive("load", path=str(self.states.resolve(path)), with_optimizer=with_optimizer)
-        self.policy_version += 1
-        return {"path": path, "type": "load_weights", "model_id": self.model_id, "step": step,
-                "optimizer_loaded": with_optimizer}
+        return super().load_state(path, with_optimizer)
 
-    def restore_latest(self, path: str, last_known_step: int) -> None:
-        info = read_train_state_info(path)
-        saved_base = info.extra.get("base_model")
-        if saved_base is not None and saved_base != self.spec.base_model:
-            raise InvalidRequestError(f"latest state {path!r} is of base model {saved_base!r}, not "
-                                      f"{self.spec.base_model!r}", field="base_model")
-        step, extra = self._drive("load", path=str(path), with_optimizer=info.has_optimizer)
-        self.policy_version = int(extra.get("policy_version", step))
-        self.restored_from_step = step
-        self.steps_lost = max(0, last_known_step - step)
+    def _load_files(self, path: Path, with_optimizer: bool, root: Path | None) -> tuple[int, dict[str, Any]]:
+        return self._drive("load", path=str(path), with_optimizer=with_optimizer,
+                           root=None if root is None else str(root))
 
-    def _op_load(self, path: str, with_optimizer: bool) -> tuple[int, dict[str, Any]]:
+    def _op_load(self, path: str, with_optimizer: bool, root: str | None) -> tuple[int, dict[str, Any]]:
         """DCP reshards: a state saved by any number of ranks loads into this many."""
-        self.model.zero_grad(set_to_none=True)
-        optimizer = None if self.spec.forward_only else self._new_optimizer()
-        step, extra = load_train_state(path, self.model, optimizer if with_optimizer else None)
-        self.optimizer = optimizer
-        self.step = step
-        self.pending_backward = 0
-        return step, extra
-
+        return TrainerEngine._load_files(self, Path(path), with_optimizer, None if root is None else Path(root))
 
 def engine_factory(world_size: int, device: torch.device, rank_args: list[str]) -> Callable[..., TrainerEngine]:
     """`TrainerSettings.make_engine` for a job of `world_size` ranks: starts the group, shards the
