@@ -8,7 +8,7 @@ from test_trainer_worker import batch
 
 from firetitan.errors import InvalidRequestError
 from firetitan.server.trainer.batch import prepare_batch
-from firetitan.server.trainer.distributed.group import check_world_size
+from firetitan.server.trainer.distributed.group import check_world_size, rank_device
 from firetitan.server.trainer.distributed.split import merge_metrics, split_batch, split_bounds
 
 
@@ -46,3 +46,28 @@ def test_world_size_outside_1_to_8_is_refused_naming_the_field(bad: object) -> N
         check_world_size(bad)  # type: ignore[arg-type]
     assert err.value.field == "world_size" and "1..8" in str(err.value)
     assert check_world_size(8) == 8
+
+
+def test_cpu_ranks_share_the_device() -> None:
+    assert rank_device(torch.device("cpu"), 1, 2) == torch.device("cpu")
+
+
+def test_cuda_ranks_take_one_gpu_each_from_the_jobs_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's CUDA queries stand in for a 4-GPU host; the placement rule is ours.
+    selected: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    assert [rank_device(torch.device("cuda"), r, 4) for r in range(4)] == [torch.device("cuda", i) for i in range(4)]
+    assert rank_device(torch.device("cuda:2"), 1, 2) == torch.device("cuda", 3)
+    assert selected == [0, 1, 2, 3, 3]
+    with pytest.raises(InvalidRequestError, match=r"world_size: 2 CUDA ranks starting at cuda:3 need GPUs 3..4, "
+                                                  r"and this host has 4") as info:
+        rank_device(torch.device("cuda:3"), 0, 2)
+    assert info.value.field == "world_size" and selected == [0, 1, 2, 3, 3]
+
+
+def test_cuda_ranks_on_a_host_without_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidRequestError, match="this host has 0"):
+        rank_device(torch.device("cuda"), 0, 2)

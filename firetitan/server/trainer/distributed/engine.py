@@ -8,6 +8,7 @@ must agree (a refused step) are all-reduced before anyone raises.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,8 @@ class DistributedEngine(TrainerEngine):
             raise InvalidRequestError("world_size: a data-parallel trainer (world_size > 1) trains full "
                                       "parameters only; use lora_rank 0 or world_size 1", field="world_size")
         self.group = group
+        if group.device.type == "cuda":  # the job names the first GPU; each rank builds on its own
+            spec = dataclasses.replace(spec, device=str(group.device))
         self._lock = threading.Lock()  # one operation at a time crosses the command channel
         super().__init__(model_id, spec, store=store, states=states)
         self._shard()

@@ -53,6 +53,24 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def rank_device(device: torch.device, rank: int, world_size: int) -> torch.device:
+    """The device rank `rank` computes on: CUDA ranks take one GPU each, counting from the job's
+    (`cuda:i` puts rank r on `cuda:i+r`), because NCCL refuses two ranks on one GPU; other device
+    types are shared. Selects the GPU for this process (FSDP2 and NCCL allocate on the current one)."""
+    if device.type != "cuda":
+        return device
+    first = device.index or 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if first + world_size > count:
+        raise InvalidRequestError(
+            f"world_size: {world_size} CUDA ranks starting at cuda:{first} need GPUs "
+            f"{first}..{first + world_size - 1}, and this host has {count}; lower world_size or start at cuda:0",
+            field="world_size")
+    index = first + rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 @dataclass
 class RankGroup:
     """This process's place in the group, the command channel, and (rank 0) its child ranks."""
@@ -141,6 +159,7 @@ def start_group(world_size: int, device: torch.device, rank_args: list[str],
     a spawned interpreter would re-import this worker's __main__; their output goes to our log.
     """
     check_world_size(world_size)
+    device = rank_device(device, 0, world_size)  # before any child starts: a host short of GPUs is a 400
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     env = {**os.environ, "FIRETITAN_PARENT_PID": str(os.getpid())}
@@ -163,6 +182,7 @@ def start_group(world_size: int, device: torch.device, rank_args: list[str],
 
 def join_group(rank: int, world_size: int, port: int, device: torch.device) -> RankGroup:
     """Ranks 1..N-1: connect to rank 0's store and join the group."""
+    device = rank_device(device, rank, world_size)
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
                           timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return RankGroup(rank=rank, world_size=world_size, device=device, commands=_init(rank, world_size, store, device))
