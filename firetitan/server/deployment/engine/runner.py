@@ -10,6 +10,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.ops import RopeTable, rms_norm
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -57,6 +58,9 @@ class ModelRunner:
         self.max_positions = kv_row_positions(self.max_positions, max_slots, max_kv_tokens)
         self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
                                  max_capacity=self.max_positions, device=self.device)
+        rotary = self.inner.rotary_emb
+        self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
+                     if RopeTable.supports(rotary) else None)
 
     def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +152,51 @@ class ModelRunner:
         """One step for the sequences in slots 0..B-1 (B = len(tokens)); returns logits [B, V].
 
         Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
+        Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
+        tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
         """
+        if self.rope is None:
+            return self._decode_modules(tokens)
+        bsz = len(tokens)
+        cache = self.cache
+        lengths = cache.lengths[:bsz]
+        span = max(lengths) + 1
+        cache.ensure_capacity(span)
+        pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.rope.lookup(pos)
+        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
+        # Row (slot b, head h, position pos[b]) of a layer's cache seen as [slots * heads * capacity, D].
+        heads = torch.arange(self.kv_heads, device=self.device)
+        flat = ((torch.arange(bsz, device=self.device).unsqueeze(1) * self.kv_heads + heads) * cache.capacity
+                + pos.unsqueeze(1)).view(-1)
+        gqa = self.kv_heads != self.num_heads
+        q_shape = (bsz, 1, self.num_heads, self.head_dim)
+        kv_shape = (bsz, 1, self.kv_heads, self.head_dim)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = rms_norm(layer.input_layernorm, hidden)
+            q = attn.q_proj(x).view(q_shape)
+            k = attn.k_proj(x).view(kv_shape)
+            v = attn.v_proj(x).view(kv_shape)
+            if hasattr(attn, "q_norm"):
+                q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+            q = self.rope.apply(q.transpose(1, 2), cos, sin)
+            k = self.rope.apply(k.transpose(1, 2), cos, sin)
+            keys, values = cache.k[index], cache.v[index]
+            keys.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            values.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            out = F.scaled_dot_product_attention(q, keys[:bsz, :, :span], values[:bsz, :, :span], attn_mask=mask,
+                                                 enable_gqa=gqa)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+        for slot in range(bsz):
+            cache.lengths[slot] += 1
+        return self.model.lm_head(rms_norm(self.inner.norm, hidden)).float().cpu().squeeze(1)
+
+    def _decode_modules(self, tokens: Sequence[int]) -> torch.Tensor:
+        """`decode` through the model's own modules (rotary types whose angles are not a fixed table)."""
         bsz = len(tokens)
         cache = self.cache
         pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long, device=self.device)

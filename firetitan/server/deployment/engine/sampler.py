@@ -64,25 +64,32 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     logits = logits.float()
     temp_t = torch.tensor(temperature, dtype=torch.float32)
     raw = torch.log_softmax(logits, dim=-1)
-    samp = sampling_log_probs(logits, temp_t, torch.tensor(top_k, dtype=torch.int64),
-                              torch.tensor(top_p, dtype=torch.float32))
+    vocab = logits.shape[1]
+    if all(t == 1.0 for t in temperature) and all(k <= 0 or k >= vocab for k in top_k) and all(
+            p >= 1.0 for p in top_p):
+        samp = raw  # plain sampling (the common RL setting): the sampled distribution is the model's
+    else:
+        samp = sampling_log_probs(logits, temp_t, torch.tensor(top_k, dtype=torch.int64),
+                                  torch.tensor(top_p, dtype=torch.float32))
     # Inverse-CDF sampling: one uniform per row (from the row's own generator when seeded), located in
     # the row's cumulative distribution. Filtered-out tokens have zero mass, so they are never drawn.
     uniform = torch.empty(len(generators))
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
         uniform[shared] = torch.rand(len(shared), generator=default_generator)
-    for i, g in enumerate(generators):
-        if g is not None:
-            uniform[i] = torch.rand(1, generator=g)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:  # one draw per seeded row from its own generator, written back in one op
+        uniform[seeded] = torch.cat([torch.rand(1, generator=generators[i]) for i in seeded])
     cdf = torch.cumsum(torch.exp(samp), dim=-1)
     total = cdf[:, -1]
     # Strictly below the total, so the first entry above it always has positive mass.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
-    greedy = torch.argmax(logits, dim=-1)
-    is_greedy = temp_t <= 0
-    tokens = torch.where(is_greedy, greedy, drawn)
     rows = torch.arange(logits.shape[0])
-    samp_lp = torch.where(is_greedy, torch.zeros(len(rows)), samp[rows, tokens])
+    if any(t <= 0 for t in temperature):
+        is_greedy = temp_t <= 0
+        tokens = torch.where(is_greedy, torch.argmax(logits, dim=-1), drawn)
+        samp_lp = torch.where(is_greedy, torch.zeros(len(rows)), samp[rows, tokens])
+    else:
+        tokens, samp_lp = drawn, samp[rows, drawn]
     return SampleResult(tokens=tokens, logprobs=raw[rows, tokens], sampling_logprobs=samp_lp, raw=raw)
