@@ -58,3 +58,74 @@ class RopeTable:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + torch.roll(x, self.half, dims=-1) * sin
+
+
+class FusedProjections:
+    """Per layer, the q/k/v projections as one weight and the MLP's gate/up as one weight.
+
+    A decode step at a small batch is bound by per-op overhead (and, with several threads, by one thread
+    barrier per matmul), so 3 + 2 matmuls become 1 + 1 per layer. The fused weights are copies (memory:
+    the q/k/v and gate/up weights once more); they are rebuilt whenever a source weight changed (a
+    hot-load copies into the modules, which bumps each tensor's version), checked once per step.
+    Only built for bias-free projections of the usual names; `None` from `build` means "use the modules".
+    """
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        self.layers = layers
+        self.qkv: list[torch.Tensor] = []
+        self.gate_up: list[torch.Tensor] = []
+        self.sizes: list[tuple[int, int, int]] = []
+        self._key: list[tuple[int, int]] = []
+
+    @classmethod
+    def build(cls, layers: list[torch.nn.Module]) -> FusedProjections | None:
+        for layer in layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                if getattr(getattr(layer.self_attn, name, None), "bias", 0) is not None:
+                    return None
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                if getattr(getattr(layer.mlp, name, None), "bias", 0) is not None:
+                    return None
+            if not hasattr(layer.mlp, "act_fn"):
+                return None
+        fused = cls(layers)
+        try:
+            fused.refresh()
+        except RuntimeError:  # inference tensors keep no version counter: a change could not be seen
+            return None
+        return fused
+
+    def _sources(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            out += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.gate_proj.weight,
+                    mlp.up_proj.weight]
+        return out
+
+    def _current_key(self) -> list[tuple[int, int]]:
+        return [(w.data_ptr(), w._version) for w in self._sources()]
+
+    def refresh(self) -> None:
+        """Rebuild the fused weights if any source weight was replaced or written since the last build."""
+        key = self._current_key()
+        if key == self._key:
+            return
+        with torch.no_grad():
+            self.qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                   layer.self_attn.v_proj.weight]) for layer in self.layers]
+            self.gate_up = [torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) for layer in self.layers]
+        self.sizes = [(layer.self_attn.q_proj.weight.shape[0], layer.self_attn.k_proj.weight.shape[0],
+                       layer.self_attn.v_proj.weight.shape[0]) for layer in self.layers]
+        self._key = key
+
+    def qkv_proj(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nq, nk, _nv = self.sizes[index]
+        qkv = F.linear(x, self.qkv[index])
+        return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+
+    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[index].mlp
+        gate_up = F.linear(x, self.gate_up[index])
+        half = gate_up.shape[-1] // 2
+        return mlp.down_proj(mlp.act_fn(gate_up[..., :half]) * gate_up[..., half:])

@@ -10,7 +10,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
-from firetitan.server.deployment.engine.ops import RopeTable, rms_norm
+from firetitan.server.deployment.engine.ops import FusedProjections, RopeTable, rms_norm
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -61,6 +61,7 @@ class ModelRunner:
         rotary = self.inner.rotary_emb
         self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
                      if RopeTable.supports(rotary) else None)
+        self.fused = FusedProjections.build(self.layers) if self.rope is not None else None
 
     def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,14 +173,19 @@ class ModelRunner:
         flat = ((torch.arange(bsz, device=self.device).unsqueeze(1) * self.kv_heads + heads) * cache.capacity
                 + pos.unsqueeze(1)).view(-1)
         gqa = self.kv_heads != self.num_heads
+        fused = self.fused
+        if fused is not None:
+            fused.refresh()
         q_shape = (bsz, 1, self.num_heads, self.head_dim)
         kv_shape = (bsz, 1, self.kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = rms_norm(layer.input_layernorm, hidden)
-            q = attn.q_proj(x).view(q_shape)
-            k = attn.k_proj(x).view(kv_shape)
-            v = attn.v_proj(x).view(kv_shape)
+            if fused is not None:
+                q, k, v = fused.qkv_proj(index, x)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = q.view(q_shape), k.view(kv_shape), v.view(kv_shape)
             if hasattr(attn, "q_norm"):
                 q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
             q = self.rope.apply(q.transpose(1, 2), cos, sin)
@@ -190,7 +196,8 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(q, keys[:bsz, :, :span], values[:bsz, :, :span], attn_mask=mask,
                                                  enable_gqa=gqa)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
-            hidden = hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
+            x = rms_norm(layer.post_attention_layernorm, hidden)
+            hidden = hidden + (fused.mlp(index, x) if fused is not None else layer.mlp(x))
         for slot in range(bsz):
             cache.lengths[slot] += 1
         return self.model.lm_head(rms_norm(self.inner.norm, hidden)).float().cpu().squeeze(1)
