@@ -277,7 +277,7 @@ class ModelRunner:
         if not batch:  # only a middle chunk ran
             return RunnerOutput([], [], [], [], [], echoes)
         opts = [r.options for r in batch]
-        result = sample(torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
+        result = sample(logits[0] if len(logits) == 1 else torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
                         [o.top_p for o in opts], [r.generator for r in batch], self.generator)
         top: list[list[tuple[int, float]] | None] = [None] * len(batch)
         for i, o in enumerate(opts):
