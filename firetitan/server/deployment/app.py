@@ -185,8 +185,9 @@ class DeploymentService:
         if not queue.empty():
             return queue.get_nowait()
         while True:
-            try:
-                return await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+            try:  # a timeout scope, not wait_for: no extra task per wait (a streamed token is one wait)
+                async with asyncio.timeout(_DISCONNECT_POLL_S):
+                    return await queue.get()
             except TimeoutError:
                 transport = request.transport
                 if transport is None or transport.is_closing():
