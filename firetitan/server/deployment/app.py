@@ -153,7 +153,10 @@ class DeploymentService:
                 seeded = opts if opts.seed is None or j == 0 else _reseed(opts, (opts.seed + j) % MAX_SEED)
                 engine_reqs.append(EngineRequest(rid, prompt, seeded))
                 choices.append(ChoiceState(index, prompt))
-                self._sinks[rid] = _IndexedSink(queue, index)
+                # A JSON body needs only the whole choice: outputs are added to it as they arrive and the
+                # handler wakes once per choice (its end), not once per token (which cost the event loop,
+                # and through the GIL the engine thread, a task wake-up per running request per step).
+                self._sinks[rid] = _IndexedSink(queue, index, None if body.stream else choices[-1])
         shaper = Shaper(self.token_text, body.raw_output, parsed.want_logprobs, parsed.top_logprobs)
         unfinished = {r.request_id for r in engine_reqs}
         self._outstanding += len(engine_reqs)
@@ -164,10 +167,8 @@ class DeploymentService:
                 return await self._stream(request, body, queue, choices, engine_reqs, unfinished, shaper,
                                           base_id, created, model_name)
             while unfinished:
-                index, out = await self._next(request, queue)
-                choices[index].add(out)
-                if out.finish_reason is not None:
-                    unfinished.discard(engine_reqs[index].request_id)
+                index, _out = await self._next(request, queue)  # only ends come here (the sink added it)
+                unfinished.discard(engine_reqs[index].request_id)
             return self._full_response(body, choices, shaper, base_id, created, model_name)
         finally:
             self._outstanding -= len(engine_reqs)
@@ -184,8 +185,9 @@ class DeploymentService:
         if not queue.empty():
             return queue.get_nowait()
         while True:
-            try:
-                return await asyncio.wait_for(queue.get(), _DISCONNECT_POLL_S)
+            try:  # a timeout scope, not wait_for: no extra task per wait (a streamed token is one wait)
+                async with asyncio.timeout(_DISCONNECT_POLL_S):
+                    return await queue.get()
             except TimeoutError:
                 transport = request.transport
                 if transport is None or transport.is_closing():
@@ -300,12 +302,21 @@ class _ClientGone(Exception):
 
 
 class _IndexedSink:
-    """Tags a request's outputs with its choice index on a queue shared by the request's choices."""
+    """Tags a request's outputs with its choice index on a queue shared by the request's choices.
 
-    def __init__(self, queue: asyncio.Queue[tuple[int, StepOutput]], index: int) -> None:
-        self.queue, self.index = queue, index
+    With `collect` (a non-streamed choice) each output is added to that choice here and only its last
+    output is queued, so the handler wakes once per choice.
+    """
+
+    def __init__(self, queue: asyncio.Queue[tuple[int, StepOutput]], index: int,
+                 collect: ChoiceState | None = None) -> None:
+        self.queue, self.index, self.collect = queue, index, collect
 
     def put_nowait(self, out: StepOutput) -> None:
+        if self.collect is not None:
+            self.collect.add(out)
+            if out.finish_reason is None:
+                return
         self.queue.put_nowait((self.index, out))
 
 

@@ -39,3 +39,37 @@ def test_continuous_batch_matches_full_forward_with_joins_and_leaves() -> None:
         got = torch.log_softmax(torch.stack(log), dim=-1)
         assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
     assert runner.cache.used_tokens == sum(len(s) for s in seqs)  # every fed position is cached once
+
+
+def _decode_both_paths(runner: ModelRunner, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of `steps` decode steps through the fast path and through the model's modules, from the
+    same KV state (the cache is reset and refilled between the two)."""
+    runs = []
+    for fast in (True, False):
+        runner.cache.reset()
+        runner.prefill(runner.cache.allocate(len(prompts)), prompts)
+        toks, rows = [3] * len(prompts), []
+        for _ in range(steps):
+            logits = runner.decode(toks) if fast else runner._decode_modules(toks)
+            rows.append(logits)
+            toks = logits.argmax(-1).tolist()
+        runs.append(torch.stack(rows))
+    return runs[0], runs[1]
+
+
+def test_fast_decode_equals_the_module_path_and_follows_a_weight_swap() -> None:
+    """The fused decode step (rotary table, fused q/k/v and gate/up) gives the modules' logits, also after
+    new weights are copied into the modules (as a hot-load does): the fused weights are rebuilt."""
+    model = load_model(NANO)
+    runner = ModelRunner(model, max_slots=4)
+    assert runner.rope is not None and runner.fused is not None
+    prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
+    fast, modules = _decode_both_paths(runner, prompts, 6)
+    assert torch.allclose(fast, modules, atol=1e-5), (fast - modules).abs().max()
+    gen = torch.Generator().manual_seed(1)
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.load_state_dict(new)
+    swapped, modules_after = _decode_both_paths(runner, prompts, 6)
+    assert not torch.allclose(swapped, fast, atol=1e-3)  # the new weights changed the logits
+    assert torch.allclose(swapped, modules_after, atol=1e-5), (swapped - modules_after).abs().max()

@@ -149,3 +149,28 @@ def test_running_order_matches_slots_after_finishes() -> None:
     assert decision.freed == [0, 0]  # the KV cache replays the same moves: r3 into 0, then r2 into 0
     assert [r.request_id for r in sched.running] == ["r2", "r1"]
     assert all(r.slot == i for i, r in enumerate(sched.running))
+
+
+def test_windowed_filter_equals_the_full_sort() -> None:
+    """Rows decided among their most likely tokens (and those that fall back to sorting) get exactly the
+    filter of sorting the whole row: same kept tokens, same log-probabilities."""
+    from firetitan.server.deployment.engine.sampler import _sorted_filter
+
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 96, 4096
+    scale = torch.tensor([0.5, 3.0, 8.0]).repeat(rows // 3).unsqueeze(1)  # flat to peaked rows
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.0]).repeat(rows // 4)
+    top_k = torch.tensor([0, 0, 5, 40, 0, 17]).repeat(rows // 6)
+    top_p = torch.tensor([0.9, 0.5, 1.0, 0.95, 0.99, 0.8, 1.0, 0.3]).repeat(rows // 8)
+    got = sampling_log_probs(logits, temperature, top_k, top_p)
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    want = _sorted_filter(logits / temp.unsqueeze(1), k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    kept = torch.isfinite(want)
+    assert torch.allclose(got[kept], want[kept], atol=1e-5)
+    counts = kept.sum(dim=-1)
+    assert int(counts.min()) >= 1 and int(counts.max()) > 64  # both paths ran: some nuclei pass the window,
+    nucleus_only = (top_p < 1.0) & (top_k == 0)
+    assert int(counts[nucleus_only].min()) < 64  # others close inside it

@@ -13,7 +13,8 @@ class SlotKVCache:
     slots 0..active-1: freeing a slot moves the last live sequence into the hole, so the decode batch
     is `k[:active]` with no gather. Capacity grows by doubling on demand (never past `max_capacity`) and
     shrinks again once the long sequences have left, so memory is at most `bound_bytes` and, at rest,
-    follows the longest live sequence.
+    follows the longest live sequence. Its tensors are inference tensors (the runner computes under
+    `torch.inference_mode`), so every method that writes them runs in that mode too.
     """
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -71,6 +72,7 @@ class SlotKVCache:
             new_cap *= 2
         self._reallocate(min(new_cap, self.max_capacity), keep=self.capacity)
 
+    @torch.inference_mode()
     def _reallocate(self, new_cap: int, keep: int) -> None:
         """New storage of `new_cap` positions per row, keeping the first `keep` of every live row.
 
@@ -103,6 +105,7 @@ class SlotKVCache:
             self.lengths[slot] = 0
         return range(start, self.active)
 
+    @torch.inference_mode()
     def copy_prefix(self, src: int, dst: int, positions: int) -> None:
         """Give slot `dst` the first `positions` keys/values of slot `src` (an identical prompt)."""
         for layer in range(self.num_layers):
@@ -110,6 +113,7 @@ class SlotKVCache:
             self.v[layer][dst, :, :positions] = self.v[layer][src, :, :positions]
         self.lengths[dst] = positions
 
+    @torch.inference_mode()
     def free(self, slot: int) -> int | None:
         """Release `slot`; returns the slot whose sequence moved into it (or None when it was last)."""
         last = self.active - 1

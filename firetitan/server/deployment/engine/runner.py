@@ -10,6 +10,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.ops import FusedProjections, RopeTable, rms_norm
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -32,7 +33,10 @@ class ModelRunner:
 
     Runs the model's own modules (embeddings, norms, projections, rotary embedding, MLP, lm_head) with
     our attention over `SlotKVCache`, so hot-loaded weights (copied into those modules) are used as is.
-    Supports Qwen2/Qwen3/Llama-shaped decoders with full attention.
+    Supports Qwen2/Qwen3/Llama-shaped decoders with full attention. Everything runs under
+    `torch.inference_mode` (no version counters or view tracking: ~6-15% less CPU per decode step than
+    `no_grad` on a small model), so the KV cache and stored prompt logits are inference tensors: only
+    the runner's own (decorated) methods write them.
     """
 
     def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None
@@ -57,6 +61,10 @@ class ModelRunner:
         self.max_positions = kv_row_positions(self.max_positions, max_slots, max_kv_tokens)
         self.cache = SlotKVCache(len(self.layers), max_slots, self.kv_heads, self.head_dim, self.dtype,
                                  max_capacity=self.max_positions, device=self.device)
+        rotary = self.inner.rotary_emb
+        self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
+                     if RopeTable.supports(rotary) else None)
+        self.fused = FusedProjections.build(self.layers) if self.rope is not None else None
 
     def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,7 +91,7 @@ class ModelRunner:
         # Sampling (seeded CPU generators) and logprobs run in float32 on the CPU whatever the device.
         return self.model.lm_head(self.inner.norm(hidden)).float().cpu()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V]."""
         hidden = self._prefill_hidden(slots, prompts)
@@ -143,12 +151,63 @@ class ModelRunner:
         self.cache.lengths[slot] = end
         return hidden
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, tokens: Sequence[int]) -> torch.Tensor:
         """One step for the sequences in slots 0..B-1 (B = len(tokens)); returns logits [B, V].
 
         Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
+        Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
+        tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
         """
+        if self.rope is None:
+            return self._decode_modules(tokens)
+        bsz = len(tokens)
+        cache = self.cache
+        lengths = cache.lengths[:bsz]
+        span = max(lengths) + 1
+        cache.ensure_capacity(span)
+        pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.rope.lookup(pos)
+        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
+        # Row (slot b, head h, position pos[b]) of a layer's cache seen as [slots * heads * capacity, D].
+        heads = torch.arange(self.kv_heads, device=self.device)
+        flat = ((torch.arange(bsz, device=self.device).unsqueeze(1) * self.kv_heads + heads) * cache.capacity
+                + pos.unsqueeze(1)).view(-1)
+        gqa = self.kv_heads != self.num_heads
+        fused = self.fused
+        if fused is not None:
+            fused.refresh()
+        q_shape = (bsz, 1, self.num_heads, self.head_dim)
+        kv_shape = (bsz, 1, self.kv_heads, self.head_dim)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = rms_norm(layer.input_layernorm, hidden)
+            if fused is not None:
+                q, k, v = fused.qkv_proj(index, x)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = q.view(q_shape), k.view(kv_shape), v.view(kv_shape)
+            if hasattr(attn, "q_norm"):
+                q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+            q = self.rope.apply(q.transpose(1, 2), cos, sin)
+            k = self.rope.apply(k.transpose(1, 2), cos, sin)
+            keys, values = cache.k[index], cache.v[index]
+            keys.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            values.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            out = F.scaled_dot_product_attention(q, keys[:bsz, :, :span], values[:bsz, :, :span], attn_mask=mask,
+                                                 enable_gqa=gqa)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+            x = rms_norm(layer.post_attention_layernorm, hidden)
+            hidden = hidden + (fused.mlp(index, x) if fused is not None else layer.mlp(x))
+        for slot in range(bsz):
+            cache.lengths[slot] += 1
+        return self.model.lm_head(rms_norm(self.inner.norm, hidden)).float().cpu().squeeze(1)
+
+    @torch.inference_mode()
+    def _decode_modules(self, tokens: Sequence[int]) -> torch.Tensor:
+        """`decode` through the model's own modules (rotary types whose angles are not a fixed table)."""
         bsz = len(tokens)
         cache = self.cache
         pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long, device=self.device)
@@ -173,7 +232,7 @@ class ModelRunner:
             cache.lengths[slot] += 1
         return self._logits(hidden).squeeze(1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def execute(self, decision: StepDecision) -> RunnerOutput:
         """Compute one scheduler decision: free, decode, prefill, copy shared prompts, sample."""
         cache = self.cache
@@ -222,7 +281,7 @@ class ModelRunner:
         if not batch:  # only a middle chunk ran
             return RunnerOutput([], [], [], [], [], echoes)
         opts = [r.options for r in batch]
-        result = sample(torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
+        result = sample(logits[0] if len(logits) == 1 else torch.cat(logits), [o.temperature for o in opts], [o.top_k for o in opts],
                         [o.top_p for o in opts], [r.generator for r in batch], self.generator)
         top: list[list[tuple[int, float]] | None] = [None] * len(batch)
         for i, o in enumerate(opts):

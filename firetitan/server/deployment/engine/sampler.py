@@ -18,34 +18,69 @@ class SampleResult:
     raw: torch.Tensor  # [B, V] untempered log-probabilities (for top_logprobs)
 
 
+# Candidates looked at before a full sort: top-k / top-p of a peaked distribution decide within a few
+# dozen tokens, and `topk` of 64 costs a fraction of sorting the whole vocabulary for every row.
+_WINDOW = 64
+
+
 def sampling_log_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                        top_p: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the distribution sampled from, after temperature, top-k and top-p.
 
     `logits` is [B, V]; `temperature`/`top_p` are float [B], `top_k` int [B] (0 = off).
     Rows with temperature 0 are treated as temperature 1 here; the caller takes argmax for them.
-    Filtered-out tokens get -inf.
+    Filtered-out tokens get -inf. Rows are decided among their `_WINDOW` (or largest top_k) most likely
+    tokens when their top-k or their nucleus closes there, the others by a full sort: both give the
+    same filter (top-k first, then the smallest prefix whose mass reaches top_p).
     """
     logits = logits.float()
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits / temp.unsqueeze(1)
     vocab = scaled.shape[1]
-    need_k = bool(((top_k > 0) & (top_k < vocab)).any())
-    need_p = bool((top_p < 1.0).any())
-    if not (need_k or need_p):
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+    has_k, has_p = k < vocab, top_p < 1.0
+    plain = ~(has_k | has_p)
+    if bool(plain.all()):
         return torch.log_softmax(scaled, dim=-1)
+    window = max(_WINDOW, int(k[has_k].max()) if bool(has_k.any()) else 0)
+    if window * 4 > vocab:
+        return _sorted_filter(scaled, k, top_p)
+    vals, order = torch.topk(scaled, window, dim=-1)  # descending
+    drop = torch.arange(window).unsqueeze(0) >= k.clamp(max=window).unsqueeze(1)
+    # Each candidate's mass: renormalised over the top k where top-k applies (all of them are in the
+    # window), else its share of the whole row.
+    in_k = torch.softmax(vals.masked_fill(drop, float("-inf")), dim=-1)
+    of_row = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))
+    probs = torch.where(has_k.unsqueeze(1), in_k, of_row)
+    mass = torch.cumsum(probs, dim=-1)
+    # Past the window every token's mass-before is at least the window's mass: dropped when that reaches top_p.
+    beyond = has_p & ~has_k & (mass[:, -1] < top_p)
+    if bool((beyond | plain).all()):  # flat distributions: no row closes in the window
+        return _sorted_filter(scaled, k, top_p)
+    drop |= ((mass - probs) >= top_p.unsqueeze(1)) & has_p.unsqueeze(1)
+    drop[:, 0] = False
+    out = torch.log_softmax(torch.full_like(scaled, float("-inf")).scatter(
+        1, order, vals.masked_fill(drop, float("-inf"))), dim=-1)
+    if bool(plain.any()):
+        out[plain] = torch.log_softmax(scaled[plain], dim=-1)
+    if bool(beyond.any()):
+        out[beyond] = _sorted_filter(scaled[beyond], k[beyond], top_p[beyond])
+    return out
+
+
+def _sorted_filter(scaled: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`sampling_log_probs` by sorting every row (`k` = vocab where top-k is off)."""
+    vocab = scaled.shape[1]
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if need_k:
-        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
-        drop |= ranks >= k.unsqueeze(1)
-    if need_p:
+    drop = torch.arange(vocab).unsqueeze(0) >= k.unsqueeze(1)
+    if bool((top_p < 1.0).any()):
         # Nucleus over what top-k left: keep the smallest prefix whose mass reaches top_p
         # (a token is dropped when the mass strictly before it already reaches top_p).
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop |= mass_before >= top_p.unsqueeze(1)
+        # Only rows that ask for it: a cumulative sum can round up to 1.0, which would cut the tail of
+        # a top_p = 1 row sharing the batch with a top_p < 1 row.
+        drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     drop[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
@@ -64,25 +99,32 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     logits = logits.float()
     temp_t = torch.tensor(temperature, dtype=torch.float32)
     raw = torch.log_softmax(logits, dim=-1)
-    samp = sampling_log_probs(logits, temp_t, torch.tensor(top_k, dtype=torch.int64),
-                              torch.tensor(top_p, dtype=torch.float32))
+    vocab = logits.shape[1]
+    if all(t == 1.0 for t in temperature) and all(k <= 0 or k >= vocab for k in top_k) and all(
+            p >= 1.0 for p in top_p):
+        samp = raw  # plain sampling (the common RL setting): the sampled distribution is the model's
+    else:
+        samp = sampling_log_probs(logits, temp_t, torch.tensor(top_k, dtype=torch.int64),
+                                  torch.tensor(top_p, dtype=torch.float32))
     # Inverse-CDF sampling: one uniform per row (from the row's own generator when seeded), located in
     # the row's cumulative distribution. Filtered-out tokens have zero mass, so they are never drawn.
     uniform = torch.empty(len(generators))
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
         uniform[shared] = torch.rand(len(shared), generator=default_generator)
-    for i, g in enumerate(generators):
-        if g is not None:
-            uniform[i] = torch.rand(1, generator=g)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:  # one draw per seeded row from its own generator, written back in one op
+        uniform[seeded] = torch.cat([torch.rand(1, generator=generators[i]) for i in seeded])
     cdf = torch.cumsum(torch.exp(samp), dim=-1)
     total = cdf[:, -1]
     # Strictly below the total, so the first entry above it always has positive mass.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
-    greedy = torch.argmax(logits, dim=-1)
-    is_greedy = temp_t <= 0
-    tokens = torch.where(is_greedy, greedy, drawn)
     rows = torch.arange(logits.shape[0])
-    samp_lp = torch.where(is_greedy, torch.zeros(len(rows)), samp[rows, tokens])
+    if any(t <= 0 for t in temperature):
+        is_greedy = temp_t <= 0
+        tokens = torch.where(is_greedy, torch.argmax(logits, dim=-1), drawn)
+        samp_lp = torch.where(is_greedy, torch.zeros(len(rows)), samp[rows, tokens])
+    else:
+        tokens, samp_lp = drawn, samp[rows, drawn]
     return SampleResult(tokens=tokens, logprobs=raw[rows, tokens], sampling_logprobs=samp_lp, raw=raw)
