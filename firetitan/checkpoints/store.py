@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from firetitan.checkpoints import delta as dz
-from firetitan.checkpoints import lora
+from firetitan.checkpoints import lora, pending
 from firetitan.checkpoints.delta_payload import apply_delta, encode_delta
 from firetitan.checkpoints.identity import make_identity, validate_name
 from firetitan.checkpoints.layout import (
@@ -211,9 +211,31 @@ class SnapshotStore:
 
     def delta_base(self, identity: str) -> str | None:
         """The base snapshot a delta applies to (deltas are always taken against a base, never against
-        another delta); None for a base or a LoRA snapshot. Raises like `manifest` for an unknown one."""
-        manifest = self.manifest(identity)
+        another delta); None for a base or a LoRA snapshot. A snapshot still being written in the
+        background answers from its pending marker. Raises like `manifest` for an unknown one."""
+        try:
+            manifest = self.manifest(identity)
+        except NotFoundError:
+            marker = pending.read(self.snapshots_dir, identity)
+            if marker is None:
+                raise
+            return marker["previous_snapshot_identity"] if marker["kind"] == "delta" else None
         return manifest.previous_snapshot_identity if manifest.kind == "delta" else None
+
+    def chain_facts(self, identity: str) -> tuple[str, str | None]:
+        """(kind, base of a delta) from the manifest, or from the pending marker while it is written."""
+        try:
+            manifest = self.manifest(identity)
+        except NotFoundError:
+            marker = pending.read(self.snapshots_dir, identity)
+            if marker is None:
+                raise
+            return marker["kind"], marker["previous_snapshot_identity"]
+        return manifest.kind, manifest.previous_snapshot_identity
+
+    def wait_published(self, identity: str, timeout_s: float | None = None) -> None:
+        """Wait (bounded, $FIRETITAN_SNAPSHOT_PENDING_WAIT_S) while `identity` is written in the background."""
+        pending.wait_published(self.snapshots_dir, identity, lambda: self.exists(identity), timeout_s)
 
     def exists(self, identity: str) -> bool:
         return (self._dir(identity) / MANIFEST_FILE).is_file()

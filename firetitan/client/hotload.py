@@ -40,8 +40,13 @@ class DeploymentHotLoader:
         try:
             manifest = await http.request_json("GET", self._acct(f"/snapshots/{identity}"))
         except NotFoundError:
-            raise NotFoundError(f"model_path {identity!r} is not a sampler snapshot identity; pass the .path of "
-                                "save_weights_for_sampler(...).result()", field="model_path") from None
+            # Not in the store (yet): a same-host trainer writes the files in the background after
+            # publishing the weights in shared memory; the replicas know it, so ask them directly.
+            try:
+                return self._loaded(await self._load_one(http, identity, None))
+            except NotFoundError:
+                raise NotFoundError(f"model_path {identity!r} is not a sampler snapshot identity; pass the .path "
+                                    "of save_weights_for_sampler(...).result()", field="model_path") from None
         if manifest["kind"] == "delta":
             base = manifest["previous_snapshot_identity"]
             # A delta applies to its base: load the base first wherever a replica holds another one

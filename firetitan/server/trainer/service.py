@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import time
@@ -222,6 +223,8 @@ class TrainerService:
             del self.aliases[alias]
         if sess.model_id == self.preloaded_id:
             self.preloaded_id = None
+        if sess.engine is not None:  # its background snapshot write finishes; its shm segments go
+            await asyncio.to_thread(sess.engine.close)
         sess.engine = None
         gc.collect()
         log.info("model_unloaded", model_id=sess.model_id)

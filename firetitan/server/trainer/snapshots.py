@@ -1,0 +1,162 @@
+"""A trainer's sampler-snapshot chain: base or delta, published through shared memory with the durable files written in the background.
+
+Same host (a replica of this store registered as a reader in the store's shared-memory directory, see
+`checkpoints/shm.py`): the weights are cast-copied once into a segment, a pending marker announces
+the snapshot's kind and base, and the save returns; the base/delta files are written by this chain's
+one background writer thread. Otherwise, or with $FIRETITAN_SHM_SYNC=0, the files are written before
+the save returns, as they always were.
+
+Ordering: one background write at a time, and every save first waits for the previous one, so a delta
+is never encoded against a base whose files (and in-memory copy) are not complete. A background
+failure is kept and raised by the next save (which is refused; the chain restarts with a new base) and
+shown in `status()`; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from firetitan.checkpoints import SnapshotStore, make_identity, pending, shm, validate_name
+from firetitan.checkpoints.manifest import SnapshotManifest
+from firetitan.checkpoints.weights import config_get, raw_size, split_aliases
+from firetitan.errors import InvalidRequestError, SnapshotError
+from firetitan.logging import get_logger
+
+log = get_logger("firetitan.trainer.snapshots")
+
+# When the last delta's payload passes this fraction of a full save, the next automatic snapshot is a
+# fresh base (deltas against a drifting base only grow).
+REBASE_DELTA_FRACTION = 0.5
+
+
+class SnapshotChain:
+    """The base the next delta applies to, the shm publisher, and the background writer."""
+
+    def __init__(self, store: SnapshotStore, *, shm_sync: bool | None = None) -> None:
+        self.store = store
+        self.base_identity: str | None = None
+        self.base_state: dict[str, torch.Tensor] | None = None
+        self.rebase_due = False
+        use = shm.enabled() if shm_sync is None else shm_sync
+        directory = shm.segment_dir(store.root) if use else None
+        self.publisher = shm.ShmPublisher(directory) if directory is not None else None
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: tuple[str, Future[None]] | None = None
+        self.last_error: str | None = None
+        self.last_durable: str | None = None
+
+    # -- the public steps
+    def save(self, name: str, client_suffix: str | None, checkpoint_type: str | None,
+             state: Callable[[], dict[str, torch.Tensor]], *, dtype: torch.dtype, config: Callable[[], Any],
+             tokenizer: Callable[[], Any], base_model: str | None) -> SnapshotManifest | dict[str, Any]:
+        """One full-parameter snapshot: a manifest when written now, or a dict of its facts when the
+        files are written in the background. `state()` gives the live weights (any dtype); `dtype` is
+        the snapshot's (serving) dtype."""
+        self.flush()
+        kind = checkpoint_type or ("delta" if self.base_identity and not self.rebase_due else "base")
+        if kind == "delta" and self.base_identity is None:
+            raise InvalidRequestError(
+                "checkpoint_type: 'delta' needs an earlier base snapshot from this model; save a base first",
+                field="checkpoint_type")
+        identity = make_identity(name, client_suffix) if client_suffix is not None else validate_name(name)
+        live = state()
+        if not self._same_host() or self.store.exists(identity):  # a retry keeps the store's idempotency
+            return self._write(kind, name, client_suffix, _cast(live, dtype), config, tokenizer, base_model)
+        assert self.publisher is not None
+        tie = bool(config_get(config(), "tie_word_embeddings", False))
+        canonical, aliases = split_aliases(live, tie_embeddings=tie)
+        previous = self.base_identity if kind == "delta" else None
+        started = time.perf_counter()
+        segment, mm, header = self.publisher.publish(identity, canonical, dtype, kind=kind, previous=previous,
+                                                     aliases=aliases)
+        pending.mark(self.store.snapshots_dir, identity, kind, previous)
+        if kind == "base":
+            self.base_identity, self.rebase_due = identity, False
+        tensors = shm.segment_tensors(mm, header)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer")
+        future = self._writer.submit(self._write_background, kind, name, client_suffix, identity, tensors, mm,
+                                     config, tokenizer, base_model)
+        self._inflight = (identity, future)
+        log.info("snapshot_published_shm", identity=identity, kind=kind, segment=segment.file,
+                 seconds=round(time.perf_counter() - started, 4))
+        return {"identity": identity, "kind": kind, "previous_snapshot_identity": previous,
+                "full_size_bytes": raw_size(canonical), "size_bytes": None, "checksum": None}
+
+    def flush(self) -> None:
+        """Wait for the background write in flight; raise its failure once (the chain then restarts)."""
+        if self._inflight is None:
+            return
+        identity, future = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        except Exception as exc:
+            self.last_error = f"durable snapshot {identity!r} failed to write in the background: {exc}"
+            self.base_identity, self.base_state, self.rebase_due = None, None, False
+            log.error("snapshot_background_write_failed", identity=identity, error=str(exc))
+            raise SnapshotError(f"{self.last_error}; this save was refused and the next one writes a new base "
+                                "(a deployment that loaded it from shared memory keeps serving it)") from exc
+
+    def status(self) -> dict[str, Any]:
+        return {"last_base_snapshot": self.base_identity, "shm_sync": self.publisher is not None,
+                "durable_pending": self._inflight[0] if self._inflight else None,
+                "last_durable_snapshot": self.last_durable, "snapshot_error": self.last_error}
+
+    def close(self) -> None:
+        """Finish the durable write in flight (errors logged), then remove this trainer's segments."""
+        with contextlib.suppress(SnapshotError):
+            self.flush()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        if self.publisher is not None:
+            self.publisher.close()
+
+    # -- internals
+    def _same_host(self) -> bool:
+        return self.publisher is not None and shm.has_live_reader(self.publisher.directory)
+
+    def _write(self, kind: str, name: str, client_suffix: str | None, state: dict[str, torch.Tensor],
+               config: Callable[[], Any], tokenizer: Callable[[], Any], base_model: str | None) -> SnapshotManifest:
+        if kind == "delta":
+            assert self.base_identity is not None
+            manifest = self.store.save_delta(name, state, self.base_identity, base_state_dict=self.base_state,
+                                             client_suffix=client_suffix)
+            full = manifest.full_size_bytes or 0
+            self.rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
+        else:
+            manifest = self.store.save_base(name, state, config(), tokenizer=tokenizer(), base_model=base_model,
+                                            client_suffix=client_suffix)
+            self.base_identity, self.rebase_due = manifest.identity, False
+            # Kept so later deltas need not read the base back from disk.
+            self.base_state = {k: v.clone() for k, v in state.items()}
+        self.last_durable = manifest.identity
+        return manifest
+
+    def _write_background(self, kind: str, name: str, client_suffix: str | None, identity: str,
+                          tensors: dict[str, torch.Tensor], mm: Any, config: Callable[[], Any],
+                          tokenizer: Callable[[], Any], base_model: str | None) -> None:
+        try:
+            self._write(kind, name, client_suffix, tensors, config, tokenizer, base_model)
+        finally:
+            pending.clear(self.store.snapshots_dir, identity)
+            del tensors
+            with contextlib.suppress(BufferError):
+                mm.close()  # the segment file stays until the publisher's bound or close() removes it
+
+
+def _cast(live: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights as the deployment serves them: on the CPU, floating tensors in the snapshot dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in live.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            v = v.to(dtype)
+        out[k] = v.to("cpu")
+    return out
