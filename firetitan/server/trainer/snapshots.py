@@ -50,6 +50,7 @@ class SnapshotChain:
         self._inflight: tuple[str, Future[None]] | None = None
         self.last_error: str | None = None
         self.last_durable: str | None = None
+        self.last_flush_wait_s = 0.0  # how long the last save waited for the previous background write
 
     # -- the public steps
     def save(self, name: str, client_suffix: str | None, checkpoint_type: str | None,
@@ -58,7 +59,9 @@ class SnapshotChain:
         """One full-parameter snapshot: a manifest when written now, or a dict of its facts when the
         files are written in the background. `state()` gives the live weights (any dtype); `dtype` is
         the snapshot's (serving) dtype."""
+        waited = time.perf_counter()
         self.flush()
+        self.last_flush_wait_s = time.perf_counter() - waited
         kind = checkpoint_type or ("delta" if self.base_identity and not self.rebase_due else "base")
         if kind == "delta" and self.base_identity is None:
             raise InvalidRequestError(
