@@ -193,11 +193,20 @@ class SnapshotStore:
     # ----------------------------------------------------------------- reading
 
     def manifest(self, identity: str, field: str = "identity") -> SnapshotManifest:
+        """A published snapshot's manifest. One a trainer still writes in the background (pending) is
+        waited for (bounded), so a save that returned early reads back like one that wrote its files."""
         path = self._dir(identity, field=field) / MANIFEST_FILE
         try:
             raw = path.read_text()
         except FileNotFoundError:
-            raise NotFoundError(f"snapshot {identity!r} does not exist", field=field) from None
+            if pending.read(self.snapshots_dir, identity) is None:
+                raise NotFoundError(f"snapshot {identity!r} does not exist", field=field) from None
+            self.wait_published(identity)
+            try:
+                raw = path.read_text()
+            except FileNotFoundError:
+                raise NotFoundError(f"snapshot {identity!r} is still being written in the background (or its "
+                                    "write failed: see the trainer's status)", field=field) from None
         try:
             manifest = SnapshotManifest.model_validate_json(raw)
         except ValidationError as exc:
