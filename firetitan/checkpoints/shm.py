@@ -308,16 +308,26 @@ def open_segment(path: Path) -> OpenSegment:
         os.close(fd)
     try:
         header = _checked_header(mm, size, seg, where)
-        view = memoryview(mm)
-        for e in header["tensors"]:
-            start = header["data_offset"] + e["offset"]
-            if zlib.crc32(view[start:start + e["nbytes"]]) != e["crc32"]:
-                raise SnapshotError(f"{where} is corrupt: tensor {e['name']!r} does not match its CRC-32")
-        del view
+        bad = first_bad_tensor(mm, header)
+        if bad is not None:
+            raise SnapshotError(f"{where} is corrupt: tensor {bad!r} does not match its CRC-32")
         tensors = segment_tensors(mm, header)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"{where} has a malformed header: {exc!r}") from exc
     return OpenSegment(seg, path, header, tensors)
+
+
+def first_bad_tensor(mm: mmap.mmap, header: Mapping[str, Any]) -> str | None:
+    """The first tensor whose bytes do not match the CRC-32 the writer recorded (None: all match)."""
+    view = memoryview(mm)
+    try:
+        for e in header["tensors"]:
+            start = header["data_offset"] + e["offset"]
+            if zlib.crc32(view[start:start + e["nbytes"]]) != e["crc32"]:
+                return str(e["name"])
+        return None
+    finally:
+        view.release()
 
 
 def _checked_header(mm: mmap.mmap, size: int, seg: SegmentName, where: str) -> dict[str, Any]:

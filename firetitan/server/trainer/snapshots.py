@@ -85,7 +85,7 @@ class SnapshotChain:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer")
         future = self._writer.submit(self._write_background, kind, name, client_suffix, identity, tensors, mm,
-                                     config, tokenizer, base_model)
+                                     header, config, tokenizer, base_model)
         self._inflight = (identity, future)
         log.info("snapshot_published_shm", identity=identity, kind=kind, segment=segment.file,
                  seconds=round(time.perf_counter() - started, 4))
@@ -144,15 +144,21 @@ class SnapshotChain:
         return manifest
 
     def _write_background(self, kind: str, name: str, client_suffix: str | None, identity: str,
-                          tensors: dict[str, torch.Tensor], mm: Any, config: Callable[[], Any],
-                          tokenizer: Callable[[], Any], base_model: str | None) -> None:
+                          tensors: dict[str, torch.Tensor], mm: Any, header: dict[str, Any],
+                          config: Callable[[], Any], tokenizer: Callable[[], Any], base_model: str | None) -> None:
         try:
             self._write(kind, name, client_suffix, tensors, config, tokenizer, base_model)
+            # The files were encoded from the segment: had anything changed it since it was published,
+            # they would hold other weights under valid digests, so check it once more and refuse them.
+            bad = shm.first_bad_tensor(mm, header)
+            if bad is not None:
+                self.store.delete(identity)
+                raise SnapshotError(f"shared-memory segment of {identity!r} changed while its files were "
+                                    f"written (tensor {bad!r}); the files were removed")
         finally:
             pending.clear(self.store.snapshots_dir, identity)
-            del tensors
-            with contextlib.suppress(BufferError):
-                mm.close()  # the segment file stays until the publisher's bound or close() removes it
+            # The mapping is released when the last tensor viewing it goes (the segment file stays until
+            # the publisher's bound or close() removes it).
 
 
 def _cast(live: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -111,10 +111,14 @@ def test_a_damaged_segment_is_refused_and_the_replica_keeps_its_weights(tmp_path
     identity = engine.save_for_sampler("next", None, None)["path"]
     path = shm.find(replica.loader.shm_dir, identity)
     assert path is not None
-    with open(path, "r+b") as f:  # flip one bit near the end of the data
-        f.seek(-3, 2)
+    seg = shm.open_segment(path)
+    last = seg.header["tensors"][-1]
+    at = seg.header["data_offset"] + last["offset"] + last["nbytes"] - 1  # inside the data, not the padding
+    del seg
+    with open(path, "r+b") as f:
+        f.seek(at)
         byte = f.read(1)
-        f.seek(-3, 2)
+        f.seek(at)
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(SnapshotError, match="CRC-32"):
         replica.load(identity)
