@@ -39,6 +39,7 @@ import torch
 from firetitan.checkpoints import SnapshotStore, shm
 from firetitan.models import load_model
 from firetitan.server.deployment.hotload import HotLoadState, SnapshotLoader
+from firetitan.server.deployment.weight_copy import copy_weights
 from firetitan.server.trainer.batch import prepare_batch
 from firetitan.server.trainer.engine import ModelSpec, TrainerEngine
 from firetitan.types import AdamParams, Datum, ModelInput, TensorData
@@ -87,8 +88,7 @@ def run(model_name: str, dtype: str, path: str, steps: int, lr: float, root: Pat
         t2 = time.perf_counter()
         loader.check_chain(out["path"], None, state)
         prepared = loader.prepare(out["path"], state)
-        with torch.no_grad():
-            served.load_state_dict(prepared.state_dict, strict=False)  # what the engine's swap does
+        copy_weights(served, prepared.state_dict)  # the engine's swap (one copy per tensor, one thread)
         if prepared.kind == "base":  # what ReplicaHotLoader._served keeps
             state.base_identity = prepared.identity
             state.base_state_dict = None if prepared.segment is not None else (

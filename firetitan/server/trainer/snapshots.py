@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from firetitan.checkpoints import SnapshotStore, make_identity, pending, shm, validate_name
+from firetitan.checkpoints import SnapshotStore, make_identity, parallel, pending, shm, validate_name
 from firetitan.checkpoints.manifest import SnapshotManifest
 from firetitan.checkpoints.weights import config_get, raw_size, split_aliases
 from firetitan.errors import InvalidRequestError, SnapshotError
@@ -83,7 +83,8 @@ class SnapshotChain:
             self.base_identity, self.rebase_due = identity, False
         tensors = shm.segment_tensors(mm, header)
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer")
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer",
+                                              initializer=parallel.background_thread)
         future = self._writer.submit(self._write_background, kind, name, client_suffix, identity, tensors, mm,
                                      header, config, tokenizer, base_model)
         self._inflight = (identity, future)
