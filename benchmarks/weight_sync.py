@@ -135,6 +135,27 @@ def run(model_name: str, dtype: str, path: str, steps: int, lr: float, root: Pat
             "rows": rows}
 
 
+def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dtype and path over every run: min-max of the median sync (save + hot-load after the base),
+    of its ratio to the train step, and of the base's sync, so a loaded machine's noise shows."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted({(r["dtype"], r["path"]) for r in runs}):
+        rs = [r for r in runs if (r["dtype"], r["path"]) == key]
+
+        def span(values: list[float | None]) -> list[float] | None:
+            vals = [v for v in values if v is not None]
+            return [min(vals), max(vals)] if vals else None
+
+        out[f"{key[0]} {key[1]}"] = {
+            "runs": len(rs), "median_sync_s": span([r["median_sync_s"] for r in rs]),
+            "median_sync_over_train": span([r["median_sync_over_train"] for r in rs]),
+            "median_train_s": span([r["median_train_s"] for r in rs]),
+            "base_sync_s": span([round(r["base"]["save_s"] + r["base"]["hot_load_s"], 4) for r in rs]),
+            "per_step_sync_s": span([x["sync_s"] for r in rs for x in r["rows"][1:]]),
+            "max_wait_for_durable_s": max(x["waited_for_previous_durable_s"] for r in rs for x in r["rows"])}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="firetitan/tiny-qwen3")
@@ -143,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--paths", default="shm,file", help="shm (same host) and/or file (snapshot files)")
+    parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times")
+    parser.add_argument("--append", action="store_true", help="add these runs to the --out file's")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--synthetic-smollm2", action="store_true",
                         help="SmolLM2-135M shapes with random weights instead of --model")
@@ -152,9 +175,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic_smollm2:
             args.model = synthetic_smollm2(Path(tmp) / "synthetic-smollm2-135m")
-        for dtype in args.dtypes.split(","):
-            for path in args.paths.split(","):
-                runs.append(run(args.model, dtype, path, args.steps, args.lr, Path(tmp)))
+        for repeat in range(args.repeats):
+            for dtype in args.dtypes.split(","):
+                for path in args.paths.split(","):
+                    runs.append({"repeat": repeat, **run(args.model, dtype, path, args.steps, args.lr,
+                                                         Path(tmp) / str(repeat))})
     builtin = args.model.startswith("firetitan/")
     out = args.out or RESULTS / ("weight_sync.json" if builtin else f"weight_sync_{Path(args.model).name}.json")
     if args.synthetic_smollm2:
@@ -162,9 +187,16 @@ def main() -> None:
     result = {"benchmark": "weight_sync", "model": args.model, "lr": args.lr, "threads": args.threads,
               "batch": "8 x 64 random tokens, cross_entropy, AdamW", "paths": args.paths.split(","),
               "torch": torch.__version__, "machine": platform.machine(),
+              "load_average": os.getloadavg(), "cpus": os.cpu_count(),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs}
+    if args.append and out.is_file():  # one machine-friendly invocation per configuration, one file
+        result["runs"] = json.loads(out.read_text())["runs"] + runs
+    result["spread"] = spread(result["runs"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    for key, sp in result["spread"].items():
+        print(f"{key}: sync after the base {sp['median_sync_s']} s (median per run, min-max over {sp['runs']} runs), "
+              f"{sp['median_sync_over_train']}x the train step {sp['median_train_s']} s")
     for r in runs:
         print(f"{r['dtype']} {r['path']}: train {r['median_train_s']}s; base save {r['base']['save_s']}s + load "
               f"{r['base']['hot_load_s']}s; after the base: sync {r['median_sync_s']}s = "

@@ -6,16 +6,20 @@ the snapshot's kind and base, and the save returns; the base/delta files are wri
 one background writer thread. Otherwise, or with $FIRETITAN_SHM_SYNC=0, the files are written before
 the save returns, as they always were.
 
-Ordering: one background write at a time, and every save first waits for the previous one, so a delta
-is never encoded against a base whose files (and in-memory copy) are not complete. A background
-failure is kept and raised by the next save (which is refused; the chain restarts with a new base) and
-shown in `status()`; it is never dropped.
+Ordering: the writes run one at a time, in save order, on one thread, so a delta is never encoded
+against a base whose files (and in-memory copy) are not complete: its base was queued before it. At
+most `MAX_WRITES_IN_FLIGHT` (2) are queued or running: a save waits while two are (a write keeps its
+segment mapped, so this also keeps the memory of segments at `shm.MAX_LIVE_SEGMENTS`); a write has the
+next train step to finish in. A background failure is raised by the next save (which is refused; the
+chain restarts with a new base) and shown in `status()`; it is never dropped. The rebase decision uses
+the sizes of the deltas written so far.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -33,6 +37,7 @@ log = get_logger("firetitan.trainer.snapshots")
 # When the last delta's payload passes this fraction of a full save, the next automatic snapshot is a
 # fresh base (deltas against a drifting base only grow).
 REBASE_DELTA_FRACTION = 0.5
+MAX_WRITES_IN_FLIGHT = 2
 
 
 class SnapshotChain:
@@ -47,7 +52,8 @@ class SnapshotChain:
         directory = shm.segment_dir(store.root) if use else None
         self.publisher = shm.ShmPublisher(directory) if directory is not None else None
         self._writer: ThreadPoolExecutor | None = None
-        self._inflight: tuple[str, Future[None]] | None = None
+        self._inflight: deque[tuple[str, Future[None]]] = deque()
+        self._base_state_of: str | None = None  # the identity `base_state` holds
         self.last_error: str | None = None
         self.last_durable: str | None = None
         self.last_flush_wait_s = 0.0  # how long the last save waited for the previous background write
@@ -60,7 +66,7 @@ class SnapshotChain:
         files are written in the background. `state()` gives the live weights (any dtype); `dtype` is
         the snapshot's (serving) dtype."""
         waited = time.perf_counter()
-        self.flush()
+        self._settle(keep=MAX_WRITES_IN_FLIGHT - 1)
         self.last_flush_wait_s = time.perf_counter() - waited
         kind = checkpoint_type or ("delta" if self.base_identity and not self.rebase_due else "base")
         if kind == "delta" and self.base_identity is None:
@@ -69,12 +75,17 @@ class SnapshotChain:
                 field="checkpoint_type")
         identity = make_identity(name, client_suffix) if client_suffix is not None else validate_name(name)
         live = state()
+        previous = self.base_identity if kind == "delta" else None
         if not self._same_host() or self.store.exists(identity):  # a retry keeps the store's idempotency
-            return self._write(kind, name, client_suffix, _cast(live, dtype), config, tokenizer, base_model)
+            self.flush()
+            manifest = self._write(kind, name, client_suffix, previous, _cast(live, dtype), config, tokenizer,
+                                   base_model)
+            if manifest.kind == "base":
+                self.base_identity, self.rebase_due = manifest.identity, False
+            return manifest
         assert self.publisher is not None
         tie = bool(config_get(config(), "tie_word_embeddings", False))
         canonical, aliases = split_aliases(live, tie_embeddings=tie)
-        previous = self.base_identity if kind == "delta" else None
         started = time.perf_counter()
         segment, mm, header = self.publisher.publish(identity, canonical, dtype, kind=kind, previous=previous,
                                                      aliases=aliases)
@@ -85,32 +96,46 @@ class SnapshotChain:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshot-writer",
                                               initializer=parallel.background_thread)
-        future = self._writer.submit(self._write_background, kind, name, client_suffix, identity, tensors, mm,
-                                     header, config, tokenizer, base_model)
-        self._inflight = (identity, future)
+        future = self._writer.submit(self._write_background, kind, name, client_suffix, previous, identity,
+                                     tensors, mm, header, config, tokenizer, base_model)
+        self._inflight.append((identity, future))
         log.info("snapshot_published_shm", identity=identity, kind=kind, segment=segment.file,
                  seconds=round(time.perf_counter() - started, 4))
         return {"identity": identity, "kind": kind, "previous_snapshot_identity": previous,
                 "full_size_bytes": raw_size(canonical), "size_bytes": None, "checksum": None}
 
     def flush(self) -> None:
-        """Wait for the background write in flight; raise its failure once (the chain then restarts)."""
-        if self._inflight is None:
-            return
-        identity, future = self._inflight
-        self._inflight = None
-        try:
-            future.result()
-        except Exception as exc:
-            self.last_error = f"durable snapshot {identity!r} failed to write in the background: {exc}"
-            self.base_identity, self.base_state, self.rebase_due = None, None, False
-            log.error("snapshot_background_write_failed", identity=identity, error=str(exc))
+        """Wait for every background write; raise a failure once (the chain then restarts)."""
+        self._settle(keep=0)
+
+    def _settle(self, keep: int) -> None:
+        """Collect finished writes and wait until at most `keep` are in flight; raise any failure."""
+        failures: list[str] = []
+
+        def drain(limit: int) -> None:
+            while self._inflight and (len(self._inflight) > limit or self._inflight[0][1].done()):
+                identity, future = self._inflight.popleft()
+                try:
+                    future.result()
+                except Exception as exc:
+                    failures.append(f"durable snapshot {identity!r} failed to write in the background: {exc}")
+                    log.error("snapshot_background_write_failed", identity=identity, error=str(exc))
+
+        drain(keep)
+        if failures:
+            drain(0)  # the writes queued after a failure (deltas of a lost base) settle too
+            self.last_error = "; ".join(failures)
+            self.base_identity, self.base_state, self._base_state_of, self.rebase_due = None, None, None, False
             raise SnapshotError(f"{self.last_error}; this save was refused and the next one writes a new base "
-                                "(a deployment that loaded it from shared memory keeps serving it)") from exc
+                                "(a deployment that loaded it from shared memory keeps serving it)")
+
+    def writes_done(self) -> bool:
+        """Whether every background write has finished (successfully or not); nothing is raised here."""
+        return all(future.done() for _identity, future in self._inflight)
 
     def status(self) -> dict[str, Any]:
         return {"last_base_snapshot": self.base_identity, "shm_sync": self.publisher is not None,
-                "durable_pending": self._inflight[0] if self._inflight else None,
+                "durable_pending": [identity for identity, _f in self._inflight],
                 "last_durable_snapshot": self.last_durable, "snapshot_error": self.last_error}
 
     def close(self) -> None:
@@ -127,28 +152,32 @@ class SnapshotChain:
     def _same_host(self) -> bool:
         return self.publisher is not None and shm.has_live_reader(self.publisher.directory)
 
-    def _write(self, kind: str, name: str, client_suffix: str | None, state: dict[str, torch.Tensor],
-               config: Callable[[], Any], tokenizer: Callable[[], Any], base_model: str | None) -> SnapshotManifest:
+    def _write(self, kind: str, name: str, client_suffix: str | None, previous: str | None,
+               state: dict[str, torch.Tensor], config: Callable[[], Any], tokenizer: Callable[[], Any],
+               base_model: str | None) -> SnapshotManifest:
         if kind == "delta":
-            assert self.base_identity is not None
-            manifest = self.store.save_delta(name, state, self.base_identity, base_state_dict=self.base_state,
+            assert previous is not None
+            # The base's write ran before this one (same thread, save order), so `base_state` is it.
+            held = self.base_state if self._base_state_of == previous else None
+            manifest = self.store.save_delta(name, state, previous, base_state_dict=held,
                                              client_suffix=client_suffix)
             full = manifest.full_size_bytes or 0
-            self.rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
+            if previous == self.base_identity:  # a delta of an older base says nothing about the current one
+                self.rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
         else:
             manifest = self.store.save_base(name, state, config(), tokenizer=tokenizer(), base_model=base_model,
                                             client_suffix=client_suffix)
-            self.base_identity, self.rebase_due = manifest.identity, False
             # Kept so later deltas need not read the base back from disk.
             self.base_state = {k: v.clone() for k, v in state.items()}
+            self._base_state_of = manifest.identity
         self.last_durable = manifest.identity
         return manifest
 
-    def _write_background(self, kind: str, name: str, client_suffix: str | None, identity: str,
-                          tensors: dict[str, torch.Tensor], mm: Any, header: dict[str, Any],
+    def _write_background(self, kind: str, name: str, client_suffix: str | None, previous: str | None,
+                          identity: str, tensors: dict[str, torch.Tensor], mm: Any, header: dict[str, Any],
                           config: Callable[[], Any], tokenizer: Callable[[], Any], base_model: str | None) -> None:
         try:
-            self._write(kind, name, client_suffix, tensors, config, tokenizer, base_model)
+            self._write(kind, name, client_suffix, previous, tensors, config, tokenizer, base_model)
             # The files were encoded from the segment: had anything changed it since it was published,
             # they would hold other weights under valid digests, so check it once more and refuse them.
             bad = shm.first_bad_tensor(mm, header)

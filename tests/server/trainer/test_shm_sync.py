@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -70,12 +71,14 @@ def test_shm_base_and_deltas_serve_the_trainer_weights_and_the_background_files_
     outs = []
     for step in range(4):
         train_step(engine, gen)
-        out = engine.save_for_sampler(f"s{step}", None, None)
+        # A base in the middle: the writes queued behind each other must each use their own base.
+        out = engine.save_for_sampler(f"s{step}", None, "base" if step == 2 else None)
         assert out["size_bytes"] is None  # returned before the files were written
         assert replica.load(out["path"]) is not None  # loaded from a segment
         assert replica.equals(engine), f"step {step}"
         outs.append(out)
-    assert [o["checkpoint_type"] for o in outs] == ["base", "delta", "delta", "delta"]
+    assert [o["checkpoint_type"] for o in outs] == ["base", "delta", "base", "delta"]
+    assert [o["previous_snapshot_identity"] for o in outs] == [None, "s0", None, "s2"]
     assert len(shm.live_segments(engine.snapshots.publisher.directory)) <= shm.MAX_LIVE_SEGMENTS
 
     # The same job with shared memory off writes every snapshot synchronously: same bytes on disk.
@@ -85,7 +88,7 @@ def test_shm_base_and_deltas_serve_the_trainer_weights_and_the_background_files_
     gen = torch.Generator().manual_seed(0)
     for step in range(4):
         train_step(sync, gen)
-        assert sync.save_for_sampler(f"s{step}", None, None)["size_bytes"] > 0
+        assert sync.save_for_sampler(f"s{step}", None, "base" if step == 2 else None)["size_bytes"] > 0
     engine.close()
     assert shm.live_segments(engine.snapshots.publisher.directory) == []
     for step in range(4):
@@ -95,7 +98,8 @@ def test_shm_base_and_deltas_serve_the_trainer_weights_and_the_background_files_
         store.verify(f"s{step}")
     # A fresh replica (a restart, or another host) resumes from the files alone: base, then the last delta.
     fresh = Replica(store, dtype)
-    assert fresh.load("s0") is None and fresh.load("s3") is None
+    assert fresh.load("s0") is None and fresh.load("s1") is None
+    assert fresh.load("s2") is None and fresh.load("s3") is None
     assert fresh.equals(engine)
 
 
@@ -135,6 +139,9 @@ def test_a_failed_background_write_fails_the_next_save_and_the_chain_restarts(tm
     engine.snapshots.flush()
     store.delete("b0")  # the delta written next in the background has no base on disk
     assert engine.save_for_sampler("d1", None, None)["checkpoint_type"] == "delta"
+    deadline = time.monotonic() + 60
+    while not engine.snapshots.writes_done() and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(SnapshotError, match="'d1' failed to write in the background"):
         engine.save_for_sampler("d2", None, None)
     assert "d1" in engine.snapshots.status()["snapshot_error"]
