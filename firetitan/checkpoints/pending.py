@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firetitan.checkpoints.shm import host_id, pid_alive
 from firetitan.errors import FiretitanError
 from firetitan.names import check_name
 
@@ -34,7 +35,7 @@ def mark(snapshots_dir: Path, identity: str, kind: str, previous: str | None) ->
     directory = snapshots_dir / PENDING_DIR
     directory.mkdir(exist_ok=True)
     body = {"identity": identity, "kind": kind, "previous_snapshot_identity": previous,
-            "writer_pid": os.getpid(), "created_at": time.time()}
+            "writer_pid": os.getpid(), "host": host_id(), "created_at": time.time()}
     tmp = directory / f".{identity}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(body))
     os.replace(tmp, _path(snapshots_dir, identity))
@@ -52,8 +53,28 @@ def clear(snapshots_dir: Path, identity: str) -> None:
         _path(snapshots_dir, identity).unlink()
 
 
+def _orphaned(marker: dict[str, Any]) -> bool:
+    """A marker whose writer ran on this host and no longer runs: its files will never come."""
+    return marker.get("host") == host_id() and not pid_alive(int(marker.get("writer_pid", 0)))
+
+
+def sweep_dead(snapshots_dir: Path) -> None:
+    """Remove the markers of writers on this host that died before their files were written."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in (snapshots_dir / PENDING_DIR).iterdir():
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if entry.suffix == ".json" and _orphaned(json.loads(entry.read_text())):
+                    entry.unlink()
+
+
 def wait_published(snapshots_dir: Path, identity: str, published: Any, timeout_s: float | None = None) -> None:
-    """While `identity` is pending, wait (bounded) until `published()` is true or the marker goes."""
+    """While `identity` is pending, wait (bounded) until `published()` is true or the marker goes (or
+    its writer, on this host, is found dead: then the marker goes too)."""
     deadline = time.monotonic() + (float(os.environ.get(WAIT_ENV, _WAIT_S)) if timeout_s is None else timeout_s)
-    while read(snapshots_dir, identity) is not None and not published() and time.monotonic() < deadline:
+    while (marker := read(snapshots_dir, identity)) is not None and not published():
+        if _orphaned(marker):
+            clear(snapshots_dir, identity)
+            return
+        if time.monotonic() >= deadline:
+            return
         time.sleep(_POLL_S)

@@ -102,7 +102,7 @@ class SegmentName:
         return SegmentName(parts[0], int(parts[1]), int(parts[2]))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +149,7 @@ def sweep_dead(directory: Path) -> int:
             name = entry.name.removeprefix(_TMP)
             seg = SegmentName.parse(name)
             pid = seg.pid if seg is not None else _reader_pid(name)
-            if pid is not None and not _alive(pid):
+            if pid is not None and not pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
                     removed += 1

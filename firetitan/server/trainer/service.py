@@ -400,6 +400,8 @@ class TrainerService:
                 mid: {"loaded": m.engine is not None, "error": None if m.error is None else str(m.error),
                       "waiting": m.queue.waiting(), "busy": m.queue.busy,
                       "step": None if m.engine is None else m.engine.step,
+                      "snapshots": None if m.engine is None or m.engine.snapshots is None
+                      else m.engine.snapshots.status(),
                       "busy_s": None if m.queue.busy_since is None
                       else round(time.monotonic() - m.queue.busy_since, 3)}
                 for mid, m in self.models.items()

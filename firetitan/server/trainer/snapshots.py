@@ -51,6 +51,7 @@ class SnapshotChain:
         use = shm.enabled() if shm_sync is None else shm_sync
         directory = shm.segment_dir(store.root) if use else None
         self.publisher = shm.ShmPublisher(directory) if directory is not None else None
+        pending.sweep_dead(store.snapshots_dir)  # markers of a trainer killed mid-write
         self._writer: ThreadPoolExecutor | None = None
         self._inflight: deque[tuple[str, Future[None]]] = deque()
         self._base_state_of: str | None = None  # the identity `base_state` holds

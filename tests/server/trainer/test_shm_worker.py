@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from trainer_procs import NANO, start_trainer
 
-from firetitan.checkpoints import SnapshotStore, shm
+from firetitan.checkpoints import SnapshotStore, pending, shm
 from firetitan.client.training import TrainingClient
+from firetitan.errors import NotFoundError
 
 pytestmark = pytest.mark.slow
 
@@ -48,3 +50,9 @@ def test_segments_go_on_stop_and_after_a_kill(tmp_path: Path, monkeypatch: pytes
             assert len(mine(directory, trainer.process.pid)) == shm.MAX_LIVE_SEGMENTS  # nothing ran at exit
             assert shm.find(directory, saved[-1].path) is None  # the next lookup sweeps a dead writer's
             assert mine(directory, trainer.process.pid) == []
+            # A snapshot whose background write died with it is not waited for: its marker is orphaned.
+            store = SnapshotStore(trainer.store_dir)
+            for s in saved:
+                with contextlib.suppress(NotFoundError):
+                    store.manifest(s.path)
+                assert pending.read(store.snapshots_dir, s.path) is None
