@@ -127,7 +127,8 @@ class SnapshotLoader:
             if state.base_identity is None:
                 raise SnapshotError(f"delta {identity!r} needs its base loaded first")
             if state.base_state_dict is None:  # the base came from shared memory: read it from the store once
-                self.store.wait_published(state.base_identity)
+                # (the unchanged base weights later deltas XOR against, whatever this load's outcome)
+                state.base_state_dict = self.store.load_state_dict(state.base_identity)
             sd = self.store.load_state_dict(identity, state.base_state_dict, base_identity=state.base_identity)
             return PreparedWeights(identity, "delta", self._checked(sd, identity), state.base_identity)
         merged = self._merge_lora(identity)

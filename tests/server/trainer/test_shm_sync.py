@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -166,3 +167,20 @@ def test_without_a_same_host_reader_or_with_shm_off_the_save_writes_files(
     assert out["size_bytes"] > 0 and replica.load("off") is None and replica.equals(off)
     engine.close()
     off.close()
+
+
+def test_a_file_delta_after_a_shm_base_reads_that_base_from_the_store(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "store")
+    replica = Replica(store, "bfloat16")
+    engine = TrainerEngine("e", ModelSpec(NANO, dtype="bfloat16"), store=store, states=None)
+    gen = torch.Generator().manual_seed(2)
+    train_step(engine, gen)
+    assert replica.load(engine.save_for_sampler("b", None, None)["path"]) is not None  # from the segment
+    assert replica.state.base_state_dict is None  # not kept: the mapping is gone after the swap
+    (replica.loader.shm_dir / f"reader.{os.getpid()}").unlink()  # the trainer now sees no same-host replica
+    train_step(engine, gen)
+    out = engine.save_for_sampler("d", None, None)
+    assert out["checkpoint_type"] == "delta" and out["size_bytes"] > 0  # written as files, before returning
+    assert replica.load(out["path"]) is None  # the delta from its file, the base read from the store
+    assert replica.equals(engine)
+    engine.close()
