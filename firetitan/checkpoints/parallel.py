@@ -2,7 +2,9 @@
 
 The work releases the GIL where it is heavy (numpy XOR and copies, zstd, hashlib), so threads run it
 in parallel. Tensors are handed out largest first so one big embedding does not finish last alone.
-$FIRETITAN_SNAPSHOT_THREADS sets the pool size (default: the CPU count, at most 4; 1 = no pool).
+$FIRETITAN_SNAPSHOT_THREADS sets the pool size; the default is 1 (no pool) up to 3 CPUs and half the
+CPUs, at most 4, above: on this 2-core machine under load, 2 threads were no faster than 1
+(`benchmarks/results/delta_threads.json`); more cores were not measured.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def threads() -> int:
     raw = os.environ.get(THREADS_ENV)
     if raw is not None and raw.isdigit() and int(raw) > 0:
         return int(raw)
-    return max(1, min(_MAX_THREADS, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    return 1 if cpus < 4 else min(_MAX_THREADS, cpus // 2)
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
