@@ -27,6 +27,8 @@ import mmap
 import os
 import socket
 import struct
+import time
+import weakref
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ _ALIGN = 64
 _SUFFIX = ".seg"
 _TMP = ".tmp-"
 _READER = "reader"
+_EMPTY_DIR_GRACE_S = 60.0
 
 
 def enabled() -> bool:
@@ -69,13 +72,32 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{_boot_id()}"
 
 
+def _root() -> Path:
+    return Path(os.environ.get(SHM_ROOT_ENV, "/dev/shm"))
+
+
+def sweep_all() -> None:
+    """Sweep every store's segment directory of this user on this host, and drop the empty ones
+    (untouched for a minute, so a writer that just made one keeps it): a directory nobody opens
+    again (a temporary store) would otherwise keep a killed process's segments."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for directory in _root().glob("firetitan-*"):
+            with contextlib.suppress(OSError):
+                if not directory.is_dir() or directory.stat().st_uid != os.getuid():
+                    continue
+                sweep_dead(directory)
+                if now - directory.stat().st_mtime > _EMPTY_DIR_GRACE_S:
+                    directory.rmdir()  # only when empty
+
+
 def segment_dir(store_root: str | os.PathLike[str]) -> Path | None:
     """The segment directory of a snapshot store on this host, or None when no shm root exists.
 
     Keyed by the store's real path, the boot and the user, so a writer and a reader of the same store
     meet, and two stores (or users) never share segments.
     """
-    root = Path(os.environ.get(SHM_ROOT_ENV, "/dev/shm"))
+    root = _root()
     if not root.is_dir():
         return None
     key = f"{Path(store_root).resolve()}|{_boot_id()}|{os.getuid()}"
@@ -119,6 +141,7 @@ def _reader_pid(name: str) -> int | None:
 
 def register_reader(directory: Path) -> Path:
     """Say that a replica of this store runs on this host (its pid), so trainers publish segments."""
+    sweep_all()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     marker = directory / f"{_READER}.{os.getpid()}"
     marker.touch()
@@ -175,12 +198,14 @@ class ShmPublisher:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        sweep_all()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        sweep_dead(directory)
         self.pid = os.getpid()
         self._generation = 0
         self._live: list[SegmentName] = []
+        # An exit without close() (a script, a test) leaves none behind; weak, so it keeps nothing alive.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def publish(self, identity: str, canonical: Mapping[str, torch.Tensor], dtype: torch.dtype, *,
                 kind: str, previous: str | None,
@@ -252,6 +277,12 @@ class ShmPublisher:
         self._live.clear()
         with contextlib.suppress(OSError):
             self.directory.rmdir()  # only when empty: other writers and readers keep it
+
+
+def _close_at_exit(ref: weakref.ref[ShmPublisher]) -> None:
+    publisher = ref()
+    if publisher is not None:
+        publisher.close()
 
 
 def segment_tensors(mm: mmap.mmap, header: Mapping[str, Any]) -> dict[str, torch.Tensor]:
