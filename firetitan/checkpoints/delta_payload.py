@@ -12,7 +12,8 @@ from safetensors import SafetensorError, safe_open
 
 from firetitan.checkpoints import delta as dz
 from firetitan.checkpoints.manifest import SnapshotManifest
-from firetitan.checkpoints.weights import check_digests, expand_aliases, same_layout
+from firetitan.checkpoints.parallel import per_tensor
+from firetitan.checkpoints.weights import expand_aliases, same_layout
 from firetitan.errors import SnapshotError
 
 DELTA_FORMAT = "firetitan-xor-shuffle-v1"
@@ -30,9 +31,7 @@ def encode_delta(
     A tensor whose base has the same dtype and shape (and a recorded digest) is stored as the XOR of
     its bits ("same" when nothing changed, so no blob); any other tensor is stored whole ("raw").
     """
-    index: dict[str, dict[str, Any]] = {}
-    blobs: dict[str, torch.Tensor] = {}
-    for key, new in canonical.items():
+    def one(key: str, new: torch.Tensor) -> tuple[dict[str, Any], bytes | None]:
         entry: dict[str, Any] = {"dtype": dz.dtype_name(new.dtype), "shape": list(new.shape)}
         base = base_state_dict.get(key)
         base_digest = base_manifest.tensor_sha256.get(key)
@@ -42,10 +41,14 @@ def encode_delta(
         else:
             blob = dz.encode_raw(new, codec)
             entry["encoding"] = "raw"
-        if blob is not None:
-            blobs[key] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         entry["sha256"] = dz.tensor_sha256(new)
-        index[key] = entry
+        return entry, blob
+
+    # One tensor per task on a small pool: XOR, shuffle, zstd and sha256 release the GIL.
+    encoded = per_tensor(one, canonical)
+    index = {key: entry for key, (entry, _blob) in encoded.items()}
+    blobs = {key: torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+             for key, (_entry, blob) in encoded.items() if blob is not None}
 
     meta = {
         "format": DELTA_FORMAT,
@@ -82,24 +85,35 @@ def apply_delta(
                 raise SnapshotError(f"delta {identity!r} payload and manifest disagree about its base")
             codec = meta["codec"]
             index: dict[str, dict[str, Any]] = json.loads(meta["index"])
-            blob_keys = set(f.keys())
-            out: dict[str, torch.Tensor] = {}
-            for key, entry in index.items():
-                out[key] = _apply_entry(f, key, entry, blob_keys, base_state_dict, codec, identity, prev,
-                                        base_digests)
+            blobs = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"delta {identity!r} payload is unreadable: {exc}") from exc
-    if verify:
-        changed = {k: out[k] for k, e in index.items() if e["encoding"] != "same"}
-        check_digests(changed, {k: index[k]["sha256"] for k in changed}, identity)
+
+    def one(key: str, _placeholder: torch.Tensor) -> torch.Tensor:
+        entry = index[key]
+        t = _apply_entry(blobs, key, entry, base_state_dict, codec, identity, prev, base_digests)
+        if verify and entry["encoding"] != "same" and dz.tensor_sha256(t) != entry["sha256"]:
+            raise SnapshotError(f"snapshot {identity!r} is corrupt: tensor {key!r} does not match its digest")
+        return t
+
+    try:
+        # Decode (zstd, unshuffle, XOR) and the digest check of each tensor on the pool, largest first.
+        out = per_tensor(one, {k: _sized(e) for k, e in index.items()})
+    except KeyError as exc:
+        raise SnapshotError(f"delta {identity!r} payload is unreadable: {exc}") from exc
     return expand_aliases(out, manifest.aliases)
 
 
+def _sized(entry: dict[str, Any]) -> torch.Tensor:
+    """A zero-stride stand-in with the entry's element count and size, for ordering the pool's tasks."""
+    dtype = dz.parse_dtype(entry["dtype"])
+    return torch.empty((), dtype=dtype).expand(*entry["shape"]) if entry["shape"] else torch.empty((), dtype=dtype)
+
+
 def _apply_entry(
-    f: Any,
+    blobs: Mapping[str, torch.Tensor],
     key: str,
     entry: dict[str, Any],
-    blob_keys: set[str],
     base_state_dict: Mapping[str, torch.Tensor],
     codec: str,
     identity: str,
@@ -109,7 +123,7 @@ def _apply_entry(
     encoding = entry["encoding"]
     dtype, shape = dz.parse_dtype(entry["dtype"]), list(entry["shape"])
     if encoding == "raw":
-        return dz.decode_raw(_blob(f, key, blob_keys), dtype, shape, codec)
+        return dz.decode_raw(_blob(blobs, key), dtype, shape, codec)
     base = base_state_dict.get(key)
     if base is None:
         raise SnapshotError(f"delta {identity!r} needs tensor {key!r} from base {prev!r}, which is missing")
@@ -128,10 +142,9 @@ def _apply_entry(
         return base
     if encoding != "xor":
         raise SnapshotError(f"delta {identity!r} has unknown encoding {encoding!r} for {key!r}")
-    return dz.decode_xor(_blob(f, key, blob_keys), base, codec)
+    return dz.decode_xor(_blob(blobs, key), base, codec)
 
 
-def _blob(f: Any, key: str, blob_keys: set[str]) -> memoryview:
-    if key not in blob_keys:
-        return memoryview(b"")
-    return memoryview(f.get_tensor(key).numpy())
+def _blob(blobs: Mapping[str, torch.Tensor], key: str) -> memoryview:
+    blob = blobs.get(key)
+    return memoryview(b"") if blob is None else memoryview(blob.numpy())

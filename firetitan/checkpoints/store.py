@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from firetitan.checkpoints import delta as dz
-from firetitan.checkpoints import lora
+from firetitan.checkpoints import lora, pending
 from firetitan.checkpoints.delta_payload import apply_delta, encode_delta
 from firetitan.checkpoints.identity import make_identity, validate_name
 from firetitan.checkpoints.layout import (
@@ -43,6 +43,7 @@ from firetitan.checkpoints.weights import (
     load_safetensors,
     raw_size,
     split_aliases,
+    tensor_digests,
     write_config,
 )
 from firetitan.errors import ConflictError, InvalidRequestError, NotFoundError, SnapshotError
@@ -98,7 +99,7 @@ class SnapshotStore:
                 kind="base",
                 base_model=base_model or config_get(config, "_name_or_path", None) or None,
                 dtypes={k: dz.dtype_name(t.dtype) for k, t in canonical.items()},
-                tensor_sha256={k: dz.tensor_sha256(t) for k, t in canonical.items()},
+                tensor_sha256=tensor_digests(canonical),
                 aliases=aliases,
                 full_size_bytes=raw_size(canonical),
             )
@@ -192,12 +193,22 @@ class SnapshotStore:
 
     # ----------------------------------------------------------------- reading
 
-    def manifest(self, identity: str, field: str = "identity") -> SnapshotManifest:
+    def manifest(self, identity: str, field: str = "identity", *, wait: bool = True) -> SnapshotManifest:
+        """A published snapshot's manifest. One a trainer still writes in the background (pending) is
+        waited for (bounded; not with `wait=False`), so a save that returned early reads back like one
+        that wrote its files."""
         path = self._dir(identity, field=field) / MANIFEST_FILE
         try:
             raw = path.read_text()
         except FileNotFoundError:
-            raise NotFoundError(f"snapshot {identity!r} does not exist", field=field) from None
+            if not wait or pending.read(self.snapshots_dir, identity) is None:
+                raise NotFoundError(f"snapshot {identity!r} does not exist", field=field) from None
+            self.wait_published(identity)
+            try:
+                raw = path.read_text()
+            except FileNotFoundError:
+                raise NotFoundError(f"snapshot {identity!r} is still being written in the background (or its "
+                                    "write failed: see the trainer's status)", field=field) from None
         try:
             manifest = SnapshotManifest.model_validate_json(raw)
         except ValidationError as exc:
@@ -211,9 +222,25 @@ class SnapshotStore:
 
     def delta_base(self, identity: str) -> str | None:
         """The base snapshot a delta applies to (deltas are always taken against a base, never against
-        another delta); None for a base or a LoRA snapshot. Raises like `manifest` for an unknown one."""
-        manifest = self.manifest(identity)
-        return manifest.previous_snapshot_identity if manifest.kind == "delta" else None
+        another delta); None for a base or a LoRA snapshot. A snapshot still being written in the
+        background answers from its pending marker. Raises like `manifest` for an unknown one."""
+        kind, previous = self.chain_facts(identity)
+        return previous if kind == "delta" else None
+
+    def chain_facts(self, identity: str) -> tuple[str, str | None]:
+        """(kind, base of a delta) from the manifest, or from the pending marker while it is written."""
+        try:
+            manifest = self.manifest(identity, wait=False)
+        except NotFoundError:
+            marker = pending.read(self.snapshots_dir, identity)
+            if marker is None:
+                raise
+            return marker["kind"], marker["previous_snapshot_identity"]
+        return manifest.kind, manifest.previous_snapshot_identity
+
+    def wait_published(self, identity: str, timeout_s: float | None = None) -> None:
+        """Wait (bounded, $FIRETITAN_SNAPSHOT_PENDING_WAIT_S) while `identity` is written in the background."""
+        pending.wait_published(self.snapshots_dir, identity, lambda: self.exists(identity), timeout_s)
 
     def exists(self, identity: str) -> bool:
         return (self._dir(identity) / MANIFEST_FILE).is_file()

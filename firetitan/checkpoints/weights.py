@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from firetitan.checkpoints import delta as dz
+from firetitan.checkpoints.parallel import per_tensor
 from firetitan.errors import InvalidRequestError, SnapshotError
 
 
@@ -32,6 +33,11 @@ def write_config(config: Any, directory: Path) -> None:
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape)
+
+
+def tensor_digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of every tensor's raw bytes, computed on the snapshot thread pool."""
+    return per_tensor(lambda _key, t: dz.tensor_sha256(t), tensors)
 
 
 def raw_size(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -110,8 +116,9 @@ def expand_aliases(tensors: dict[str, torch.Tensor], aliases: Mapping[str, str])
 def check_digests(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, str], identity: str) -> None:
     if set(tensors) != set(expected):
         raise SnapshotError(f"snapshot {identity!r} tensors do not match its manifest")
-    for key, t in tensors.items():
-        if dz.tensor_sha256(t) != expected[key]:
+    digests = tensor_digests(tensors)
+    for key, digest in digests.items():
+        if digest != expected[key]:
             raise SnapshotError(f"snapshot {identity!r} is corrupt: tensor {key!r} does not match its digest")
 
 

@@ -3,6 +3,7 @@ control plane) and wait until all of them serve it, loading a delta's base first
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,18 @@ class DeploymentHotLoader:
         try:
             manifest = await http.request_json("GET", self._acct(f"/snapshots/{identity}"))
         except NotFoundError:
-            raise NotFoundError(f"model_path {identity!r} is not a sampler snapshot identity; pass the .path of "
-                                "save_weights_for_sampler(...).result()", field="model_path") from None
+            # Not in the store (yet): a same-host trainer writes the files in the background after
+            # publishing the weights in shared memory; the replicas know it, so ask them directly.
+            try:
+                return self._loaded(await self._load_one(http, identity, None))
+            except NotFoundError:
+                raise NotFoundError(f"model_path {identity!r} is not a sampler snapshot identity; pass the .path "
+                                    "of save_weights_for_sampler(...).result()", field="model_path") from None
+            except ConflictError as exc:
+                if exc.field != _CHAIN_FIELD:
+                    raise
+            # A delta of a base the replicas do not hold: its base comes from its manifest, once written.
+            manifest = await self._manifest_when_written(http, identity)
         if manifest["kind"] == "delta":
             base = manifest["previous_snapshot_identity"]
             # A delta applies to its base: load the base first wherever a replica holds another one
@@ -52,6 +63,16 @@ class DeploymentHotLoader:
         else:
             status = await self._load_one(http, identity, None)
         return self._loaded(status)
+
+    async def _manifest_when_written(self, http: HttpClient, identity: str) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            try:
+                return await http.request_json("GET", self._acct(f"/snapshots/{identity}"))
+            except NotFoundError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(_POLL_S)
 
     def _loaded(self, status: HotLoadStatus) -> dict[str, Any]:
         bases = {r.base_snapshot_identity for r in status.replicas}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from firetitan.checkpoints import SnapshotStore, validate_name
+from firetitan.checkpoints import SnapshotStore, shm, validate_name
 from firetitan.errors import APITimeoutError, ConflictError, SnapshotError
 from firetitan.logging import get_logger
 from firetitan.server.deployment.engine import WeightSwap
@@ -48,6 +48,7 @@ class PreparedWeights:
     source_dir: Path | None = None  # set by loaders for engines that reload from an HF directory (vLLM)
     # A base as stored (its snapshot dtype), which later deltas XOR against, when the served dtype differs.
     stored: dict[str, torch.Tensor] | None = None
+    segment: shm.SegmentName | None = None  # read from this shared-memory segment, not from the files
 
 
 @dataclass
@@ -70,19 +71,27 @@ class SnapshotLoader:
     """Turns a snapshot identity into a full state dict for the served model (runs in a worker thread).
 
     `served` is the reference layout (names, shapes, dtypes) of the model's weights; `startup` the
-    weights the deployment started with, which LoRA adapters are merged into.
+    weights the deployment started with, which LoRA adapters are merged into. With `shm_sync` (and
+    $FIRETITAN_SHM_SYNC not 0) the loader registers as a reader of the store's shared-memory directory
+    on this host, and loads a snapshot a trainer published there from the segment (`checkpoints/shm.py`).
     """
+
+    # A loader that needs the snapshot as files (vLLM reloads from an HF directory) sets this False.
+    shm_sync = True
 
     def __init__(self, store: SnapshotStore, served: dict[str, torch.Tensor], startup: dict[str, torch.Tensor]) -> None:
         self.store = store
         self.layout = {k: (tuple(v.shape), v.dtype) for k, v in served.items()}
         self.startup = startup
+        self.shm_dir = shm.segment_dir(store.root) if self.shm_sync and shm.enabled() else None
+        if self.shm_dir is not None:
+            shm.register_reader(self.shm_dir)
 
     def check_chain(self, identity: str, previous: str | None, state: HotLoadState) -> str:
-        """Refuse (409) a delta whose base is not the loaded one before reading any payload; returns kind."""
-        manifest = self.store.manifest(identity)
-        if manifest.kind == "delta":
-            wanted = manifest.previous_snapshot_identity
+        """Refuse (409) a delta whose base is not the loaded one before reading any payload; returns kind.
+        A snapshot whose files a trainer still writes in the background answers from its pending marker."""
+        kind, wanted = self.store.chain_facts(identity)
+        if kind == "delta":
             # The official SDK names the snapshot it loaded last as `previous`: accept it when that is
             # what this replica serves on the delta's own base (the chain is then the same).
             chained = previous == state.current_identity and state.base_identity == wanted
@@ -96,12 +105,16 @@ class SnapshotLoader:
                     f"{state.base_identity!r}; hot-load that base first",
                     field="incremental_snapshot_metadata.previous_snapshot_identity")
         elif previous is not None:
-            raise ConflictError(f"snapshot {identity!r} is a {manifest.kind} snapshot, not a delta; send "
+            raise ConflictError(f"snapshot {identity!r} is a {kind} snapshot, not a delta; send "
                                 "incremental_snapshot_metadata only for deltas",
                                 field="incremental_snapshot_metadata")
-        return manifest.kind
+        return kind
 
     def prepare(self, identity: str, state: HotLoadState) -> PreparedWeights:
+        segment = shm.find(self.shm_dir, identity)
+        if segment is not None:
+            return self._from_segment(segment, identity, state)
+        self.store.wait_published(identity)  # files a trainer writes in the background
         # Whole-file checksums first: a corrupt payload is refused. A base's weights file is skipped there
         # because load_state_dict checks each of its tensors against its digest (one hash per tensor).
         manifest = self.store.verify(identity, tensors_checked=True)
@@ -111,12 +124,26 @@ class SnapshotLoader:
             same = all(served[k] is v for k, v in sd.items())  # no cast: one copy serves both purposes
             return PreparedWeights(identity, "base", served, identity, stored=None if same else sd)
         if manifest.kind == "delta":
-            if state.base_state_dict is None:
+            if state.base_identity is None:
                 raise SnapshotError(f"delta {identity!r} needs its base loaded first")
+            if state.base_state_dict is None:  # the base came from shared memory: read it from the store once
+                # (the unchanged base weights later deltas XOR against, whatever this load's outcome)
+                state.base_state_dict = self.store.load_state_dict(state.base_identity)
             sd = self.store.load_state_dict(identity, state.base_state_dict, base_identity=state.base_identity)
             return PreparedWeights(identity, "delta", self._checked(sd, identity), state.base_identity)
         merged = self._merge_lora(identity)
         return PreparedWeights(identity, "lora", merged, state.base_identity)
+
+    def _from_segment(self, path: Path, identity: str, state: HotLoadState) -> PreparedWeights:
+        """Full weights straight from a trainer's segment: each tensor CRC-checked once, then handed to the
+        engine as views of the mapping, so the copy into the model is the only copy."""
+        segment = shm.open_segment(path)
+        kind = segment.header["kind"]
+        if kind not in ("base", "delta"):
+            raise SnapshotError(f"shared-memory segment {path.name!r} has kind {kind!r}; expected base or delta")
+        served = self._checked(segment.tensors, identity)
+        base = identity if kind == "base" else state.base_identity
+        return PreparedWeights(identity, kind, served, base, segment=segment.name)
 
     def _checked(self, sd: dict[str, torch.Tensor], identity: str) -> dict[str, torch.Tensor]:
         """Same names and shapes as the served model (tied aliases may be absent); cast dtypes."""
@@ -250,7 +277,12 @@ class ReplicaHotLoader:
         hot.current_identity = prepared.identity
         if prepared.kind == "base":
             hot.base_identity = prepared.identity
-            hot.base_state_dict = prepared.stored if prepared.stored is not None else prepared.state_dict
+            # A base from shared memory is not kept (its mapping goes now): a later delta that comes as
+            # files reads that base from the store once.
+            hot.base_state_dict = None if prepared.segment is not None else (
+                prepared.stored if prepared.stored is not None else prepared.state_dict)
+        if prepared.segment is not None and self.loader is not None and self.loader.shm_dir is not None:
+            shm.ack(self.loader.shm_dir, prepared.segment)
         hot.loaded_adapters = [{"identity": prepared.identity, "status": "loaded"}] if prepared.kind == "lora" else []
         hot.loading.stage, hot.loading.finished_at = "done", time.time()
         self._remember({"identity": prepared.identity, "kind": prepared.kind, "status": "loaded",

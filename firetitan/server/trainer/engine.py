@@ -25,15 +25,13 @@ from firetitan.logging import get_logger
 from firetitan.losses import compute_loss
 from firetitan.models import load_model, load_tokenizer
 from firetitan.server.trainer.batch import PreparedBatch, gather_logprobs
+from firetitan.server.trainer.snapshots import REBASE_DELTA_FRACTION, SnapshotChain  # noqa: F401 (re-exported)
 from firetitan.types import AdamParams, LoraConfig, TensorData
 
 log = get_logger("firetitan.server.trainer")
 
 # Per-datum tensors at least this large travel as base64 bytes instead of JSON float lists.
 COMPACT_MIN_ELEMENTS = 64
-# A delta costs its size to write and read plus an apply pass; once one reaches this fraction of a full
-# save, the next automatic snapshot is a fresh base (deltas against a drifting base only grow).
-REBASE_DELTA_FRACTION = 0.5
 
 _ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -110,9 +108,8 @@ class TrainerEngine:
         self.step = 0
         self.policy_version = 0
         self.pending_backward = 0  # forward_backward calls since the last optim_step
-        self._base_identity: str | None = None
-        self._base_state: dict[str, torch.Tensor] | None = None
-        self._rebase_due = False  # the last delta passed REBASE_DELTA_FRACTION of a full save
+        # Full-parameter sampler snapshots: base / delta chain, shared-memory publish, background files.
+        self.snapshots = SnapshotChain(store) if store is not None and spec.lora is None else None
         self._tokenizer: Any = None
         # Set when a restarted trainer restored its job's latest automatic state (see restore_latest).
         self.restored_from_step: int | None = None
@@ -294,51 +291,37 @@ class TrainerEngine:
 
     # -- sampler snapshots
     def save_for_sampler(self, name: str, client_suffix: str | None, checkpoint_type: str | None) -> dict[str, Any]:
-        """LoRA: a PEFT adapter. Full-parameter: a `base` first, then `delta`s against that base."""
+        """LoRA: a PEFT adapter. Full-parameter: a `base` first, then `delta`s against that base (see
+        `snapshots.SnapshotChain`: same-host saves return once the weights are in shared memory)."""
         assert self.store is not None
         if self.spec.is_lora:
             manifest = self.store.save_lora(name, self.model, base_model=self.spec.base_model,
                                             client_suffix=client_suffix)
+            facts: dict[str, Any] = {"identity": manifest.identity, "kind": manifest.kind,
+                                     "previous_snapshot_identity": None, "size_bytes": manifest.size_bytes,
+                                     "full_size_bytes": manifest.full_size_bytes, "checksum": manifest.checksum}
         else:
-            kind = checkpoint_type or ("delta" if self._base_identity and not self._rebase_due else "base")
-            state = self._snapshot_state()
-            if kind == "delta":
-                if self._base_identity is None:
-                    raise InvalidRequestError(
-                        "checkpoint_type: 'delta' needs an earlier base snapshot from this model; save a base first",
-                        field="checkpoint_type")
-                manifest = self.store.save_delta(name, state, self._base_identity,
-                                                 base_state_dict=self._base_state, client_suffix=client_suffix)
-                full = manifest.full_size_bytes or 0
-                self._rebase_due = full > 0 and manifest.size_bytes > REBASE_DELTA_FRACTION * full
-            else:
-                manifest = self.store.save_base(name, state, self._snapshot_config(), tokenizer=self._get_tokenizer(),
-                                                base_model=self.spec.base_model, client_suffix=client_suffix)
-                self._base_identity = manifest.identity
-                self._rebase_due = False
-                # Kept so later deltas need not read the base back from disk.
-                self._base_state = {k: v.clone() for k, v in state.items()}
-        return {"path": manifest.identity, "type": "save_weights_for_sampler", "checkpoint_type": manifest.kind,
-                "previous_snapshot_identity": manifest.previous_snapshot_identity,
-                "size_bytes": manifest.size_bytes, "full_size_bytes": manifest.full_size_bytes,
-                "checksum": manifest.checksum, "step": self.step, "policy_version": self.policy_version}
+            assert self.snapshots is not None
+            saved = self.snapshots.save(name, client_suffix, checkpoint_type, self._full_state,
+                                        dtype=self.compute_dtype, config=self._snapshot_config,
+                                        tokenizer=self._get_tokenizer, base_model=self.spec.base_model)
+            facts = saved if isinstance(saved, dict) else {
+                "identity": saved.identity, "kind": saved.kind,
+                "previous_snapshot_identity": saved.previous_snapshot_identity, "size_bytes": saved.size_bytes,
+                "full_size_bytes": saved.full_size_bytes, "checksum": saved.checksum}
+        return {"path": facts["identity"], "type": "save_weights_for_sampler", "checkpoint_type": facts["kind"],
+                "previous_snapshot_identity": facts["previous_snapshot_identity"],
+                "size_bytes": facts["size_bytes"], "full_size_bytes": facts["full_size_bytes"],
+                "checksum": facts["checksum"], "step": self.step, "policy_version": self.policy_version}
+
+    def close(self) -> None:
+        """Finish a background snapshot write and remove this engine's shared-memory segments."""
+        if self.snapshots is not None:
+            self.snapshots.close()
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         """Every weight of the model, unsharded (a sharded engine gathers them to rank 0)."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-    def _snapshot_state(self) -> dict[str, torch.Tensor]:
-        """The weights as the deployment serves them: full, on the CPU, in the job's dtype.
-
-        A bf16 snapshot is half the bytes of float32, and its deltas are far sparser: an update smaller
-        than half a bf16 step leaves the stored value unchanged, so its XOR is zero.
-        """
-        out: dict[str, torch.Tensor] = {}
-        for k, v in self._full_state().items():
-            if v.is_floating_point() and v.dtype != self.compute_dtype:
-                v = v.to(self.compute_dtype)
-            out[k] = v.to("cpu")
-        return out
 
     def _snapshot_config(self) -> Any:
         """The model config with the snapshot's dtype, so `from_pretrained(dir)` (vLLM) loads it as stored."""
@@ -425,7 +408,7 @@ class TrainerEngine:
             "device": str(self.device),
             "dtype": self.spec.dtype,
             "vocab_size": self.vocab_size,
-            "last_base_snapshot": self._base_identity,
+            "last_base_snapshot": None if self.snapshots is None else self.snapshots.base_identity,
             "restored_from_step": self.restored_from_step,
             "steps_lost": self.steps_lost,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import time
@@ -222,6 +223,8 @@ class TrainerService:
             del self.aliases[alias]
         if sess.model_id == self.preloaded_id:
             self.preloaded_id = None
+        if sess.engine is not None:  # its background snapshot write finishes; its shm segments go
+            await asyncio.to_thread(sess.engine.close)
         sess.engine = None
         gc.collect()
         log.info("model_unloaded", model_id=sess.model_id)
@@ -397,6 +400,8 @@ class TrainerService:
                 mid: {"loaded": m.engine is not None, "error": None if m.error is None else str(m.error),
                       "waiting": m.queue.waiting(), "busy": m.queue.busy,
                       "step": None if m.engine is None else m.engine.step,
+                      "snapshots": None if m.engine is None or m.engine.snapshots is None
+                      else m.engine.snapshots.status(),
                       "busy_s": None if m.queue.busy_since is None
                       else round(time.monotonic() - m.queue.busy_since, 3)}
                 for mid, m in self.models.items()

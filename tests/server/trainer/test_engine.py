@@ -199,12 +199,12 @@ def test_a_backward_with_non_finite_loss_keeps_the_accumulated_gradients() -> No
 
 def test_automatic_snapshots_start_a_new_base_once_a_delta_stops_paying(tmp_path, monkeypatch) -> None:
     from firetitan.checkpoints import SnapshotStore
-    from firetitan.server.trainer import engine as engine_module
+    from firetitan.server.trainer import snapshots as snapshots_module
 
     # One AdamW step on nano gives a float32 delta of ~0.45-0.5x a full save; a 0.3 threshold keeps the
     # test about the policy, not about how well this step's XOR bytes compress.
-    monkeypatch.setattr(engine_module, "REBASE_DELTA_FRACTION", 0.3)
-    REBASE_DELTA_FRACTION = engine_module.REBASE_DELTA_FRACTION
+    monkeypatch.setattr(snapshots_module, "REBASE_DELTA_FRACTION", 0.3)
+    REBASE_DELTA_FRACTION = snapshots_module.REBASE_DELTA_FRACTION
     engine = TrainerEngine("e", ModelSpec(NANO), store=SnapshotStore(tmp_path), states=None)
     kinds = [engine.save_for_sampler("s0", "c", None)]
     unchanged = engine.save_for_sampler("s1", "c", None)  # same weights: a tiny delta, keep the base

@@ -57,6 +57,8 @@ class VllmSnapshotLoader(SnapshotLoader):
     The reference layout and the LoRA merge base are the startup weights read from the served directory
     (no model lives in the worker process)."""
 
+    shm_sync = False  # vLLM reloads from an HF directory: it needs the snapshot's files
+
     def __init__(self, store: SnapshotStore, model_dir: Path, scratch: Path) -> None:
         startup = startup_state_dict(model_dir)
         super().__init__(store, startup, startup)
