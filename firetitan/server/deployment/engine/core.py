@@ -16,6 +16,7 @@ from firetitan.server.deployment.engine.inbox import Abort, InboxEngine, Submit,
 from firetitan.server.deployment.engine.request import EngineRequest, RequestState, StepOutput
 from firetitan.server.deployment.engine.runner import ModelRunner
 from firetitan.server.deployment.engine.scheduler import Scheduler, StepDecision
+from firetitan.server.deployment.weight_copy import copy_weights
 
 log = get_logger("firetitan.deployment.engine")
 
@@ -164,10 +165,7 @@ class Engine(InboxEngine):
         self._pending_swap = None
         started = time.monotonic()
         try:
-            with torch.no_grad():
-                _missing, unexpected = self.model.load_state_dict(swap.state_dict, strict=False)
-            if unexpected:
-                raise ValueError(f"unexpected weights {unexpected[:3]}")
+            copy_weights(self.model, swap.state_dict)  # in place: the decode step's fused copies see it
             self.scheduler.set_policy_version(swap.version)
             self.stats.swaps += 1
             self.stats.last_swap_seconds = time.monotonic() - started
