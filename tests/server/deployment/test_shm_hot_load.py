@@ -71,10 +71,12 @@ async def test_shm_base_and_delta_hot_load_over_http_and_a_damaged_segment_is_re
     directory = shm.segment_dir(store_dir)
     assert directory is not None and shm.has_live_reader(directory)  # the replica worker registered itself
     engine = TrainerEngine("shm", ModelSpec(NANO), store=SnapshotStore(store_dir), states=None)
+    published: set[str] = set()  # this engine's snapshots (other tests' engines share the session's store)
     try:
         train_step(engine, 1)
         base = engine.save_for_sampler("shm-http-base", None, None)
         assert base["size_bytes"] is None  # published in shared memory; files follow in the background
+        published.add(base["path"])
         code, body, _ = await post(f"{worker.url}/hot_load/v1/models/hot_load", {"identity": base["path"]})
         assert code == 200, body
         diff, versions = await served_vs_trainer(worker.url, engine)
@@ -83,6 +85,8 @@ async def test_shm_base_and_delta_hot_load_over_http_and_a_damaged_segment_is_re
         train_step(engine, 2)
         delta = engine.save_for_sampler("shm-http-delta", None, None)
         assert delta["checkpoint_type"] == "delta"
+        published.add(delta["path"])
+        assert {s.identity for s in shm.live_segments(directory)} >= published  # both live until close()
         path = shm.find(directory, delta["path"])
         assert path is not None
         flip_one_bit(path)
@@ -95,4 +99,5 @@ async def test_shm_base_and_delta_hot_load_over_http_and_a_damaged_segment_is_re
         assert versions == {base["path"]}
     finally:
         engine.close()
-    assert [s for s in shm.live_segments(directory) if s.pid == engine.snapshots.publisher.pid] == []
+    assert len(published) == 2
+    assert [s for s in shm.live_segments(directory) if s.identity in published] == []
