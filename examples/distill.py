@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --log-dir runs/distill --steps 30   # reverse KL ~0.04 -> ~0.01
     HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --teacher-state <train state of a trained tiny-qwen3>
     # a better teacher: nano-qwen3 SFT'd 160 steps on demonstrations, teaching the same model SFT'd 64 steps
-    HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --warm-start-steps 64 --teacher-warm-start-steps 160 --lr 1e-2
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/distill.py --warm-start-steps 64 --teacher-warm-start-steps 160 --lr 3e-3 --groups 8
 """
 
 from __future__ import annotations

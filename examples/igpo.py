@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --log-dir runs/igpo --steps 40
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --log-dir runs/igpo_async --max-steps-off-policy 1
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --advantage outcome   # GRPO on the same episodes
-    HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --warm-start-steps 64 --lr 3e-3 --groups 8   # from an SFT warm start
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --warm-start-steps 64 --lr 2e-3 --groups 8 --steps 30   # from an SFT warm start
 """
 
 from __future__ import annotations
