@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 # The CI setting of the learning test (also in docs/multiturn-rl.md): 64 SFT steps (lr 1e-2) on
 # demonstrations, then IGPO with 8 groups x 8 episodes per step, lr 2e-3, for STEPS steps; the start is
 # the mean success of the first FIRST steps, the end that of the last LAST steps.
-STEPS, FIRST, LAST, RISE_MARGIN = 30, 5, 10, 0.12
+STEPS, FIRST, LAST, RISE_MARGIN = 30, 5, 10, 0.10
 
 
 def episodes_of(log_dir: Path) -> list[dict[str, Any]]:
@@ -51,12 +51,12 @@ async def test_igpo_from_an_sft_warm_start_raises_success(ft_home: Path, tmp_pat
     assert eps[0]["turns"] > 1.8, eps[0]
     success = [r["success"] for r in eps]
     start, end = sum(success[:FIRST]) / FIRST, sum(success[-LAST:]) / LAST
-    # Measured with this exact setup (docs/multiturn-rl.md, "IGPO from an SFT warm start"): over seeds
-    # 0-2 the start was 0.23-0.30 and the rise (last 10 minus first 5 steps) +0.267, +0.236, +0.233
-    # (mean 0.245, std 0.019). A standstill (the same warm start, lr 1e-9, seeds 0-2) "rose" -0.002,
-    # +0.011, -0.028: the binomial standard error of a rise between 320 and 640 episodes at p ~ 0.2 is
-    # 0.027. The margin 0.12 is ~4.4 standstill standard errors above no learning and 0.11 (~6 std of
-    # the measured rises) below the smallest measured rise.
+    # Measured with this exact setup (docs/multiturn-rl.md, "Measured from an SFT warm start"): nine
+    # runs (seeds 0-4, and this test four times) started at 0.18-0.33 and rose (last 10 minus first 5
+    # steps) +0.149 to +0.289, mean 0.220, std 0.048. A standstill (the same warm start, lr 1e-9,
+    # seeds 0-2) "rose" -0.002, +0.011, -0.028: the binomial standard error of a rise between 320 and
+    # 640 episodes at p ~ 0.2 is 0.027. The margin 0.10 is ~3.7 standstill standard errors above no
+    # learning and ~2.5 std of the measured rises below their mean.
     assert end - start > RISE_MARGIN, (start, end, success)
     assert worker_processes(ft_home) == []
 
