@@ -58,11 +58,11 @@ async def test_distill_lowers_reverse_kl_to_a_better_sft_teacher(ft_home: Path, 
     results = [r for r in recs if r["event"] == "train_result"]
     assert results and all(abs(r["ratio:mean"] - 1.0) < 0.05 for r in results), "on-policy: ratio ~ 1"
     first, last = sum(kl[:6]) / 6, sum(kl[-6:]) / 6
-    # Measured with this setup (seeds 0, 1): first 6 steps 1.03 / 1.18, last 6 0.63 / 0.66, i.e. 0.61x /
-    # 0.56x. A standstill (lr 1e-9, seed 1) stayed at 1.52 +- 0.15 per step (ratio 1.00x), so a 6-step
+    # Measured with this setup (seeds 0, 1, and this test once): first 6 steps 1.03 / 1.18 / 1.14, last 6
+    # 0.63 / 0.66 / 0.69, i.e. 0.61x / 0.56x / 0.61x. A standstill (lr 1e-9, seed 1) stayed at 1.52 +- 0.15 per step (ratio 1.00x), so a 6-step
     # mean is +-0.06 and the ratio of two is 1.0 +- ~0.05; 0.8x is ~4 standard errors below no change and above both runs.
-    # The task score is not asserted: the students' success moved 0.262 -> 0.218 and 0.233 -> 0.305
-    # (first vs last 6 steps; teacher ~0.47), i.e. not reliably toward the teacher's in 24 steps.
+    # The task score is not asserted: the students' success moved 0.262 -> 0.218, 0.233 -> 0.305 and
+    # 0.285 -> 0.176 (first vs last 6 steps; teacher ~0.47), i.e. not reliably toward the teacher's.
     assert last < 0.8 * first, kl
     assert worker_processes(ft_home) == []
 
