@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --log-dir runs/igpo --steps 40
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --log-dir runs/igpo_async --max-steps-off-policy 1
     HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --advantage outcome   # GRPO on the same episodes
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/igpo.py --warm-start-steps 64 --lr 2e-3 --groups 8 --steps 30   # from an SFT warm start
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.tasks.progress import progress_bar
 from firetitan.envs import LookupEnv, lookup_rows
 from firetitan.recipes.igpo import IGPOConfig, igpo
+from firetitan.recipes.warm_start import lookup_warm_start
 
 
 def parse(doc: str) -> argparse.ArgumentParser:
@@ -31,12 +33,26 @@ def parse(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--call-format", choices=["initial", "tool_call"], default="initial",
                     help="initial: the toy call rule for random-init models; tool_call: <tool_call> JSON")
     ap.add_argument("--home", default=None, help="firetitan state directory (local services)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--groups", type=int, default=4, help="groups (prompts) per step")
+    ap.add_argument("--warm-start-steps", type=int, default=0,
+                    help="first SFT the model this many steps on demonstration episodes (lr 1e-2) and start from it")
     return ap
 
 
+async def warm_start(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """`init_state` / `trainer_job_id` of an SFT warm start in `log_dir/warm_start` (none when not asked for)."""
+    if args.warm_start_steps <= 0:
+        return {}
+    state, job = await lookup_warm_start(log_dir / "warm_start", base_model=args.model, steps=args.warm_start_steps,
+                                         learning_rate=1e-2, call_format=args.call_format,
+                                         service_kwargs={"home": args.home} if args.home else {})
+    return {"init_state": state, "trainer_job_id": job}
+
+
 def episode_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(base_model=args.model, steps=args.steps, seed=args.seed, groups_per_step=4, group_size=8,
-                max_tokens=4, max_turns=3, learning_rate=1e-2, eval_every=10, save_every=10,
+    return dict(base_model=args.model, steps=args.steps, seed=args.seed, groups_per_step=args.groups, group_size=8,
+                max_tokens=4, max_turns=3, learning_rate=args.lr, eval_every=10, save_every=10,
                 max_steps_off_policy=args.max_steps_off_policy, sync_every=1,
                 service_kwargs={"home": args.home} if args.home else {})
 
@@ -55,10 +71,11 @@ def main() -> None:
     ap.add_argument("--advantage", choices=["igpo", "outcome"], default="igpo")
     args = ap.parse_args()
     log_dir = args.log_dir or Path(f"runs/igpo-{args.advantage}")
-    cfg = IGPOConfig(log_dir=log_dir, advantage=args.advantage, **episode_settings(args))
     rows, evalset = lookup_rows(400, seed=args.seed), lookup_rows(16, seed=1, split="eval")
 
     async def run() -> dict:
+        cfg = IGPOConfig(log_dir=log_dir, advantage=args.advantage, **episode_settings(args),
+                         **await warm_start(args, log_dir))
         with progress_bar(f"igpo ({args.advantage})", ("success", "eval_success", "reward")) as on_progress:
             return await igpo(cfg, rows, evalset, env_factory(args), on_progress=on_progress)
 

@@ -36,6 +36,10 @@ class EpisodeRLConfig(RLConfig):
     max_turns: int = Field(default=3, ge=1, description="model turns per episode")
     max_context: int = Field(default=512, ge=8, description="tokens per trajectory; longer ones fail closed")
     stop: list[str] = Field(default_factory=lambda: ["\n"], description="stop strings of every turn")
+    init_state: str | None = Field(
+        default=None, description="train state the policy starts from (weights only, fresh optimizer) when the run "
+        "is not resumed, e.g. an SFT warm start (firetitan.recipes.warm_start); train states are per trainer job, "
+        "so trainer_job_id must name the job that saved it")
 
 
 def episode_version(ep: Episode, registry: PolicyVersionRegistry, admitted: int) -> int:
@@ -61,7 +65,7 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
                eval_rows: Sequence[Mapping[str, Any]], env_factory: EnvFactory, score: ScoreFn,
                renderer: Renderer, *, name: str, on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler = clients.training, clients.sampler
-    run = await start_rl_run(cfg, clients, len(rows), name=name)
+    run = await start_rl_run(cfg, clients, len(rows), name=name, init_state=cfg.init_state)
     checkpoints, cursor, start_step, metrics = run.checkpoints, run.cursor, run.start_step, run.metrics
     hot_load, registry, pipeline, adam, loss_config = run.hot_load, run.registry, run.pipeline, run.adam, \
         run.loss_config

@@ -34,16 +34,20 @@ class RLRun:
     loss_config: dict[str, Any] | None
 
 
-async def start_rl_run(cfg: RLConfig, clients: Clients, num_rows: int, *, name: str) -> RLRun:
-    """Resume from the last recorded train state (if any), then make the deployment serve the trainer's weights."""
+async def start_rl_run(cfg: RLConfig, clients: Clients, num_rows: int, *, name: str,
+                       init_state: str | None = None) -> RLRun:
+    """Resume from the last recorded train state (if any; else load `init_state`, if given, weights only), then
+    make the deployment serve the trainer's weights."""
     training = clients.training
     assert clients.hot_load is not None
     checkpoints = RunCheckpoints(cfg.log_dir)
     cursor = DataCursor(num_rows, epochs=None, seed=cfg.seed)
     cursor, start_step, rec = await checkpoints.resume(training, cursor, enabled=cfg.resume, timeout_s=cfg.timeout_s)
+    if rec is None and init_state is not None:  # a warm start; a resumed run already holds its own weights
+        await call(training.load_state(init_state), timeout=cfg.timeout_s, what=f"loading init_state {init_state}")
     metrics = RunMetrics(cfg.log_dir, run_name=name, resume_step=start_step)
     metrics.log("run_start", start_step, total_steps=cfg.steps, max_steps_off_policy=cfg.max_steps_off_policy,
-                resumed_from=rec and rec["state_path"])
+                resumed_from=rec and rec["state_path"], init_state=init_state if rec is None else None)
 
     # The deployment must serve exactly the trainer's weights before the first rollout (a fresh
     # deployment serves the base model; a resumed trainer has moved on).

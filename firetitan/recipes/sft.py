@@ -14,6 +14,7 @@ from firetitan.recipes.data import supervised_datum
 from firetitan.recipes.supervised import Evaluation, ProgressFn, StepInputs, run_supervised
 from firetitan.recipes.text import encode_completion, encode_prompt, masked_logprobs
 from firetitan.runtime.protocols import ServiceLike
+from firetitan.types import Datum, ModelInput, TensorData
 
 
 class SFTConfig(RecipeConfig):
@@ -21,7 +22,27 @@ class SFTConfig(RecipeConfig):
     epochs: int = Field(default=1, ge=1)
 
 
-def _datum(tokenizer: Any, row: Mapping[str, str], weight: float) -> Any:
+def demonstration_datum(tokens: Sequence[int], mask: Sequence[int], *, weight: float = 1.0) -> Datum:
+    """Next-token datum over a whole token-exact episode that trains only its model tokens (`mask` = 1).
+
+    Each model token gets `weight / sum(mask)`, so the summed CE is the episode's mean model-token NLL.
+    """
+    if len(tokens) != len(mask) or not any(mask[1:]):
+        raise ValueError(f"mask: {len(mask)} entries for {len(tokens)} tokens, and a model token after the first "
+                         "position is needed")
+    per_token = weight / sum(mask[1:])
+    return Datum(model_input=ModelInput.from_ints(list(tokens[:-1])),
+                 loss_fn_inputs={"target_tokens": TensorData.model_validate(
+                                     {"data": [int(t) for t in tokens[1:]], "dtype": "int64",
+                                      "shape": [len(tokens) - 1]}),
+                                 "weights": TensorData.model_validate(
+                                     {"data": [per_token * float(m) for m in mask[1:]], "dtype": "float32",
+                                      "shape": [len(tokens) - 1]})})
+
+
+def _datum(tokenizer: Any, row: Mapping[str, Any], weight: float) -> Any:
+    if "tokens" in row:  # a token-exact episode (firetitan.envs.demos): no re-tokenization
+        return demonstration_datum(row["tokens"], row["mask"], weight=weight)
     return supervised_datum(encode_prompt(tokenizer, row["prompt"]), encode_completion(tokenizer, row["completion"]),
                             weight=weight)
 
@@ -36,9 +57,10 @@ def nll_scores(data: Sequence[Any], outputs: Sequence[Any]) -> dict[str, float]:
     return {"eval_nll": sum(nll) / len(nll), "eval_completion_prob": sum(prob) / len(prob)}
 
 
-async def sft(cfg: SFTConfig, train: Sequence[Mapping[str, str]], eval_set: Sequence[Mapping[str, str]] = (), *,
+async def sft(cfg: SFTConfig, train: Sequence[Mapping[str, Any]], eval_set: Sequence[Mapping[str, Any]] = (), *,
               service: ServiceLike | None = None, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Supervised fine-tuning on `{"prompt", "completion"}` rows; returns the run summary."""
+    """Supervised fine-tuning on `{"prompt", "completion"}` (text) or `{"tokens", "mask"}` (token-exact
+    episode) rows; returns the run summary."""
     async with open_clients(cfg, name="sft", deployment=False, service=service) as clients:
         tok = clients.tokenizer
 

@@ -1,7 +1,8 @@
-"""IGPO end to end on the built-in lookup environment against real local services (nano-qwen3, random init).
+"""IGPO end to end on the built-in lookup environment against real local services (nano-qwen3).
 
-Slow: provisions a trainer and a deployment. Learning itself is measured in benchmarks/igpo_vs_grpo.py,
-not asserted (see the comment in the first test and docs/multiturn-rl.md).
+Slow: provisions a trainer (SFT warm start, then IGPO on the same job) and a deployment. The first test
+asserts learning from an SFT warm start, with a margin chosen from measured run-to-run spreads; the
+second checks async mode, the staleness bound and resume.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import pytest
 
 from firetitan.envs import LookupEnv, lookup_rows
 from firetitan.recipes.igpo import IGPOConfig, igpo
+from firetitan.recipes.warm_start import lookup_warm_start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_helpers import worker_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# The CI setting of the learning test (also in docs/multiturn-rl.md): 64 SFT steps (lr 1e-2) on
+# demonstrations, then IGPO with 8 groups x 8 episodes per step, lr 2e-3, for STEPS steps; the start is
+# the mean success of the first FIRST steps, the end that of the last LAST steps.
+STEPS, FIRST, LAST, RISE_MARGIN = 30, 5, 10, 0.10
 
 
 def episodes_of(log_dir: Path) -> list[dict[str, Any]]:
@@ -27,26 +34,30 @@ def episodes_of(log_dir: Path) -> list[dict[str, Any]]:
     return [r for r in recs if r["event"] == "episodes"]
 
 
-async def test_igpo_runs_multi_turn_episodes_with_teacher_forced_turn_rewards(ft_home: Path, tmp_path: Path) -> None:
-    steps = 12
-    cfg = IGPOConfig(log_dir=tmp_path / "igpo", steps=steps, groups_per_step=4, group_size=8, max_tokens=4,
-                     max_turns=3, learning_rate=1e-2, eval_every=0, save_every=6,
-                     service_kwargs={"home": str(ft_home)})
+async def test_igpo_from_an_sft_warm_start_raises_success(ft_home: Path, tmp_path: Path) -> None:
+    service = {"home": str(ft_home)}
+    state, job = await lookup_warm_start(tmp_path / "warm", steps=64, learning_rate=1e-2, service_kwargs=service)
+    cfg = IGPOConfig(log_dir=tmp_path / "igpo", steps=STEPS, groups_per_step=8, group_size=8, max_tokens=4,
+                     max_turns=3, learning_rate=2e-3, eval_every=0, save_every=15, init_state=state,
+                     trainer_job_id=job, service_kwargs=service)
     summary = await igpo(cfg, lookup_rows(400, seed=0), lookup_rows(16, seed=1, split="eval"),
                          lambda row: LookupEnv(row, max_turns=3))
     eps = episodes_of(cfg.log_dir)
-    assert [r["step"] for r in eps] == list(range(1, steps + 1))
+    assert [r["step"] for r in eps] == list(range(1, STEPS + 1))
     assert summary["staleness"]["max"] == 0 and summary["sampled_tokens"] == eps[-1]["sampled_tokens_total"]
     assert all(r["info_gain"] != 0.0 for r in eps), "turn rewards come from real teacher-forced scoring"
+    # The warm start really is the starting policy: a random-init model calls at turn 1 about 1 time
+    # in 3 (mean turns ~1.4); the warm-started one calls, then answers (measured 1.97-2.14).
+    assert eps[0]["turns"] > 1.8, eps[0]
     success = [r["success"] for r in eps]
-    assert all(0.0 <= x <= 1.0 for x in success) and any(x > 0.0 for x in success), success
-    # Learning is not asserted here: over seeds 0-2 (benchmarks/igpo_vs_grpo.py) train success rose by
-    # +0.103, +0.063, +0.047 from the first to the last 10 steps, against a standstill spread of
-    # +-0.028 (one standard error) — under 3 standard errors, so any margin would either fail CI now and
-    # then or pass without learning. Larger batches (8 x 16 episodes, lr 1e-2) rose +0.045 / +0.057 in
-    # 20 steps (~4 standard errors) but took 85-115 s of training on the shared host, over a CI test's
-    # budget; higher learning rates collapse. The cause is the task, not the optimiser: a turn-blind
-    # random-init policy is capped near 0.19 success, just above its 0.12 start (docs/multiturn-rl.md).
+    start, end = sum(success[:FIRST]) / FIRST, sum(success[-LAST:]) / LAST
+    # Measured with this exact setup (docs/multiturn-rl.md, "Measured from an SFT warm start"): nine
+    # runs (seeds 0-4, and this test four times) started at 0.18-0.33 and rose (last 10 minus first 5
+    # steps) +0.149 to +0.289, mean 0.220, std 0.048. A standstill (the same warm start, lr 1e-9,
+    # seeds 0-2) "rose" -0.002, +0.011, -0.028: the binomial standard error of a rise between 320 and
+    # 640 episodes at p ~ 0.2 is 0.027. The margin 0.10 is ~3.7 standstill standard errors above no
+    # learning and ~2.5 std of the measured rises below their mean.
+    assert end - start > RISE_MARGIN, (start, end, success)
     assert worker_processes(ft_home) == []
 
 
