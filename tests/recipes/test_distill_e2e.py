@@ -1,4 +1,4 @@
-"""On-policy distillation end to end on real local services: a better (longer-SFT'd) teacher, and a close random one.
+"""On-policy distillation end to end on real local services: a better (longer-SFT'd) teacher.
 
 Slow: provisions two SFT warm starts (student and teacher), then the student's trainer (reattached to its
 SFT job, whose train state it starts from) and deployment and the teacher's trainer (reattached to the
@@ -6,8 +6,9 @@ teacher's SFT job, whose train state it loads).
 
 The first test distils a teacher that is better at the task (nano-qwen3 SFT'd 160 steps on
 demonstrations, success ~0.47) into a student that is the same model SFT'd 64 steps (success ~0.2):
-close enough for the reverse KL to be learnable. The second checks the KL falling to a close random
-teacher (tiny-qwen3), the regime the method is for.
+close enough for the reverse KL to be learnable. (A close random teacher, tiny-qwen3, was tested here
+too; its KL falls as well, 0.28-0.44x, see docs/multiturn-rl.md; it was dropped to keep the suite's time,
+as this test covers the same falling KL with a teacher that is also better at the task.)
 """
 
 from __future__ import annotations
@@ -66,20 +67,3 @@ async def test_distill_lowers_reverse_kl_to_a_better_sft_teacher(ft_home: Path, 
     assert last < 0.8 * first, kl
     assert worker_processes(ft_home) == []
 
-
-async def test_distill_lowers_reverse_kl_to_a_close_teacher(ft_home: Path, tmp_path: Path) -> None:
-    # A close teacher (random-init tiny-qwen3, same tokenizer) and enough sampled tokens per update
-    # (16 x 16 episodes, ~1.3k tokens) at lr 1e-3: the regime on-policy distillation is meant for.
-    steps = 24
-    cfg = DistillConfig(log_dir=tmp_path / "distill_close", teacher_model="firetitan/tiny-qwen3", steps=steps,
-                        groups_per_step=16, group_size=16, max_concurrent_rollouts=16, max_tokens=4, max_turns=3,
-                        learning_rate=1e-3, eval_every=0, save_every=0, service_kwargs={"home": str(ft_home)})
-    await distill(cfg, lookup_rows(800, seed=0), [], LookupEnv)
-    kl = [r["reverse_kl"] for r in episodes_of(cfg.log_dir)]
-    assert len(kl) == steps
-    first, last = sum(kl[:6]) / 6, sum(kl[-6:]) / 6
-    # Measured with this setup over 30 steps (seeds 0, 1): first 6 steps 0.039 / 0.036, steps 19-24
-    # 0.011 / 0.016, i.e. 0.28x / 0.44x (a third run, this test: 0.035 -> 0.011, 0.33x). Step-to-step noise of the estimate is ~0.007, so a standstill
-    # would give 1.0 +- ~0.12x; 0.6x is ~3 standard errors below no change and above both measured runs.
-    assert last < 0.6 * first, kl
-    assert worker_processes(ft_home) == []
