@@ -42,6 +42,7 @@ from firetitan.checkpoints.identity import validate_name
 from firetitan.checkpoints.parallel import one_torch_thread
 from firetitan.errors import SnapshotError
 from firetitan.logging import get_logger
+from firetitan.process import pid_alive
 
 log = get_logger(__name__)
 
@@ -122,16 +123,6 @@ class SegmentName:
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
             return None
         return SegmentName(parts[0], int(parts[1]), int(parts[2]))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _reader_pid(name: str) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import torch
 from deployment_http_helpers import TIMEOUT, post
+from shm_helpers import flip_one_bit
 
 from firetitan.checkpoints import SnapshotStore, shm
 from firetitan.models import load_model
@@ -27,19 +28,6 @@ def train_step(engine: TrainerEngine, seed: int) -> None:
                   loss_fn_inputs={"target_tokens": TensorData.from_torch(r[1:])}) for r in ids]
     engine.forward(prepare_batch(data, "cross_entropy", None, engine.vocab_size, engine.pad_id), backward=True)
     engine.optim_step(AdamParams(learning_rate=1e-2))
-
-
-def flip_one_bit(path: Path) -> None:
-    """Flip one bit inside the last tensor's bytes (not in the alignment padding after it)."""
-    seg = shm.open_segment(path)
-    last = seg.header["tensors"][-1]
-    at = seg.header["data_offset"] + last["offset"] + last["nbytes"] - 1
-    del seg
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0x04]))
 
 
 async def status(url: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shm_helpers import flip_one_bit
 
 from firetitan.checkpoints import SnapshotStore, shm
 from firetitan.errors import SnapshotError
@@ -116,15 +117,7 @@ def test_a_damaged_segment_is_refused_and_the_replica_keeps_its_weights(tmp_path
     identity = engine.save_for_sampler("next", None, None)["path"]
     path = shm.find(replica.loader.shm_dir, identity)
     assert path is not None
-    seg = shm.open_segment(path)
-    last = seg.header["tensors"][-1]
-    at = seg.header["data_offset"] + last["offset"] + last["nbytes"] - 1  # inside the data, not the padding
-    del seg
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_one_bit(path, 0x01)
     with pytest.raises(SnapshotError, match="CRC-32"):
         replica.load(identity)
     assert all(torch.equal(replica.model.state_dict()[k], v) for k, v in before.items())
