@@ -58,11 +58,11 @@ def _decode_both_paths(runner: ModelRunner, prompts: list[list[int]], steps: int
 
 
 def test_fast_decode_equals_the_module_path_and_follows_a_weight_swap() -> None:
-    """The fused decode step (rotary table, fused q/k/v and gate/up) gives the modules' logits, also after
-    new weights are copied into the modules (as a hot-load does): the fused weights are rebuilt."""
+    """The fast decode step (rotary table, fused and oneDNN-prepacked projections) gives the modules' logits, also after
+    new weights are copied into the modules (as a hot-load does): the prepared weights are rebuilt."""
     model = load_model(NANO)
     runner = ModelRunner(model, max_slots=4)
-    assert runner.rope is not None and runner.fused is not None
+    assert runner.rope is not None and runner.proj is not None and runner.proj.packed
     prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
     fast, modules = _decode_both_paths(runner, prompts, 6)
     assert torch.allclose(fast, modules, atol=1e-5), (fast - modules).abs().max()

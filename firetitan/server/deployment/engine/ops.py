@@ -60,27 +60,58 @@ class RopeTable:
         return x * cos + torch.roll(x, self.half, dims=-1) * sin
 
 
-class FusedProjections:
-    """Per layer, the q/k/v projections as one weight and the MLP's gate/up as one weight.
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
-    A decode step at a small batch is bound by per-op overhead (and, with several threads, by one thread
-    barrier per matmul), so 3 + 2 matmuls become 1 + 1 per layer. The fused weights are copies (memory:
-    the q/k/v and gate/up weights once more); they are rebuilt whenever a source weight changed (a
-    hot-load copies into the modules, which bumps each tensor's version), checked once per step.
+
+def onednn_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch build can prepack a weight for oneDNN matmuls here (CPU, float32/bfloat16)."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = torch.ones(4, 8, dtype=dtype)
+        out = _onednn_linear(torch.ones(2, 8, dtype=dtype), torch.ops.mkldnn._reorder_linear_weight(probe, None))
+    except (RuntimeError, AttributeError):  # an op missing or refused by this build: use plain matmuls
+        return False
+    return bool(torch.all(out == 8))
+
+
+class ProjectionWeights:
+    """Every projection of the decoder and the lm_head, laid out for the fastest matmul available.
+
+    Per layer q/k/v are one weight and gate/up one, so 7 matmuls become 4. On the CPU with oneDNN
+    (float32 or bfloat16) each weight is also *prepacked*: reordered once into oneDNN's blocked layout,
+    so no matmul repacks its weight on every call. That is what bounds a small model's step: measured
+    on SmolLM2-135M (2 threads, every matmul of one step, weights cold in cache), float32 35 / 48 / 117 ms
+    per step at batch 1 / 16 / 64 against 61 / 101 / 183 ms for `F.linear` (1.7x / 2.1x / 1.6x); bfloat16
+    18 / 23 / 60 ms. Results differ from `F.linear` by float rounding only (another summation order).
+    Elsewhere (GPU, other dtypes, a torch without the ops) they are plain fused copies under `F.linear`.
+
+    Memory: one more copy of every projection weight and of the lm_head (for SmolLM2 float32: +538 MB).
+    The copies are rebuilt whenever a source weight was replaced or written (a hot-load copies into the
+    modules, which bumps each tensor's version), checked once per step.
     Only built for bias-free projections of the usual names; `None` from `build` means "use the modules".
     """
 
-    def __init__(self, layers: list[torch.nn.Module]) -> None:
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module], packed: bool) -> None:
+        self.model = model
         self.layers = layers
+        self.packed = packed
         self.qkv: list[torch.Tensor] = []
+        self.o: list[torch.Tensor] = []
         self.gate_up: list[torch.Tensor] = []
+        self.down: list[torch.Tensor] = []
+        self.head: torch.Tensor | None = None
         self.sizes: list[tuple[int, int, int]] = []
         self._key: list[tuple[int, int]] = []
 
     @classmethod
-    def build(cls, layers: list[torch.nn.Module]) -> FusedProjections | None:
+    def build(cls, model: torch.nn.Module, layers: list[torch.nn.Module], *, allow_packing: bool = True
+              ) -> ProjectionWeights | None:
         for layer in layers:
-            for name in ("q_proj", "k_proj", "v_proj"):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if getattr(getattr(layer.self_attn, name, None), "bias", 0) is not None:
                     return None
             for name in ("gate_proj", "up_proj", "down_proj"):
@@ -88,7 +119,11 @@ class FusedProjections:
                     return None
             if not hasattr(layer.mlp, "act_fn"):
                 return None
-        fused = cls(layers)
+        head = getattr(model, "lm_head", None)
+        if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            return None
+        weight = head.weight
+        fused = cls(model, layers, allow_packing and onednn_packing_works(weight.dtype, weight.device))
         try:
             fused.refresh()
         except RuntimeError:  # inference tensors keep no version counter: a change could not be seen
@@ -96,36 +131,56 @@ class FusedProjections:
         return fused
 
     def _sources(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
+        out: list[torch.Tensor] = [self.model.lm_head.weight]
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            out += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, mlp.gate_proj.weight,
-                    mlp.up_proj.weight]
+            out += [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                    mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
         return out
 
     def _current_key(self) -> list[tuple[int, int]]:
         return [(w.data_ptr(), w._version) for w in self._sources()]
 
+    def _layout(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        return weight.detach()
+
     def refresh(self) -> None:
-        """Rebuild the fused weights if any source weight was replaced or written since the last build."""
+        """Rebuild the weights if any source weight was replaced or written since the last build."""
         key = self._current_key()
         if key == self._key:
             return
+        # Drop the old copies first: the peak stays one copy, not two.
+        self.qkv, self.o, self.gate_up, self.down, self.head = [], [], [], [], None
         with torch.no_grad():
-            self.qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                                   layer.self_attn.v_proj.weight]) for layer in self.layers]
-            self.gate_up = [torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) for layer in self.layers]
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                self.qkv.append(self._layout(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])))
+                self.o.append(self._layout(attn.o_proj.weight))
+                self.gate_up.append(self._layout(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+                self.down.append(self._layout(mlp.down_proj.weight))
+            self.head = self._layout(self.model.lm_head.weight)
         self.sizes = [(layer.self_attn.q_proj.weight.shape[0], layer.self_attn.k_proj.weight.shape[0],
                        layer.self_attn.v_proj.weight.shape[0]) for layer in self.layers]
         self._key = key
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _onednn_linear(x, weight) if self.packed else F.linear(x, weight)
+
     def qkv_proj(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nq, nk, _nv = self.sizes[index]
-        qkv = F.linear(x, self.qkv[index])
+        qkv = self.linear(x, self.qkv[index])
         return qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
 
+    def o_proj(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.o[index])
+
     def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.layers[index].mlp
-        gate_up = F.linear(x, self.gate_up[index])
+        gate_up = self.linear(x, self.gate_up[index])
         half = gate_up.shape[-1] // 2
-        return mlp.down_proj(mlp.act_fn(gate_up[..., :half]) * gate_up[..., half:])
+        return self.linear(self.layers[index].mlp.act_fn(gate_up[..., :half]) * gate_up[..., half:], self.down[index])
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None
+        return self.linear(x, self.head)

@@ -10,7 +10,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
-from firetitan.server.deployment.engine.ops import FusedProjections, RopeTable, rms_norm
+from firetitan.server.deployment.engine.ops import ProjectionWeights, RopeTable, rms_norm
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -64,32 +64,49 @@ class ModelRunner:
         rotary = self.inner.rotary_emb
         self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
                      if RopeTable.supports(rotary) else None)
-        self.fused = FusedProjections.build(self.layers) if self.rope is not None else None
+        self.proj = ProjectionWeights.build(model, self.layers) if self.rope is not None else None
 
-    def _attention_block(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         proj: ProjectionWeights | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D]."""
-        attn = layer.self_attn
+        attn = self.layers[index].self_attn
         bsz, seq, _ = hidden.shape
         shape = (bsz, seq, -1, self.head_dim)
-        q = attn.q_proj(hidden).view(shape)
-        k = attn.k_proj(hidden).view(shape)
+        if proj is not None:
+            q, k, v = proj.qkv_proj(index, hidden)
+        else:
+            q, k, v = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+        q, k = q.reshape(shape), k.reshape(shape)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+        v = v.reshape(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def _layer_tail(self, layer: torch.nn.Module, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    def _layer_tail(self, index: int, residual: torch.Tensor, attn_out: torch.Tensor,
+                    proj: ProjectionWeights | None) -> torch.Tensor:
+        layer = self.layers[index]
         bsz, seq = attn_out.shape[0], attn_out.shape[2]
         attn_out = attn_out.transpose(1, 2).reshape(bsz, seq, -1)
-        hidden = residual + layer.self_attn.o_proj(attn_out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if proj is None:
+            hidden = residual + layer.self_attn.o_proj(attn_out)
+            return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = residual + proj.o_proj(index, attn_out)
+        return hidden + proj.mlp(index, layer.post_attention_layernorm(hidden))
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Sampling (seeded CPU generators) and logprobs run in float32 on the CPU whatever the device.
-        return self.model.lm_head(self.inner.norm(hidden)).float().cpu()
+    def _projections(self) -> ProjectionWeights | None:
+        """The prepared projection weights, rebuilt first if a hot-load changed the model's."""
+        if self.proj is not None:
+            self.proj.refresh()
+        return self.proj
+
+    def _logits(self, hidden: torch.Tensor, *, modules: bool = False) -> torch.Tensor:
+        """Logits of `hidden` (float32, on the CPU: sampling uses seeded CPU generators); `modules` runs
+        the model's own lm_head (the reference path) instead of the prepared weights."""
+        proj = None if modules else self._projections()
+        normed = self.inner.norm(hidden)
+        return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu()
 
     @torch.inference_mode()
     def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -116,13 +133,14 @@ class ModelRunner:
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions)
         first, end = slots.start, slots.stop
+        proj = self._projections()
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, proj)
             self.cache.k[index][first:end, :, :longest] = k
             self.cache.v[index][first:end, :, :longest] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
-            hidden = self._layer_tail(layer, residual, out)
+            hidden = self._layer_tail(index, residual, out, proj)
         for slot, length in zip(slots, lengths, strict=True):
             self.cache.lengths[slot] = length
         return hidden
@@ -138,16 +156,17 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(hidden, positions)
         mask = (torch.arange(end, device=self.device).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)
                 ).view(1, 1, count, end)
+        proj = self._projections()
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, proj)
             self.cache.k[index][slot, :, start:end] = k[0]
             self.cache.v[index][slot, :, start:end] = v[0]
             keys = self.cache.k[index][slot : slot + 1, :, :end]
             values = self.cache.v[index][slot : slot + 1, :, :end]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.num_heads)
-            hidden = self._layer_tail(layer, residual, out)
+            hidden = self._layer_tail(index, residual, out, proj)
         self.cache.lengths[slot] = end
         return hidden
 
@@ -176,16 +195,14 @@ class ModelRunner:
         flat = ((torch.arange(bsz, device=self.device).unsqueeze(1) * self.kv_heads + heads) * cache.capacity
                 + pos.unsqueeze(1)).view(-1)
         gqa = self.kv_heads != self.num_heads
-        fused = self.fused
-        if fused is not None:
-            fused.refresh()
+        proj = self._projections()
         q_shape = (bsz, 1, self.num_heads, self.head_dim)
         kv_shape = (bsz, 1, self.kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = rms_norm(layer.input_layernorm, hidden)
-            if fused is not None:
-                q, k, v = fused.qkv_proj(index, x)
+            if proj is not None:
+                q, k, v = proj.qkv_proj(index, x)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k, v = q.view(q_shape), k.view(kv_shape), v.view(kv_shape)
@@ -198,16 +215,19 @@ class ModelRunner:
             values.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
             out = F.scaled_dot_product_attention(q, keys[:bsz, :, :span], values[:bsz, :, :span], attn_mask=mask,
                                                  enable_gqa=gqa)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+            attn_out = out.transpose(1, 2).reshape(bsz, 1, -1)
+            hidden = hidden + (proj.o_proj(index, attn_out) if proj is not None else attn.o_proj(attn_out))
             x = rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + (fused.mlp(index, x) if fused is not None else layer.mlp(x))
+            hidden = hidden + (proj.mlp(index, x) if proj is not None else layer.mlp(x))
         for slot in range(bsz):
             cache.lengths[slot] += 1
-        return self.model.lm_head(rms_norm(self.inner.norm, hidden)).float().cpu().squeeze(1)
+        normed = rms_norm(self.inner.norm, hidden)
+        return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu().squeeze(1)
 
     @torch.inference_mode()
     def _decode_modules(self, tokens: Sequence[int]) -> torch.Tensor:
-        """`decode` through the model's own modules (rotary types whose angles are not a fixed table)."""
+        """`decode` through the model's own modules only (rotary types whose angles are not a fixed table;
+        the reference the fast path is tested against)."""
         bsz = len(tokens)
         cache = self.cache
         pos = torch.tensor(cache.lengths[:bsz], dtype=torch.long, device=self.device)
@@ -220,17 +240,17 @@ class ModelRunner:
         mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = self._attention_block(layer, layer.input_layernorm(hidden), cos, sin)
+            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, None)
             cache.k[index][rows, :, pos] = k[:, :, 0]
             cache.v[index][rows, :, pos] = v[:, :, 0]
             keys = cache.k[index][:bsz, :, :span]
             values = cache.v[index][:bsz, :, :span]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.num_heads)
-            hidden = self._layer_tail(layer, residual, out)
+            hidden = self._layer_tail(index, residual, out, None)
         for slot in range(bsz):
             cache.lengths[slot] += 1
-        return self._logits(hidden).squeeze(1)
+        return self._logits(hidden, modules=True).squeeze(1)
 
     @torch.inference_mode()
     def execute(self, decision: StepDecision) -> RunnerOutput:
