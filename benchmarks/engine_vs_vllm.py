@@ -10,7 +10,10 @@ machine noise hits both alike; the spread over `--repeats` is reported beside th
 
 The fp32 compute limit is measured in this process (a square matmul at `--threads`) and turned into a
 token rate with 2 * (matmul parameters) FLOPs per token (attention over a short context is left out, so
-the real limit is a little lower); each tok/s is reported as a fraction of it.
+the real limit is a little lower); each tok/s is reported as a fraction of it. At low concurrency a step is
+bound by memory instead: every step reads all matmul weights (4 bytes each in fp32) for `c` tokens, so the
+roofline at concurrency `c` is `min(compute limit, c * read bandwidth / weight bytes)`, with the read
+bandwidth measured here too (a 1 GiB reduction at `--threads`); `fraction_of_roofline` is against that.
 
     .venv/bin/python benchmarks/engine_vs_vllm.py [--model firetitan/tiny-qwen3 | DIR] [--concurrency 1,32,128]
         [--max-tokens 64] [--repeats 3] [--threads 2] [--vllm-python .venv-vllm/bin/python]
@@ -91,6 +94,24 @@ def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> floa
             for _ in range(4):
                 torch.mm(a, b)
             best = max(best, 4 * 2 * size**3 / (time.perf_counter() - started) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_read_gbs(threads: int, gib: float = 1.0, rounds: int = 5) -> float:
+    """Sustained memory read bandwidth (GB/s) with `threads` torch threads: the best of `rounds` sums
+    over a buffer far larger than the caches."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(int(gib * 2**30) // 4)
+        buffer.sum()
+        best = 0.0
+        for _ in range(rounds):
+            started = time.perf_counter()
+            buffer.sum()
+            best = max(best, buffer.numel() * 4 / (time.perf_counter() - started) / 1e9)
         return best
     finally:
         torch.set_num_threads(previous)
@@ -214,6 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     directory = model_dir(args.model, scratch)
     params, vocab = matmul_params(directory)
     gflops_before = measure_gflops(args.threads)
+    read_gbs_before = measure_read_gbs(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     max_seqs = max(levels)
     servers = {"firetitan": start_firetitan(directory, args, scratch, max_seqs),
@@ -256,9 +278,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gflops_after = measure_gflops(args.threads)
     gflops = max(gflops_before, gflops_after)
     limit_tok_s = gflops * 1e9 / (2 * params)
+    read_gbs_after = measure_read_gbs(args.threads)
+    read_gbs = max(read_gbs_before, read_gbs_after)
     for row in table:
+        roofline = min(limit_tok_s, row["concurrency"] * read_gbs * 1e9 / (4 * params))
+        row["roofline_tok_s"] = round(roofline, 1)
         for name in servers:
             row[name]["fraction_of_limit"] = round(row[name]["median"] / limit_tok_s, 3)
+            row[name]["fraction_of_roofline"] = round(row[name]["median"] / roofline, 3)
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
@@ -266,6 +293,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1),
         "fp32_matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
+        "read_gb_s": round(read_gbs, 1), "read_gb_s_before_after": [round(read_gbs_before, 1), round(read_gbs_after, 1)],
         "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_before_and_after": args.load_before + list(os.getloadavg()),
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -303,12 +331,15 @@ def main() -> None:
     out = args.out or RESULTS / f"engine_vs_vllm{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"compute limit {report['limit_tok_s']} tok/s ({report['fp32_matmul_gflops']} GFLOP/s fp32); wrote {out}")
+    print(f"compute limit {report['limit_tok_s']} tok/s ({report['fp32_matmul_gflops']} GFLOP/s fp32), "
+          f"read bandwidth {report['read_gb_s']} GB/s; wrote {out}")
     for row in report["results"]:
         print(f"c={row['concurrency']:4d} firetitan {row['firetitan']['median']:8.1f} "
               f"(±{row['firetitan']['spread_pct']}%, {row['firetitan']['fraction_of_limit']:.0%} of limit)  "
               f"vllm {row['vllm']['median']:8.1f} (±{row['vllm']['spread_pct']}%, "
-              f"{row['vllm']['fraction_of_limit']:.0%})  ratio {row['ratio_firetitan_over_vllm']['median']}")
+              f"{row['vllm']['fraction_of_limit']:.0%})  ratio {row['ratio_firetitan_over_vllm']['median']}  "
+              f"roofline {row['roofline_tok_s']}: {row['firetitan']['fraction_of_roofline']:.0%} / "
+              f"{row['vllm']['fraction_of_roofline']:.0%}")
 
 
 if __name__ == "__main__":
