@@ -6,9 +6,10 @@ teacher's SFT job, whose train state it loads).
 
 The test distils a teacher that is much better at the task (nano-qwen3 SFT'd 320 steps on
 demonstrations, sampled success ~0.78) into a student that is the same model SFT'd 64 steps (~0.2):
-close enough for the reverse KL to be learnable, far enough for the score to have room to follow. (A close random teacher, tiny-qwen3, was tested here
-too; its KL falls as well, 0.28-0.44x, see docs/multiturn-rl.md; it was dropped to keep the suite's time,
-as this test covers the same falling KL with a teacher that is also better at the task.)
+close enough for the reverse KL to be learnable, far enough for the score to have room to follow. It asserts
+both: the KL falls and a sampled eval over every train entity rises toward the teacher's. (A close random
+teacher, tiny-qwen3, was tested here too; its KL falls as well, 0.28-0.44x, see docs/multiturn-rl.md; it
+was dropped to keep the suite's time.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ def episodes_of(log_dir: Path) -> list[dict]:
 # lr 6e-3, STEPS steps. The task score is a sampled eval (temperature 1) over every train key EVAL_REPEATS
 # times, before and after; the KL is compared over the first and last K steps.
 STEPS, K, EVAL_REPEATS = 16, 6, 8
-RISE_MARGIN = 0.08
+# Measured in this setting (docs/multiturn-rl.md; three seeds, a second warm-start seed, three runs of this
+# test): the eval rose +0.172 / +0.211 / +0.161 / +0.169 / +0.206 / +0.159 / +0.111, 0.170 +- 0.033 (mean
+# +- std), toward the teacher's 0.77-0.78 from ~0.2. Two evals of 384 episodes at p ~ 0.2 differ by
+# +-0.029 (binomial; two standstills: +0.016, -0.044), so RISE_MARGIN is ~2.8 standard errors above no
+# change, ~2.7 std below the measured mean and below the smallest rise.
+# The KL ratio (last K / first K steps) was 0.65 / 0.70 / 0.64 / 0.67 / 0.68 / 0.64 / 0.84, 0.69 +- 0.07; a
+# standstill (lr 1e-9) gave 0.96 with per-step KL std 0.21 at ~3.3, i.e. 1.0 +- ~0.04. KL_RATIO is 0.9, not
+# tighter: the 0.84 run fell to 1.95 at step 12 and rose back to 2.9 (lr 6e-3 overshoots at times), and
+# failed the 0.8 kept from the former 160-step-teacher setting.
+RISE_MARGIN, KL_RATIO = 0.08, 0.9
 
 
 async def test_distill_lowers_reverse_kl_and_moves_the_score_toward_a_better_teacher(ft_home: Path,
@@ -71,7 +81,6 @@ async def test_distill_lowers_reverse_kl_and_moves_the_score_toward_a_better_tea
     assert len(evals) == 2 and evals[0]["requested_step"] == 0 and evals[1]["requested_step"] == STEPS, evals
     before, after = evals[0]["eval_success"], evals[1]["eval_success"]
     print(f"reverse KL {first:.3f} -> {last:.3f}; sampled eval success {before:.3f} -> {after:.3f}")
-    # MEASURED (filled in below)
-    assert last < 0.8 * first, kl
+    assert last < KL_RATIO * first, kl
     assert after > before + RISE_MARGIN, (before, after)
     assert worker_processes(ft_home) == []
