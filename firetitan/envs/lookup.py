@@ -47,6 +47,20 @@ def lookup_rows(n: int, *, seed: int, split: Literal["train", "eval"] = "train")
     return [{"prompt": f"Code of {k}?", "key": k, "answer": kb[k]} for k in (rng.choice(pool) for _ in range(n))]
 
 
+def every_key_rows(*, split: Literal["train", "eval"] = "train", repeats: int = 1) -> list[dict[str, str]]:
+    """Every entity of the split, `repeats` times: a fixed evaluation set with no sampling noise in which keys.
+
+    Success differs a lot between keys (a code's first letter is easier or harder to hit), so a score
+    over randomly drawn rows varies with the draw; a sampled eval over every key is what to compare.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: must be >= 1, got {repeats}")
+    keys = sorted(knowledge_base())
+    pool = keys[:-EVAL_KEYS] if split == "train" else keys[-EVAL_KEYS:]
+    kb = knowledge_base()
+    return [{"prompt": f"Code of {k}?", "key": k, "answer": kb[k]} for k in pool] * repeats
+
+
 def _words(text: str) -> list[str]:
     return [w.strip(".,;:!?\"'()[]{}").lower() for w in text.split()]
 

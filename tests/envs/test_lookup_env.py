@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from firetitan.envs import LookupEnv, knowledge_base, lookup_rows, make_group, parse_tool_call
+from firetitan.envs import LookupEnv, every_key_rows, knowledge_base, lookup_rows, make_group, parse_tool_call
 from firetitan.envs.tools import format_tool_call
 
 
@@ -24,6 +24,17 @@ def test_kb_and_rows_split() -> None:
     train, ev = lookup_rows(200, seed=0), lookup_rows(50, seed=1, split="eval")
     assert {r["key"] for r in train}.isdisjoint({r["key"] for r in ev})
     assert all(kb[r["key"]] == r["answer"] and r["key"] not in r["answer"] for r in train)
+
+
+def test_every_key_rows_cover_each_split_key_equally() -> None:
+    kb = knowledge_base()
+    train, ev = every_key_rows(repeats=3), every_key_rows(split="eval")
+    train_keys = [r["key"] for r in train]
+    assert len(set(train_keys)) == len(kb) - 16 and all(train_keys.count(k) == 3 for k in set(train_keys))
+    assert {r["key"] for r in ev} == {r["key"] for r in lookup_rows(400, seed=1, split="eval")}
+    assert {r["key"] for r in ev}.isdisjoint(train_keys) and all(kb[r["key"]] == r["answer"] for r in train + ev)
+    with pytest.raises(ValueError, match="repeats"):
+        every_key_rows(repeats=0)
 
 
 def run(env: LookupEnv, turns: list[str]) -> list:
