@@ -18,12 +18,10 @@ from firetitan.envs.base import EnvFactory
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.episodes import Episode, EpisodeSettings, run_episode, run_group, success_rate
 from firetitan.recipes.rl import RLConfig
+from firetitan.recipes.rl_driver import RecipeSteps, Saved, drive_rl, report_results, version_to_evaluate
 from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
-from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
-from firetitan.runtime.pipeline import StepResult
-from firetitan.runtime.remote import call, gather
-from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
+from firetitan.runtime.remote import gather
 from firetitan.runtime.rollouts import RolloutGroup
 from firetitan.runtime.trajectory import ChatMLRenderer, Renderer, trajectory_datum
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
@@ -66,13 +64,12 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
                renderer: Renderer, *, name: str, on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler = clients.training, clients.sampler
     run = await start_rl_run(cfg, clients, len(rows), name=name, init_state=cfg.init_state)
-    checkpoints, cursor, start_step, metrics = run.checkpoints, run.cursor, run.start_step, run.metrics
-    hot_load, registry, pipeline, adam, loss_config = run.hot_load, run.registry, run.pipeline, run.adam, \
-        run.loss_config
+    cursor, start_step, metrics, registry, pipeline = run.cursor, run.start_step, run.metrics, run.registry, run.pipeline
+    adam, loss_config = run.adam, run.loss_config
     train_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.temperature, cfg.stop, cfg.max_context)
     eval_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.eval_temperature, cfg.stop, cfg.max_context)
     last_eval: dict[str, Any] = {}
-    saved: dict[str, Any] = {"state": start_step, "sync": start_step, "eval": None}
+    saved = Saved(state=start_step, sync=start_step)
     tokens_total = {"sampled": 0}
 
     async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
@@ -88,10 +85,6 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
         return RolloutGroup(position=position, version=version, samples=episodes, rewards=rewards,
                             identity=pv.identity, extra={"advantages": advantages, **group_metrics})
 
-    def report(results: Sequence[StepResult]) -> None:
-        for r in results:
-            metrics.log("train_result", r.step + 1, latency_s=round(r.latency_s, 4), **r.metrics)
-
     async def train_step(step: int, batch: list[RolloutGroup]) -> None:
         episodes = [e for g in batch for e in g.samples]
         sampled = sum(e.sampled_tokens for e in episodes)
@@ -106,72 +99,21 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
         if not data:
             metrics.log("no_signal_step", step + 1)
             return
-        report(await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
-
-    async def publish(step: int, result: Any, submitted_at: Any) -> None:
-        await hot_load(result.path)
-        registry.publish(step, result.path)
-        saved["sync"] = step
-        metrics.log("weight_sync", step, identity=result.path)
-
-    async def record_state(step: int, result: Any, cursor_state: Any) -> None:
-        checkpoints.record(step, result.path, cursor_state)
-        saved["state"] = step
+        report_results(run, await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
 
     async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
-        if due(step, cfg.sync_every) or step == start_step:
-            await registry.wait_for(step)
-        pv = registry.current()
-        if saved["eval"] == pv.version:
-            return
+        pv = await version_to_evaluate(cfg, run, saved, step)
+        if pv is None:
+            return  # these weights were evaluated already
         episodes = await gather([run_episode(env_factory(r), sampler, renderer, eval_settings) for r in eval_rows])
         last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity, {
             "eval_success": success_rate(episodes), "eval_reward": sum(e.reward for e in episodes) / len(episodes),
             "eval_turns": sum(len(e.trajectory.turns) for e in episodes) / len(episodes), "requested_step": step}))
-        saved["eval"] = pv.version
-
-    jobs = [
-        PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
-                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"),
-                                                time.monotonic())),
-        PeriodicJob("state", cfg.save_every, timeout_s=cfg.timeout_s, finish=record_state,
-                    submit=lambda step: Pending(training.save_state(f"{name}-state-{step:06d}", overwrite=True),
-                                                cursor.state())),
-    ]
-    if eval_rows:
-        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=evaluate,
-                                submit=lambda step: Pending(None), skip_if_busy=True))
+        saved.eval = pv.version
 
     def on_step(rec: dict[str, Any]) -> None:
         if on_progress:
             on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
 
-    loop = RLLoop(RLLoopSettings(steps=cfg.steps, groups_per_step=cfg.groups_per_step,
-                                 max_steps_off_policy=cfg.max_steps_off_policy,
-                                 max_concurrency=cfg.max_concurrent_rollouts, rollout_timeout_s=cfg.rollout_timeout_s),
-                  cursor=cursor, registry=registry, rollout_fn=rollout, train_step=train_step,
-                  periodic=PeriodicTasks(jobs), metrics=metrics, start_step=start_step, on_step=on_step)
-    try:
-        if eval_rows and start_step == 0:
-            await call(evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
-        await loop.run()
-        report(await pipeline.drain())
-        final = loop.trainer_step
-        if saved["state"] < final:
-            res = await call(training.save_state(f"{name}-state-{final:06d}", overwrite=True), timeout=cfg.timeout_s,
-                             what="final save_state")
-            await record_state(final, res, cursor.state())
-        if eval_rows and saved["eval"] != final:
-            if saved["sync"] < final:
-                res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
-                                 timeout=cfg.timeout_s, what="final sampler snapshot")
-                await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")
-            await call(evaluate(final), timeout=cfg.timeout_s, what="final eval")
-    finally:
-        pipeline.abandon()
-        summary = {**metrics.summary(), "final_step": loop.trainer_step, "start_step": start_step,
-                   "last_eval": last_eval, "evals": metrics.evals, "dropped": metrics.staleness.dropped,
-                   "sampled_tokens": tokens_total["sampled"], "plot": metrics.try_plot()}
-        metrics.log("run_end", loop.trainer_step, **{k: v for k, v in summary.items() if k != "evals"})
-        metrics.close()
-    return summary
+    steps = RecipeSteps(rollout, train_step, evaluate, on_step, summary=lambda: {"sampled_tokens": tokens_total["sampled"]})
+    return await drive_rl(cfg, run, training, saved, steps, name=name, has_evals=bool(eval_rows), last_eval=last_eval)

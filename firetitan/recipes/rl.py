@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -19,16 +18,13 @@ from firetitan.logging import get_logger
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.data import rl_datum
+from firetitan.recipes.rl_driver import RecipeSteps, Saved, drive_rl, report_results, version_to_evaluate
 from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.recipes.text import encode_prompt
 from firetitan.runtime.advantages import group_advantages, is_constant
-from firetitan.runtime.periodic import Pending, PeriodicJob, PeriodicTasks, due
-from firetitan.runtime.pipeline import StepResult
 from firetitan.runtime.protocols import ServiceLike
-from firetitan.runtime.remote import call
 from firetitan.runtime.remote import gather as anyio_gather
-from firetitan.runtime.rl_loop import RLLoop, RLLoopSettings
 from firetitan.runtime.rollouts import RolloutGroup
 from firetitan.runtime.versions import PolicyVersion, PolicyVersionRegistry
 
@@ -69,16 +65,6 @@ class RLConfig(RecipeConfig):
         return self
 
 
-@dataclass
-class Saved:
-    """How far the run's side effects have got: the last step whose train state is recorded, the last
-    step whose weights the deployment serves, and the policy version last evaluated."""
-
-    state: int
-    sync: int
-    eval: int | None = None
-
-
 def group_datums(group: RolloutGroup, *, normalize: bool) -> list[Any]:
     """Datums of one group with group-relative advantages; constant-reward groups contribute none."""
     if is_constant(group.rewards):
@@ -117,9 +103,8 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
                on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler, tok = clients.training, clients.sampler, clients.tokenizer
     run = await start_rl_run(cfg, clients, len(rows), name=name)
-    checkpoints, cursor, start_step, metrics = run.checkpoints, run.cursor, run.start_step, run.metrics
-    hot_load, registry, pipeline, adam, loss_config = run.hot_load, run.registry, run.pipeline, run.adam, \
-        run.loss_config
+    cursor, start_step, metrics, registry, pipeline = run.cursor, run.start_step, run.metrics, run.registry, run.pipeline
+    adam, loss_config = run.adam, run.loss_config
     last_eval: dict[str, Any] = {}
     saved = Saved(state=start_step, sync=start_step)
 
@@ -138,37 +123,17 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         return RolloutGroup(position=position, version=version, samples=samples, rewards=rewards,
                             identity=pv.identity)
 
-    def report(results: Sequence[StepResult]) -> None:
-        for r in results:
-            metrics.log("train_result", r.step + 1, latency_s=round(r.latency_s, 4), **r.metrics)
-
     async def train_step(step: int, batch: list[RolloutGroup]) -> None:
         data = [d for g in batch for d in group_datums(g, normalize=cfg.normalize_advantages)]
         if not data:  # every group had constant rewards: no gradient, the weights stay as they are
             metrics.log("no_signal_step", step + 1)
             return
-        report(await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
-
-    async def publish(step: int, result: Any, submitted_at: Any) -> None:
-        loading = time.monotonic()
-        await hot_load(result.path)
-        registry.publish(step, result.path)
-        saved.sync = step
-        done = time.monotonic()
-        # snapshot_s: queued behind the step's training + written; hot_load_s: until the deployment serves it
-        metrics.log("weight_sync", step, identity=result.path, hot_load_s=round(done - loading, 4),
-                    snapshot_s=round(loading - submitted_at, 4) if submitted_at is not None else None)
-
-    async def record_state(step: int, result: Any, cursor_state: Any) -> None:
-        checkpoints.record(step, result.path, cursor_state)
-        saved.state = step
+        report_results(run, await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
 
     async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
-        if due(step, cfg.sync_every) or step == start_step:
-            await registry.wait_for(step)  # evaluate the weights of this very step, once served
-        pv = registry.current()
-        if saved.eval == pv.version:
-            return  # already evaluated these weights
+        pv = await version_to_evaluate(cfg, run, saved, step)
+        if pv is None:
+            return  # these weights were evaluated already
         prompts = [encode_prompt(tok, r["prompt"]) for r in eval_rows]
         groups = await anyio_gather([sampler.sample_with_prompt_tokens(
             p, n=1, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, stop=cfg.stop) for p in prompts])
@@ -180,49 +145,11 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
                                               "requested_step": step}))
         saved.eval = pv.version
 
-    jobs = [
-        PeriodicJob("sync", cfg.sync_every, timeout_s=cfg.timeout_s, finish=publish,
-                    submit=lambda step: Pending(training.save_weights_for_sampler(f"{name}-step-{step:06d}"),
-                                                time.monotonic())),
-        PeriodicJob("state", cfg.save_every, timeout_s=cfg.timeout_s, finish=record_state,
-                    submit=lambda step: Pending(training.save_state(f"{name}-state-{step:06d}", overwrite=True), cursor.state())),
-    ]
-    if eval_rows:
-        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=evaluate,
-                                submit=lambda step: Pending(None), skip_if_busy=True))
-
     def on_step(rec: dict[str, Any]) -> None:
         if controller_step := getattr(sampler.concurrency_controller, "step_completed", None):
             metrics.log_controller(rec["step"], controller_step())
         if on_progress:
             on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
 
-    loop = RLLoop(RLLoopSettings(steps=cfg.steps, groups_per_step=cfg.groups_per_step,
-                                 max_steps_off_policy=cfg.max_steps_off_policy,
-                                 max_concurrency=cfg.max_concurrent_rollouts, rollout_timeout_s=cfg.rollout_timeout_s),
-                  cursor=cursor, registry=registry, rollout_fn=rollout, train_step=train_step,
-                  periodic=PeriodicTasks(jobs), metrics=metrics, start_step=start_step, on_step=on_step)
-    try:
-        if eval_rows and start_step == 0:
-            await call(evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
-        await loop.run()
-        report(await pipeline.drain())
-        final = loop.trainer_step
-        if saved.state < final:
-            res = await call(training.save_state(f"{name}-state-{final:06d}", overwrite=True), timeout=cfg.timeout_s,
-                             what="final save_state")
-            await record_state(final, res, cursor.state())
-        if eval_rows and saved.eval != final:
-            if saved.sync < final:
-                res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
-                                 timeout=cfg.timeout_s, what="final sampler snapshot")
-                await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")
-            await call(evaluate(final), timeout=cfg.timeout_s, what="final eval")
-    finally:
-        pipeline.abandon()
-        summary = {**metrics.summary(), "final_step": loop.trainer_step, "start_step": start_step,
-                   "last_eval": last_eval, "evals": metrics.evals, "dropped": metrics.staleness.dropped,
-                   "plot": metrics.try_plot()}
-        metrics.log("run_end", loop.trainer_step, **{k: v for k, v in summary.items() if k != "evals"})
-        metrics.close()
-    return summary
+    return await drive_rl(cfg, run, training, saved, RecipeSteps(rollout, train_step, evaluate, on_step), name=name,
+                          has_evals=bool(eval_rows), last_eval=last_eval)
