@@ -58,6 +58,14 @@ def _orphaned(marker: dict[str, Any]) -> bool:
     return marker.get("host") == host_id() and not pid_alive(int(marker.get("writer_pid", 0)))
 
 
+def clear_if_orphaned(snapshots_dir: Path, identity: str) -> None:
+    """Remove `identity`'s marker if its writer died. The writer publishes the files, then removes the
+    marker, so one killed between the two leaves a marker beside published files, which no wait clears."""
+    marker = read(snapshots_dir, identity)
+    if marker is not None and _orphaned(marker):
+        clear(snapshots_dir, identity)
+
+
 def sweep_dead(snapshots_dir: Path) -> None:
     """Remove the markers of writers on this host that died before their files were written."""
     with contextlib.suppress(FileNotFoundError):

@@ -209,6 +209,7 @@ class SnapshotStore:
             except FileNotFoundError:
                 raise NotFoundError(f"snapshot {identity!r} is still being written in the background (or its "
                                     "write failed: see the trainer's status)", field=field) from None
+        pending.clear_if_orphaned(self.snapshots_dir, identity)
         try:
             manifest = SnapshotManifest.model_validate_json(raw)
         except ValidationError as exc:

@@ -234,3 +234,22 @@ def test_concurrent_saves_of_one_identity_publish_once(store, nano) -> None:
     (store.snapshots_dir / ".tmp-crashed-123-abcd").mkdir()
     (store.snapshots_dir / ".tmp-crashed-123-abcd" / "model.safetensors").write_bytes(b"partial")
     assert [m.identity for m in store.list()] == ["race-1"]
+
+
+def test_a_dead_writers_marker_beside_published_files_goes_on_the_next_read(store, nano) -> None:
+    """A writer killed after publishing its files but before removing its pending marker leaves both;
+    the next read removes the orphaned marker (a live writer's marker is left for the writer)."""
+    import subprocess
+
+    from firetitan.checkpoints import pending
+
+    store.save_base("step-1", _state(nano), nano.config)
+    pending.mark(store.snapshots_dir, "step-1", "base", None)  # this (live) process as the writer
+    store.manifest("step-1")
+    assert pending.read(store.snapshots_dir, "step-1") is not None
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: its pid no longer runs
+    marker_path = store.snapshots_dir / pending.PENDING_DIR / "step-1.json"
+    marker_path.write_text(json.dumps({**json.loads(marker_path.read_text()), "writer_pid": child.pid}))
+    assert store.manifest("step-1").identity == "step-1"
+    assert pending.read(store.snapshots_dir, "step-1") is None
