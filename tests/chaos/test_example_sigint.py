@@ -67,6 +67,13 @@ def _at_sampling(home: ChaosHome, out: Path, dep_id: str) -> Callable[[], bool]:
 PHASES = {"provisioning": _at_provisioning, "training": _at_training, "sampling": _at_sampling}
 
 
+def _sigint_by_default() -> None:
+    # A process started with SIGINT ignored (anything run with `&` from a non-interactive shell, such as
+    # a backgrounded `make test`) hands that on, and Python then keeps ignoring it: give the example the
+    # default disposition, so Python installs its KeyboardInterrupt handler as under a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(home: ChaosHome, tmp_path: Path, phase: str) -> float:
     """Run the example, SIGINT it at `phase`; return the seconds until no worker of the home was left."""
     dep_id = f"sigint-{phase}"
@@ -74,7 +81,8 @@ def _interrupt(home: ChaosHome, tmp_path: Path, phase: str) -> float:
     with out.open("w") as sink:
         proc = subprocess.Popen([sys.executable, EXAMPLE, "--base-model", "firetitan/nano-qwen3",
                                  "--steps", "100000", "--eval-interval", "1000", "--deployment-id", dep_id],
-                                env=home.env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+                                env=home.env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_sigint_by_default)
         try:
             reached = PHASES[phase](home, out, dep_id)
             assert wait_until(lambda: proc.poll() is None and reached(), 240, step=0.02), \
@@ -83,7 +91,8 @@ def _interrupt(home: ChaosHome, tmp_path: Path, phase: str) -> float:
             sent = time.monotonic()
             # Workers are watched from the signal on, whether or not the example has exited yet.
             assert wait_until(lambda: home.worker_pids() == [], 120, step=0.05), \
-                f"{phase}: workers {home.worker_pids()} still running: {out.read_text()[-3000:]}"
+                f"{phase}: workers {home.worker_pids()} still running, example exit code {proc.poll()} (None: still " \
+                f"running, so the SIGINT was not acted on): {out.read_text()[-3000:]}"
             gone_after = time.monotonic() - sent
             proc.wait(timeout=120)
         finally:
