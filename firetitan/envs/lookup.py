@@ -38,13 +38,20 @@ def knowledge_base() -> dict[str, str]:
     return dict(raw["entries"])
 
 
+def _split_keys(split: Literal["train", "eval"]) -> list[str]:
+    keys = sorted(knowledge_base())
+    return keys[:-EVAL_KEYS] if split == "train" else keys[-EVAL_KEYS:]
+
+
+def _row(key: str) -> dict[str, str]:
+    return {"prompt": f"Code of {key}?", "key": key, "answer": knowledge_base()[key]}
+
+
 def lookup_rows(n: int, *, seed: int, split: Literal["train", "eval"] = "train") -> list[dict[str, str]]:
     """`n` rows `{"prompt", "key", "answer"}` over the train (48) or eval (16) entities."""
-    keys = sorted(knowledge_base())
-    pool = keys[:-EVAL_KEYS] if split == "train" else keys[-EVAL_KEYS:]
+    pool = _split_keys(split)
     rng = random.Random(seed)
-    kb = knowledge_base()
-    return [{"prompt": f"Code of {k}?", "key": k, "answer": kb[k]} for k in (rng.choice(pool) for _ in range(n))]
+    return [_row(rng.choice(pool)) for _ in range(n)]
 
 
 def every_key_rows(*, split: Literal["train", "eval"] = "train", repeats: int = 1) -> list[dict[str, str]]:
@@ -55,10 +62,7 @@ def every_key_rows(*, split: Literal["train", "eval"] = "train", repeats: int = 
     """
     if repeats < 1:
         raise ValueError(f"repeats: must be >= 1, got {repeats}")
-    keys = sorted(knowledge_base())
-    pool = keys[:-EVAL_KEYS] if split == "train" else keys[-EVAL_KEYS:]
-    kb = knowledge_base()
-    return [{"prompt": f"Code of {k}?", "key": k, "answer": kb[k]} for k in pool] * repeats
+    return [_row(k) for k in _split_keys(split)] * repeats
 
 
 def _words(text: str) -> list[str]:
