@@ -103,8 +103,9 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor, *, modules: bool = False) -> torch.Tensor:
         """Logits of `hidden` (float32, on the CPU: sampling uses seeded CPU generators); `modules` runs
-        the model's own lm_head (the reference path) instead of the prepared weights."""
-        proj = None if modules else self._projections()
+        the model's own lm_head (the reference path) instead of the prepared weights, which every
+        caller's forward (`_prefill_hidden`, `_prefill_chunk`) has just refreshed."""
+        proj = None if modules else self.proj
         normed = self.inner.norm(hidden)
         return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu()
 
