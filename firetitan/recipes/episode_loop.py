@@ -18,7 +18,7 @@ from firetitan.envs.base import EnvFactory
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.episodes import Episode, EpisodeSettings, run_episode, run_group, success_rate
 from firetitan.recipes.rl import RLConfig
-from firetitan.recipes.rl_driver import RecipeSteps, Saved, drive_rl, report_results, version_to_evaluate
+from firetitan.recipes.rl_driver import RecipeSteps, drive_rl, report_results
 from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.runtime.remote import gather
@@ -64,12 +64,11 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
                renderer: Renderer, *, name: str, on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler = clients.training, clients.sampler
     run = await start_rl_run(cfg, clients, len(rows), name=name, init_state=cfg.init_state)
-    cursor, start_step, metrics, registry, pipeline = run.cursor, run.start_step, run.metrics, run.registry, run.pipeline
+    cursor, metrics, registry, pipeline = run.cursor, run.metrics, run.registry, run.pipeline
     adam, loss_config = run.adam, run.loss_config
     train_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.temperature, cfg.stop, cfg.max_context)
     eval_settings = EpisodeSettings(cfg.max_turns, cfg.max_tokens, cfg.eval_temperature, cfg.stop, cfg.max_context)
     last_eval: dict[str, Any] = {}
-    saved = Saved(state=start_step, sync=start_step)
     tokens_total = {"sampled": 0}
 
     async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
@@ -101,19 +100,15 @@ async def _run(cfg: EpisodeRLConfig, clients: Clients, rows: Sequence[Mapping[st
             return
         report_results(run, await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
 
-    async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
-        pv = await version_to_evaluate(cfg, run, saved, step)
-        if pv is None:
-            return  # these weights were evaluated already
+    async def evaluate(step: int, pv: PolicyVersion) -> None:
         episodes = await gather([run_episode(env_factory(r), sampler, renderer, eval_settings) for r in eval_rows])
         last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity, {
             "eval_success": success_rate(episodes), "eval_reward": sum(e.reward for e in episodes) / len(episodes),
             "eval_turns": sum(len(e.trajectory.turns) for e in episodes) / len(episodes), "requested_step": step}))
-        saved.eval = pv.version
 
     def on_step(rec: dict[str, Any]) -> None:
         if on_progress:
             on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
 
     steps = RecipeSteps(rollout, train_step, evaluate, on_step, summary=lambda: {"sampled_tokens": tokens_total["sampled"]})
-    return await drive_rl(cfg, run, training, saved, steps, name=name, has_evals=bool(eval_rows), last_eval=last_eval)
+    return await drive_rl(cfg, run, training, steps, name=name, has_evals=bool(eval_rows), last_eval=last_eval)

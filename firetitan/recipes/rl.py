@@ -18,7 +18,7 @@ from firetitan.logging import get_logger
 from firetitan.recipes.clients import Clients, open_clients
 from firetitan.recipes.config import RecipeConfig
 from firetitan.recipes.data import rl_datum
-from firetitan.recipes.rl_driver import RecipeSteps, Saved, drive_rl, report_results, version_to_evaluate
+from firetitan.recipes.rl_driver import RecipeSteps, drive_rl, report_results
 from firetitan.recipes.run_setup import start_rl_run
 from firetitan.recipes.supervised import ProgressFn
 from firetitan.recipes.text import encode_prompt
@@ -103,10 +103,9 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
                on_progress: ProgressFn | None) -> dict[str, Any]:
     training, sampler, tok = clients.training, clients.sampler, clients.tokenizer
     run = await start_rl_run(cfg, clients, len(rows), name=name)
-    cursor, start_step, metrics, registry, pipeline = run.cursor, run.start_step, run.metrics, run.registry, run.pipeline
+    cursor, metrics, registry, pipeline = run.cursor, run.metrics, run.registry, run.pipeline
     adam, loss_config = run.adam, run.loss_config
     last_eval: dict[str, Any] = {}
-    saved = Saved(state=start_step, sync=start_step)
 
     async def rollout(position: int, pv: PolicyVersion) -> RolloutGroup:
         started = time.monotonic()
@@ -130,10 +129,7 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
             return
         report_results(run, await pipeline.submit(step, data, adam, loss_fn=cfg.loss_fn, loss_fn_config=loss_config))
 
-    async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
-        pv = await version_to_evaluate(cfg, run, saved, step)
-        if pv is None:
-            return  # these weights were evaluated already
+    async def evaluate(step: int, pv: PolicyVersion) -> None:
         prompts = [encode_prompt(tok, r["prompt"]) for r in eval_rows]
         groups = await anyio_gather([sampler.sample_with_prompt_tokens(
             p, n=1, max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, stop=cfg.stop) for p in prompts])
@@ -143,7 +139,6 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         last_eval.update(metrics.record_eval(pv.version, [dict(r) for r in eval_rows], pv.identity,
                                              {"eval_reward": sum(rewards) / len(rewards), "served_by": served,
                                               "requested_step": step}))
-        saved.eval = pv.version
 
     def on_step(rec: dict[str, Any]) -> None:
         if controller_step := getattr(sampler.concurrency_controller, "step_completed", None):
@@ -151,5 +146,5 @@ async def _run(cfg: RLConfig, clients: Clients, rows: Sequence[Mapping[str, Any]
         if on_progress:
             on_progress(rec["step"], cfg.steps, {**rec, **last_eval})
 
-    return await drive_rl(cfg, run, training, saved, RecipeSteps(rollout, train_step, evaluate, on_step), name=name,
+    return await drive_rl(cfg, run, training, RecipeSteps(rollout, train_step, evaluate, on_step), name=name,
                           has_evals=bool(eval_rows), last_eval=last_eval)

@@ -40,14 +40,14 @@ class Saved:
 class RecipeSteps:
     """What a recipe brings to `drive_rl`.
 
-    `evaluate(step)` evaluates the served policy (it is also a periodic job's finish, hence the two
-    ignored arguments); `on_step(record)` sees every step's metrics record; `summary()` adds the
-    recipe's own entries to the run summary.
+    `evaluate(step, policy)` scores the served `policy` for an eval requested at `step` (the driver
+    picks the policy and skips weights already evaluated); `on_step(record)` sees every step's
+    metrics record; `summary()` adds the recipe's own entries to the run summary.
     """
 
     rollout: Callable[[int, PolicyVersion], Awaitable[RolloutGroup]]
     train_step: Callable[[int, list[RolloutGroup]], Awaitable[None]]
-    evaluate: Callable[..., Awaitable[None]]
+    evaluate: Callable[[int, PolicyVersion], Awaitable[None]]
     on_step: Callable[[dict[str, Any]], None]
     summary: Callable[[], dict[str, Any]] = dict
 
@@ -58,18 +58,20 @@ def report_results(run: RLRun, results: Sequence[StepResult]) -> None:
         run.metrics.log("train_result", r.step + 1, latency_s=round(r.latency_s, 4), **r.metrics)
 
 
-async def version_to_evaluate(cfg: RLConfig, run: RLRun, saved: Saved, step: int) -> PolicyVersion | None:
-    """The served policy an eval requested at `step` should score: this very step's weights when a sync
-    is due at it (waiting until they are served), else the current ones; None if already evaluated."""
-    if due(step, cfg.sync_every) or step == run.start_step:
-        await run.registry.wait_for(step)
-    pv = run.registry.current()
-    return None if saved.eval == pv.version else pv
-
-
-async def drive_rl(cfg: RLConfig, run: RLRun, training: Any, saved: Saved, steps: RecipeSteps, *, name: str,
+async def drive_rl(cfg: RLConfig, run: RLRun, training: Any, steps: RecipeSteps, *, name: str,
                    has_evals: bool, last_eval: dict[str, Any]) -> dict[str, Any]:
     metrics, registry, cursor, start_step = run.metrics, run.registry, run.cursor, run.start_step
+    saved = Saved(state=start_step, sync=start_step)
+
+    async def evaluate(step: int, _: Any = None, __: Any = None) -> None:
+        # An eval at a step whose sync is due scores that very step's weights, once served.
+        if due(step, cfg.sync_every) or step == start_step:
+            await registry.wait_for(step)
+        pv = registry.current()
+        if saved.eval == pv.version:
+            return  # these weights were evaluated already
+        await steps.evaluate(step, pv)
+        saved.eval = pv.version
 
     async def publish(step: int, result: Any, submitted_at: Any) -> None:
         loading = time.monotonic()
@@ -94,7 +96,7 @@ async def drive_rl(cfg: RLConfig, run: RLRun, training: Any, saved: Saved, steps
                                                 cursor.state())),
     ]
     if has_evals:
-        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=steps.evaluate,
+        jobs.append(PeriodicJob("eval", cfg.eval_every, timeout_s=cfg.timeout_s, finish=evaluate,
                                 submit=lambda step: Pending(None), skip_if_busy=True))
     loop = RLLoop(RLLoopSettings(steps=cfg.steps, groups_per_step=cfg.groups_per_step,
                                  max_steps_off_policy=cfg.max_steps_off_policy,
@@ -103,7 +105,7 @@ async def drive_rl(cfg: RLConfig, run: RLRun, training: Any, saved: Saved, steps
                   periodic=PeriodicTasks(jobs), metrics=metrics, start_step=start_step, on_step=steps.on_step)
     try:
         if has_evals and start_step == 0:
-            await call(steps.evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
+            await call(evaluate(start_step), timeout=cfg.timeout_s, what="initial eval")
         await loop.run()
         report_results(run, await run.pipeline.drain())
         final = loop.trainer_step
@@ -116,7 +118,7 @@ async def drive_rl(cfg: RLConfig, run: RLRun, training: Any, saved: Saved, steps
                 res = await call(training.save_weights_for_sampler(f"{name}-step-{final:06d}"),
                                  timeout=cfg.timeout_s, what="final sampler snapshot")
                 await call(publish(final, res, None), timeout=cfg.timeout_s, what="final weight sync")
-            await call(steps.evaluate(final), timeout=cfg.timeout_s, what="final eval")
+            await call(evaluate(final), timeout=cfg.timeout_s, what="final eval")
     finally:
         run.pipeline.abandon()
         summary = {**metrics.summary(), "final_step": loop.trainer_step, "start_step": start_step,
