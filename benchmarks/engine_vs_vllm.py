@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +83,19 @@ def matmul_params(directory: Path) -> tuple[int, int]:
     return total + (0 if has_head else embed), vocab
 
 
-def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
-    """Sustained fp32 matmul GFLOP/s with `threads` torch threads (best of a few timed batches)."""
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
+    """Sustained fp32 matmul GFLOP/s with `threads` torch threads (best of a few timed batches)."""
+    with torch_threads(threads):
         a, b = torch.randn(size, size), torch.randn(size, size)
         torch.mm(a, b)
         best, deadline = 0.0, time.perf_counter() + seconds
@@ -95,16 +105,12 @@ def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> floa
                 torch.mm(a, b)
             best = max(best, 4 * 2 * size**3 / (time.perf_counter() - started) / 1e9)
         return best
-    finally:
-        torch.set_num_threads(previous)
 
 
 def measure_read_gbs(threads: int, gib: float = 1.0, rounds: int = 5) -> float:
     """Sustained memory read bandwidth (GB/s) with `threads` torch threads: the best of `rounds` sums
     over a buffer far larger than the caches."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         buffer = torch.ones(int(gib * 2**30) // 4)
         buffer.sum()
         best = 0.0
@@ -113,8 +119,6 @@ def measure_read_gbs(threads: int, gib: float = 1.0, rounds: int = 5) -> float:
             buffer.sum()
             best = max(best, buffer.numel() * 4 / (time.perf_counter() - started) / 1e9)
         return best
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Server:
