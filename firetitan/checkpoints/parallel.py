@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import torch
 
+from firetitan.torch_threads import serial
+
 THREADS_ENV = "FIRETITAN_SNAPSHOT_THREADS"
 _MAX_THREADS = 4
 
@@ -58,7 +60,8 @@ def _executor(n: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size != n:  # one pool per process, replaced only when the setting changes
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="snapshot-tensor"), n
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="snapshot-tensor",
+                                                   initializer=serial), n
         return _pool
 
 

@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, capture_stdlib=True)
     device = resolve_device(args.device, field="--device")  # fails here, before serving, if absent
     dtype = check_dtype(args.dtype, field="--dtype")
+    from firetitan.torch_threads import serial
+
+    threads = args.threads or torch.get_num_threads()
     if args.threads:
-        torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(max(1, min(args.threads, 2)))
+    serial()  # before the model loads: the engine thread takes the only OpenMP team (firetitan.torch_threads)
     settings = DeploymentSettings(base_model=args.base_model, deployment_id=args.deployment_id,
                                   store_dir=args.store_dir, replica_index=args.replica_index,
                                   max_running_seqs=args.max_running_seqs, max_cached_tokens=args.max_cached_tokens,
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                                   max_waiting_requests=args.max_waiting_requests,
                                   max_choices_per_request=args.max_choices_per_request,
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, threads=threads)
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's

@@ -54,6 +54,7 @@ class DeploymentSettings:
     max_kv_tokens: int | None = None  # KV memory bound in positions over all rows; None: rows x model context
     device: str = "cpu"  # resolved (never "auto"): where the weights, the KV cache and the forward live
     dtype: str = "float32"  # the served weights' dtype; hot-loaded snapshots are cast to it
+    threads: int | None = None  # torch threads of the engine thread (the process's only OpenMP team); None: as is
 
 
 class DeploymentService:
@@ -68,7 +69,7 @@ class DeploymentService:
                                        max_cached_tokens=settings.max_cached_tokens, seed=settings.seed,
                                        max_prefill_tokens=settings.max_prefill_tokens,
                                        max_kv_tokens=settings.max_kv_tokens, device=settings.device,
-                                       dtype=settings.dtype)
+                                       dtype=settings.dtype, threads=settings.threads)
             log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model

@@ -27,6 +27,7 @@ from firetitan.server.deployment.schemas import (
     LoadingState,
     ReplicaHotLoadStatus,
 )
+from firetitan.torch_threads import run_serial
 
 log = get_logger("firetitan.deployment.hotload")
 
@@ -250,8 +251,9 @@ class ReplicaHotLoader:
             self.state.loading = LoadingState(stage="loading", identity=identity, target_snapshot_identity=identity,
                                               mode=mode, started_at=time.time())
             try:
-                await asyncio.to_thread(self.loader.check_chain, identity, previous, self.state)
-                prepared = await asyncio.to_thread(self.loader.prepare, identity, self.state)
+                # serial: the engine thread keeps the OpenMP pool to itself (see firetitan.torch_threads)
+                await asyncio.to_thread(run_serial, self.loader.check_chain, identity, previous, self.state)
+                prepared = await asyncio.to_thread(run_serial, self.loader.prepare, identity, self.state)
             except Exception as exc:
                 self._record_error(identity, exc)
                 queued.set_exception(exc)

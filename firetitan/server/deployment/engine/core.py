@@ -17,6 +17,7 @@ from firetitan.server.deployment.engine.request import EngineRequest, RequestSta
 from firetitan.server.deployment.engine.runner import ModelRunner
 from firetitan.server.deployment.engine.scheduler import Scheduler, StepDecision
 from firetitan.server.deployment.weight_copy import copy_weights
+from firetitan.torch_threads import own_pool
 
 log = get_logger("firetitan.deployment.engine")
 
@@ -79,8 +80,10 @@ class Engine(InboxEngine):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
-                 seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None) -> None:
+                 seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None,
+                 threads: int | None = None) -> None:
         super().__init__()
+        self.threads = threads  # torch threads the engine thread takes (`torch_threads.own_pool`); None: as is
         self.model = model
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens)
@@ -117,6 +120,8 @@ class Engine(InboxEngine):
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads is not None:
+            own_pool(self.threads)
         while not self._stopped.is_set():
             idle = self.scheduler.num_requests == 0 and self._pending_swap is None
             self._drain_inbox(block=idle)
