@@ -41,6 +41,7 @@ import torch
 
 from firetitan.models import load_model, load_tokenizer
 from firetitan.server.deployment.engine import Engine, EngineRequest, SamplingOptions, StepOutput
+from firetitan.torch_threads import own_pool, serial
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine_throughput.json"
 
@@ -51,8 +52,25 @@ def make_prompts(count: int, seed: int, vocab: int) -> list[list[int]]:
     return [[1, *torch.randint(3, vocab, (n - 1,), generator=gen).tolist()] for n in lengths]
 
 
+def on_own_thread(threads: int, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on a fresh thread that takes `threads` torch threads and exits after (its OpenMP team
+    goes with it), so each contender runs with the only team in the process (`firetitan.torch_threads`)."""
+    result: list[Any] = []
+
+    def target() -> None:
+        own_pool(threads)
+        result.append(fn(*args))
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if not result:
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed (see the traceback above)")
+    return result[0]
+
+
 def run_engine(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_tokens: int,
-               concurrency: int) -> dict[str, Any]:
+               concurrency: int, threads: int | None = None) -> dict[str, Any]:
     done = threading.Event()
     remaining = [len(prompts)]
     produced = [0]
@@ -68,7 +86,7 @@ def run_engine(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]],
             done.set()
 
     engine = Engine(model, tokenizer, emit=emit, policy_version="bench", max_running_seqs=concurrency,
-                    max_cached_tokens=concurrency * (max(len(p) for p in prompts) + max_tokens))
+                    max_cached_tokens=concurrency * (max(len(p) for p in prompts) + max_tokens), threads=threads)
     engine.start()
     try:
         # Warm-up (allocations, first-call overheads) outside the timing.
@@ -173,7 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each contender")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    serial()  # the main thread never starts an OpenMP team; each contender's thread takes --threads
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     prompts = make_prompts(args.concurrency, 0, int(model.config.vocab_size))
@@ -182,9 +200,10 @@ def main() -> None:
         runs = [fn(*a) for _ in range(args.repeats)]
         return max(runs, key=lambda r: r["tokens_per_s"])
 
-    static = best(run_static_batch, model, prompts, args.max_tokens)
-    engine = best(run_engine, model, tokenizer, prompts, args.max_tokens, args.concurrency)
-    generate = best(run_generate_loop, model, prompts[: args.generate_requests], args.max_tokens)
+    static = best(on_own_thread, args.threads, run_static_batch, model, prompts, args.max_tokens)
+    engine = best(run_engine, model, tokenizer, prompts, args.max_tokens, args.concurrency, args.threads)
+    generate = best(on_own_thread, args.threads, run_generate_loop, model, prompts[: args.generate_requests],
+                    args.max_tokens)
     vllm_python = os.environ.get("FIRETITAN_VLLM_PYTHON")
     vllm = run_vllm(vllm_python, args.model, prompts, args.max_tokens, args.concurrency, args.threads,
                     args.repeats) if vllm_python else None
