@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import aiohttp
 import torch
 from safetensors import safe_open
+
+from firetitan.torch_threads import threads_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -84,19 +84,9 @@ def matmul_params(directory: Path) -> tuple[int, int]:
     return total + (0 if has_head else embed), vocab
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
     """Sustained fp32 matmul GFLOP/s with `threads` torch threads (best of a few timed batches)."""
-    with torch_threads(threads):
+    with threads_for(threads):
         a, b = torch.randn(size, size), torch.randn(size, size)
         torch.mm(a, b)
         best, deadline = 0.0, time.perf_counter() + seconds
@@ -111,7 +101,7 @@ def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> floa
 def measure_read_gbs(threads: int, gib: float = 1.0, rounds: int = 5) -> float:
     """Sustained memory read bandwidth (GB/s) with `threads` torch threads: the best of `rounds` sums
     over a buffer far larger than the caches."""
-    with torch_threads(threads):
+    with threads_for(threads):
         buffer = torch.ones(int(gib * 2**30) // 4)
         buffer.sum()
         best = 0.0

@@ -16,7 +16,8 @@ count and also the default of threads that first touch torch later.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -40,3 +41,17 @@ def run_serial(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """`fn(*args, **kwargs)` with this thread's torch ops serial (for `asyncio.to_thread` and pools)."""
     serial()
     return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def threads_for(threads: int) -> Iterator[None]:
+    """Run this thread's torch ops on `threads` threads for the duration, then restore its count."""
+    before = torch.get_num_threads()
+    if before == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

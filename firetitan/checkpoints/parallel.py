@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
-from firetitan.torch_threads import serial
+from firetitan.torch_threads import serial, threads_for
 
 THREADS_ENV = "FIRETITAN_SNAPSHOT_THREADS"
 _MAX_THREADS = 4
@@ -75,20 +75,12 @@ def per_tensor(fn: Callable[[K, torch.Tensor], R], tensors: Mapping[K, torch.Ten
     return {k: futures[k].result() for k in tensors}
 
 
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> contextlib.AbstractContextManager[None]:
     """Run torch's copies and casts on one thread for the duration.
 
     A plain copy is memory-bound: a second thread gains little on an idle machine and, on a loaded one,
     its OpenMP team waits on busy cores (134 M bf16 values: 0.30 s on one thread, 0.8-3.0 s on two with
-    the load at 5 on 2 cores). The setting is process-wide; it is restored on exit.
+    the load at 5 on 2 cores). It applies to the calling thread (`torch_threads.threads_for`) and is
+    restored on exit.
     """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return threads_for(1)
