@@ -9,7 +9,7 @@ import torch
 
 from firetitan.server.deployment.detokenize import IncrementalText
 from firetitan.server.deployment.engine.request import EngineRequest, RequestState, SamplingOptions
-from firetitan.server.deployment.engine.sampler import sample, sampling_log_probs
+from firetitan.server.deployment.engine.sampler import inverse_cdf, sample, sampling_log_probs
 from firetitan.server.deployment.engine.scheduler import Scheduler
 
 
@@ -174,3 +174,44 @@ def test_windowed_filter_equals_the_full_sort() -> None:
     assert int(counts.min()) >= 1 and int(counts.max()) > 64  # both paths ran: some nuclei pass the window,
     nucleus_only = (top_p < 1.0) & (top_k == 0)
     assert int(counts[nucleus_only].min()) < 64  # others close inside it
+
+
+def test_inverse_cdf_lands_where_an_exact_cumulative_sum_does() -> None:
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(64, 1000, generator=gen) * 2, dim=-1)  # 1000: the last block is padded
+    probs[:8, 64:640] = 0.0  # whole blocks and block edges without mass
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    for u in (0.0, 0.25, 0.5, 0.999, float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))):
+        uniform = torch.full((64,), u)
+        tokens = inverse_cdf(probs, uniform)
+        exact = probs.double().cumsum(dim=-1)
+        target = uniform.double() * exact[:, -1]
+        for row, token in enumerate(tokens.tolist()):
+            assert probs[row, token] > 0, (u, row)
+            below = exact[row, token - 1].item() if token else 0.0
+            assert below - 1e-5 <= target[row].item() <= exact[row, token].item() + 1e-5, (u, row)
+
+
+def test_inverse_cdf_never_draws_a_token_without_mass() -> None:
+    probs = torch.zeros(4, 256)
+    probs[0, 63] = 1.0  # the last token of the first block
+    probs[1, 64] = 1.0  # the first of the second
+    probs[2, [0, 255]] = 0.5
+    probs[3, 127:129] = torch.tensor([1e-30, 1.0])  # a mass that rounds away next to the real one
+    just_below_one = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    for u in [*torch.linspace(0, 1, 101)[:-1].tolist(), just_below_one]:
+        tokens = inverse_cdf(probs, torch.full((4,), u))
+        assert all(probs[row, token] > 0 for row, token in enumerate(tokens.tolist())), u
+
+
+def test_a_block_edge_rounding_is_drawn_again_by_the_exact_scan() -> None:
+    # One large mass then tiny ones: a running sum rounds every tiny one away, a vectorised block sum
+    # keeps them, so the block's sum passes its own running sum. A target between the two is inside the
+    # block by its sum but past all of its running sum, which would land on the zero-mass last token.
+    row = torch.zeros(128)
+    row[0], row[1:63], row[64] = 0.5, 5e-9, 0.5
+    block_sum, running = row[:64].sum().item(), row[:64].cumsum(dim=0)[-1].item()
+    assert block_sum > running  # the premise: the two roundings differ here
+    u = (running + block_sum) / 2 / (block_sum + 0.5)
+    token = inverse_cdf(row.unsqueeze(0), torch.tensor([u])).item()
+    assert row[token] > 0

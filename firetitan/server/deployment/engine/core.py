@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from firetitan.logging import get_logger
-from firetitan.server.deployment.detokenize import Decoder, IncrementalText
+from firetitan.server.deployment.detokenize import Decoder, IncrementalText, stream_decoding
 from firetitan.server.deployment.engine.inbox import Abort, InboxEngine, Submit, Swap
 from firetitan.server.deployment.engine.request import EngineRequest, RequestState, StepOutput
 from firetitan.server.deployment.engine.runner import ModelRunner
@@ -86,6 +86,7 @@ class Engine(InboxEngine):
         self.threads = threads  # torch threads the engine thread takes (`torch_threads.own_pool`); None: as is
         self.model = model
         self.tokenizer = tokenizer
+        self._decode_stream = stream_decoding(tokenizer)  # None: transformers' window decoding
         self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens)
         self.scheduler = Scheduler(max_running_seqs, max_cached_tokens, max_prefill_tokens,
                                    eos_token_ids=eos_token_ids, max_positions=self.runner.max_positions,
@@ -148,7 +149,7 @@ class Engine(InboxEngine):
         match message:
             case Submit(request):
                 request.concurrent_at_arrival = self.scheduler.num_requests
-                request.text = IncrementalText(self.tokenizer, request.options.stop)
+                request.text = IncrementalText(self.tokenizer, request.options.stop, self._decode_stream)
                 self.scheduler.add(request)
             case Abort(request_id):
                 request = self.scheduler.get(request_id)
