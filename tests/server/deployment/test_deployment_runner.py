@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from firetitan.models import load_model
-from firetitan.server.deployment.engine.runner import ModelRunner
+from firetitan.server.deployment.engine.runner import ModelRunner, grouped_decode_attention
 
 NANO = "firetitan/nano-qwen3"
 
@@ -73,3 +74,41 @@ def test_fast_decode_equals_the_module_path_and_follows_a_weight_swap() -> None:
     swapped, modules_after = _decode_both_paths(runner, prompts, 6)
     assert not torch.allclose(swapped, fast, atol=1e-3)  # the new weights changed the logits
     assert torch.allclose(swapped, modules_after, atol=1e-5), (swapped - modules_after).abs().max()
+
+
+def test_grouped_decode_attention_is_sdpa_with_grouped_heads() -> None:
+    gen = torch.Generator().manual_seed(2)
+    bsz, heads, kv, span, dim = 5, 6, 2, 11, 16
+    q = torch.randn(bsz, heads, 1, dim, generator=gen)
+    keys, values = torch.randn(bsz, kv, span, dim, generator=gen), torch.randn(bsz, kv, span, dim, generator=gen)
+    lengths = torch.tensor([11, 3, 7, 1, 9])  # ragged: each row attends to its own prefix only
+    mask = (torch.arange(span).unsqueeze(0) < lengths.unsqueeze(1)).view(bsz, 1, 1, span)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    got = grouped_decode_attention(q, keys, values, bias)
+    assert torch.allclose(got, want, atol=1e-6), (got - want).abs().max()
+    # bfloat16 inputs: computed in float32, so off the float32 result by the output's rounding only.
+    half = grouped_decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), bias)
+    assert half.dtype == torch.bfloat16
+    exact = F.scaled_dot_product_attention(q.bfloat16().float(), keys.bfloat16().float(), values.bfloat16().float(),
+                                           attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(half.float(), exact, atol=exact.abs().max().item() * 2**-8), (half.float() - exact).abs().max()
+
+
+def test_bf16_decode_follows_the_bf16_full_forward() -> None:
+    """The bfloat16 decode step (grouped float32 attention) gives the logits of the model's own bfloat16
+    forward, within bfloat16 rounding (the bound of test_bf16_end_to_end.py's derivation)."""
+    model = load_model(NANO).to(torch.bfloat16)
+    runner = ModelRunner(model, max_slots=4)
+    seqs = [[1, 5, 6, 7, 8], [1, 300], [1, *range(40, 60)]]
+    logs = [[row] for row in runner.prefill(runner.cache.allocate(3), seqs)]
+    for step in range(8):
+        toks = [3 + step, 500 + step, 900 + step]
+        for seq, tok in zip(seqs, toks, strict=True):
+            seq.append(tok)
+        for log, row in zip(logs, runner.decode(toks), strict=True):
+            log.append(row)
+    for seq, log in zip(seqs, logs, strict=True):
+        ref = _full_logprobs(model, seq)[len(seq) - len(log):]
+        got = torch.log_softmax(torch.stack(log).float(), dim=-1)
+        assert torch.allclose(got, ref, atol=0.02), (got - ref).abs().max()
