@@ -215,3 +215,10 @@ def test_a_block_edge_rounding_is_drawn_again_by_the_exact_scan() -> None:
     u = (running + block_sum) / 2 / (block_sum + 0.5)
     token = inverse_cdf(row.unsqueeze(0), torch.tensor([u])).item()
     assert row[token] > 0
+
+
+def test_non_finite_logits_fail_the_draw_instead_of_drawing() -> None:
+    logits = torch.randn(3, 100)
+    logits[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\] have non-finite"):
+        sample(logits, [1.0] * 3, [0] * 3, [1.0] * 3, [None] * 3, torch.Generator().manual_seed(0))

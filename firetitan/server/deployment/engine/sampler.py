@@ -159,6 +159,9 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     tiles = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(rows, blocks, _CDF_BLOCK)
     block_cdf = tiles.sum(dim=-1).cumsum(dim=-1)
     total = block_cdf[:, -1]
+    if not bool(torch.isfinite(total).all()):  # NaN/inf logits (e.g. broken weights): fail the step, not draw
+        raise ValueError(f"cannot sample: rows {torch.nonzero(~torch.isfinite(total)).flatten().tolist()} "
+                         "have non-finite probabilities (NaN or inf logits)")
     # Strictly below the total, so the first entry above it always has positive mass.
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
     which = torch.searchsorted(block_cdf, target.unsqueeze(1), right=True).squeeze(1).clamp_(max=blocks - 1)
