@@ -233,7 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     directory = model_dir(args.model, scratch)
     params, vocab = matmul_params(directory)
     dtype = getattr(torch, args.dtype)
-    weight_bytes = torch.empty(0, dtype=dtype).element_size()
+    weight_bytes = dtype.itemsize
     gflops_before = measure_gflops(args.threads, dtype=dtype)
     read_gbs_before = measure_read_gbs(args.threads)
     gen = torch.Generator().manual_seed(args.seed)

@@ -15,10 +15,10 @@ class _WindowDecode:
     streaming detokenizers do): the window re-decodes the previous ids for context, so merges across
     token boundaries come out right, and a step costs the same however long the completion is."""
 
-    def __init__(self, tokenizer: Decoder) -> None:
+    def __init__(self, tokenizer: Decoder, prefix: int = 0, read: int = 0) -> None:
         self._tok = tokenizer
-        self._prefix = 0  # start of the window re-decoded for context
-        self._read = 0  # ids already turned into text
+        self._prefix = prefix  # start of the window re-decoded for context
+        self._read = read  # ids already turned into text
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -38,8 +38,8 @@ class _StreamDecode:
     """The same text from the `tokenizers` library's `DecodeStream` (Rust): one call per new id instead
     of two Python-level window decodes (measured on SmolLM2's tokenizer: 2.1 against 10.7 us a token).
 
-    The stream keeps back an id whose bytes are not yet whole UTF-8; at the end those ids are decoded
-    the window way (from the last point the stream released text), so a trailing partial character
+    The stream keeps back an id whose bytes are not yet whole UTF-8; at the end those ids go through a
+    `_WindowDecode` that starts at the stream's previous release point, so a trailing partial character
     comes out as U+FFFD exactly as a full decode writes it.
     """
 
@@ -60,10 +60,7 @@ class _StreamDecode:
                 self._context, self._released = self._released, index + 1
         self._read = max(self._read, len(ids))
         if final and self._released < len(ids):
-            window = ids[self._context:]
-            done = self._tok.decode(window[: self._released - self._context], skip_special_tokens=True)
-            whole = self._tok.decode(window, skip_special_tokens=True)
-            pieces.append(whole[len(done):])
+            pieces.append(_WindowDecode(self._tok, self._context, self._released).advance(ids, final=True))
             self._released = len(ids)
         return "".join(pieces)
 
