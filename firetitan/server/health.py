@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 import time
@@ -142,5 +143,6 @@ class HealthListener:
             except Exception as exc:  # e.g. a dict resized by the main thread mid-read: say so, stay up
                 extra = {"detail_error": type(exc).__name__}
         extra.pop("status", None)
-        body.update(extra, pid=os.getpid(), loop_lag_s=round(lag, 3), max_lag_s=self.max_lag_s)
+        # Rounded *up* to the millisecond: a lag just past the bound must not read as equal to it.
+        body.update(extra, pid=os.getpid(), loop_lag_s=math.ceil(lag * 1000) / 1000, max_lag_s=self.max_lag_s)
         return web.json_response(body, status=status)

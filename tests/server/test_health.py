@@ -114,6 +114,22 @@ async def test_listener_keeps_answering_when_the_detail_fails() -> None:
         await asyncio.to_thread(listener.stop)
 
 
+async def test_a_lag_just_past_the_bound_reads_as_past_it() -> None:
+    """The body's rounded lag agrees with its status: 0.5002 s over a 0.5 s bound is not reported as 0.5."""
+    import asyncio
+
+    listener = HealthListener("127.0.0.1", KEY, max_lag_s=0.5)
+    url = await asyncio.to_thread(listener.start)
+    try:
+        for lag, status in ((0.5002, 503), (0.4999, 200), (0.5, 200)):
+            listener.lag = lambda lag=lag: lag  # type: ignore[method-assign]
+            code, body = await asyncio.to_thread(_get, url + "/health", KEY)
+            assert code == status
+            assert (body["loop_lag_s"] > body["max_lag_s"]) == (status == 503), body
+    finally:
+        await asyncio.to_thread(listener.stop)
+
+
 def test_bad_bound_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from firetitan.errors import ConfigError
 
