@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from firetitan.models import load_model
+from firetitan.server.deployment.engine.path_choice import DecodePathChooser
 from firetitan.server.deployment.engine.runner import ModelRunner, grouped_decode_attention
 
 NANO = "firetitan/nano-qwen3"
@@ -42,38 +43,78 @@ def test_continuous_batch_matches_full_forward_with_joins_and_leaves() -> None:
     assert runner.cache.used_tokens == sum(len(s) for s in seqs)  # every fed position is cached once
 
 
-def _decode_both_paths(runner: ModelRunner, prompts: list[list[int]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of `steps` decode steps through the fast path and through the model's modules, from the
-    same KV state (the cache is reset and refilled between the two)."""
+def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, paths: tuple[str, ...]
+                  ) -> list[torch.Tensor]:
+    """Logits of `steps` decode steps through each of `paths` from the same KV state (the cache is reset
+    and refilled between them): "prepared" and "modules" are the two projection paths of the fast step
+    (rotary table), "reference" the step through the model's modules only."""
     runs = []
-    for fast in (True, False):
+    for path in paths:
         runner.cache.reset()
         runner.prefill(runner.cache.allocate(len(prompts)), prompts)
         toks, rows = [3] * len(prompts), []
         for _ in range(steps):
-            logits = runner.decode(toks) if fast else runner._decode_modules(toks)
+            with torch.inference_mode():
+                if path == "reference":
+                    logits = runner._decode_modules(toks)
+                else:
+                    logits = runner._decode_fast(toks, runner._projections() if path == "prepared" else None)
             rows.append(logits)
             toks = logits.argmax(-1).tolist()
         runs.append(torch.stack(rows))
-    return runs[0], runs[1]
+    return runs
 
 
 def test_fast_decode_equals_the_module_path_and_follows_a_weight_swap() -> None:
-    """The fast decode step (rotary table, fused and oneDNN-prepacked projections) gives the modules' logits, also after
-    new weights are copied into the modules (as a hot-load does): the prepared weights are rebuilt."""
+    """Both projection paths of the fast decode step (fused, oneDNN-prepacked weights; the modules' own) give
+    the reference step's logits, also after new weights are copied into the modules (as a hot-load does):
+    the prepared weights are rebuilt."""
     model = load_model(NANO)
     runner = ModelRunner(model, max_slots=4)
     assert runner.rope is not None and runner.proj is not None and runner.proj.packed
     prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
-    fast, modules = _decode_both_paths(runner, prompts, 6)
-    assert torch.allclose(fast, modules, atol=1e-5), (fast - modules).abs().max()
+    paths = ("prepared", "modules", "reference")
+    prepared, modules, reference = _decode_paths(runner, prompts, 6, paths)
+    for got in (prepared, modules):
+        assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
     gen = torch.Generator().manual_seed(1)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.load_state_dict(new)
-    swapped, modules_after = _decode_both_paths(runner, prompts, 6)
-    assert not torch.allclose(swapped, fast, atol=1e-3)  # the new weights changed the logits
-    assert torch.allclose(swapped, modules_after, atol=1e-5), (swapped - modules_after).abs().max()
+    swapped, swapped_modules, reference_after = _decode_paths(runner, prompts, 6, paths)
+    assert not torch.allclose(swapped, prepared, atol=1e-3)  # the new weights changed the logits
+    for got in (swapped, swapped_modules):
+        assert torch.allclose(got, reference_after, atol=1e-5), (got - reference_after).abs().max()
+
+
+def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`decode` alternates the two paths for a batch-size bucket's first steps, then uses the one whose
+    fastest step was faster (here made unmistakable: the prepared path is slowed down)."""
+    from firetitan.server.deployment.engine import runner as runner_module
+
+    runner = ModelRunner(load_model(NANO), max_slots=4)
+    used: list[str] = []
+    fast = runner._decode_fast
+    clock = [0.0]
+
+    def timed(tokens, proj):  # type: ignore[no-untyped-def]
+        used.append("prepared" if proj is not None else "modules")
+        clock[0] += 0.050 if proj is not None else 0.010  # what perf_counter will see this step take
+        return fast(tokens, proj)
+
+    monkeypatch.setattr(runner, "_decode_fast", timed)
+    monkeypatch.setattr(runner_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    runner.prefill(runner.cache.allocate(2), [[1, 5, 6], [1, 7]])
+    for _ in range(8):
+        runner.decode([3, 4])
+    trials = runner.decode_paths.trials
+    assert used[: 2 * trials] == ["prepared", "modules"] * trials
+    assert used[2 * trials:] == ["modules"] * (8 - 2 * trials)
+    assert runner.decode_paths.chosen == {DecodePathChooser.bucket(2): "modules"}
+    runner.cache.reset()
+    runner.prefill(runner.cache.allocate(1), [[1, 9]])
+    runner.decode([3])
+    assert used[-1] == "prepared"  # batch 1 is another bucket: its own trials start over
 
 
 def test_grouped_decode_attention_is_sdpa_with_grouped_heads() -> None:

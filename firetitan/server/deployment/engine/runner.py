@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
 from firetitan.server.deployment.engine.ops import ProjectionWeights, RopeTable, rms_norm
+from firetitan.server.deployment.engine.path_choice import PREPARED, DecodePathChooser
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -83,6 +85,7 @@ class ModelRunner:
         self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
                      if RopeTable.supports(rotary) else None)
         self.proj = ProjectionWeights.build(model, self.layers) if self.rope is not None else None
+        self.decode_paths = DecodePathChooser()
 
     def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          proj: ProjectionWeights | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,9 +199,21 @@ class ModelRunner:
         Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
         Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
         tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
+        The projections run through the prepared weights or the model's own modules, whichever
+        `decode_paths` timed faster for this batch size (`path_choice`).
         """
         if self.rope is None:
             return self._decode_modules(tokens)
+        if self.proj is None:
+            return self._decode_fast(tokens, None)
+        path = self.decode_paths.pick(len(tokens))
+        started = time.perf_counter()
+        logits = self._decode_fast(tokens, self._projections() if path == PREPARED else None)
+        self.decode_paths.record(len(tokens), path, time.perf_counter() - started)
+        return logits
+
+    def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | None) -> torch.Tensor:
+        """`decode` with the rotary table; projections through `proj`, or the model's modules if None."""
         bsz = len(tokens)
         cache = self.cache
         lengths = cache.lengths[:bsz]
@@ -217,7 +232,6 @@ class ModelRunner:
         flat = ((torch.arange(bsz, device=self.device).unsqueeze(1) * self.kv_heads + heads) * cache.capacity
                 + pos.unsqueeze(1)).view(-1)
         gqa = self.kv_heads != self.num_heads
-        proj = self._projections()
         q_shape = (bsz, 1, self.num_heads, self.head_dim)
         kv_shape = (bsz, 1, self.kv_heads, self.head_dim)
         for index, layer in enumerate(self.layers):
