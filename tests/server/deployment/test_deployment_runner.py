@@ -47,7 +47,8 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
                   ) -> list[torch.Tensor]:
     """Logits of `steps` decode steps through each of `paths` from the same KV state (the cache is reset
     and refilled between them): "prepared" and "modules" are the two projection paths of the fast step
-    (rotary table), "reference" the step through the model's modules only."""
+    (rotary table; "calls" is the modules path by calling the modules, as for models without prepared
+    weights), "reference" the step through the model's modules only."""
     runs = []
     for path in paths:
         runner.cache.reset()
@@ -58,7 +59,8 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
                 if path == "reference":
                     logits = runner._decode_modules(toks)
                 else:
-                    logits = runner._decode_fast(toks, runner._projections() if path == "prepared" else None)
+                    proj = {"prepared": runner._projections(), "modules": runner.module_proj, "calls": None}[path]
+                    logits = runner._decode_fast(toks, proj)
             rows.append(logits)
             toks = logits.argmax(-1).tolist()
         runs.append(torch.stack(rows))
@@ -73,17 +75,17 @@ def test_fast_decode_equals_the_module_path_and_follows_a_weight_swap() -> None:
     runner = ModelRunner(model, max_slots=4)
     assert runner.rope is not None and runner.proj is not None and runner.proj.packed
     prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
-    paths = ("prepared", "modules", "reference")
-    prepared, modules, reference = _decode_paths(runner, prompts, 6, paths)
-    for got in (prepared, modules):
+    paths = ("prepared", "modules", "calls", "reference")
+    prepared, modules, calls, reference = _decode_paths(runner, prompts, 6, paths)
+    for got in (prepared, modules, calls):
         assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
     gen = torch.Generator().manual_seed(1)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.load_state_dict(new)
-    swapped, swapped_modules, reference_after = _decode_paths(runner, prompts, 6, paths)
+    swapped, swapped_modules, swapped_calls, reference_after = _decode_paths(runner, prompts, 6, paths)
     assert not torch.allclose(swapped, prepared, atol=1e-3)  # the new weights changed the logits
-    for got in (swapped, swapped_modules):
+    for got in (swapped, swapped_modules, swapped_calls):
         assert torch.allclose(got, reference_after, atol=1e-5), (got - reference_after).abs().max()
 
 
@@ -98,8 +100,9 @@ def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatc
     clock = [0.0]
 
     def timed(tokens, proj):  # type: ignore[no-untyped-def]
-        used.append("prepared" if proj is not None else "modules")
-        clock[0] += 0.050 if proj is not None else 0.010  # what perf_counter will see this step take
+        prepared = proj is runner.proj
+        used.append("prepared" if prepared else "modules")
+        clock[0] += 0.050 if prepared else 0.010  # what perf_counter will see this step take
         return fast(tokens, proj)
 
     monkeypatch.setattr(runner, "_decode_fast", timed)

@@ -11,7 +11,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
-from firetitan.server.deployment.engine.ops import ProjectionWeights, RopeTable, rms_norm
+from firetitan.server.deployment.engine.ops import ModuleProjections, ProjectionWeights, RopeTable, rms_norm
 from firetitan.server.deployment.engine.path_choice import PREPARED, DecodePathChooser
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
@@ -85,6 +85,7 @@ class ModelRunner:
         self.rope = (RopeTable(rotary, self.max_positions, self.head_dim, self.dtype, self.device)
                      if RopeTable.supports(rotary) else None)
         self.proj = ProjectionWeights.build(model, self.layers) if self.rope is not None else None
+        self.module_proj = ModuleProjections(model, self.layers) if self.proj is not None else None
         self.decode_paths = DecodePathChooser()
 
     def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -204,16 +205,18 @@ class ModelRunner:
         """
         if self.rope is None:
             return self._decode_modules(tokens)
-        if self.proj is None:
+        if self.proj is None or self.module_proj is None:
             return self._decode_fast(tokens, None)
         path = self.decode_paths.pick(len(tokens))
         started = time.perf_counter()
-        logits = self._decode_fast(tokens, self._projections() if path == PREPARED else None)
+        logits = self._decode_fast(tokens, self._projections() if path == PREPARED else self.module_proj)
         self.decode_paths.record(len(tokens), path, time.perf_counter() - started)
         return logits
 
-    def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | None) -> torch.Tensor:
-        """`decode` with the rotary table; projections through `proj`, or the model's modules if None."""
+    def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections | None
+                     ) -> torch.Tensor:
+        """`decode` with the rotary table; projections through `proj`, or by calling the modules if None
+        (models `ProjectionWeights` does not take)."""
         bsz = len(tokens)
         cache = self.cache
         lengths = cache.lengths[:bsz]
