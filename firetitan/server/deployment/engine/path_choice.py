@@ -28,6 +28,9 @@ class DecodePathChooser:
         self._timings: dict[int, dict[str, list[float]]] = {}
         self.chosen: dict[int, str] = {}  # bucket -> path, once decided (read by tests and benchmarks)
 
+    def _trials_of(self, bucket: int) -> dict[str, list[float]]:
+        return self._timings.setdefault(bucket, {PREPARED: [], MODULES: []})
+
     @staticmethod
     def bucket(batch: int) -> int:
         """1 for batch 1, 2 for 2-3, 3 for 4-7, ...: powers of two share a kernel regime."""
@@ -38,7 +41,7 @@ class DecodePathChooser:
         decided = self.chosen.get(bucket)
         if decided is not None:
             return decided
-        timings = self._timings.setdefault(bucket, {PREPARED: [], MODULES: []})
+        timings = self._trials_of(bucket)
         # The path with fewer timings goes next, prepared first: alternating spreads any noise over both.
         return PREPARED if len(timings[PREPARED]) <= len(timings[MODULES]) else MODULES
 
@@ -46,7 +49,7 @@ class DecodePathChooser:
         bucket = self.bucket(batch)
         if bucket in self.chosen:
             return
-        timings = self._timings.setdefault(bucket, {PREPARED: [], MODULES: []})
+        timings = self._trials_of(bucket)
         timings[path].append(seconds)
         if all(len(t) >= self.trials for t in timings.values()):
             # Minimum, not mean: a step slowed by another process or a cache grow is not the kernel's speed.

@@ -205,7 +205,7 @@ class ModelRunner:
         """
         if self.rope is None:
             return self._decode_modules(tokens)
-        if self.proj is None or self.module_proj is None:
+        if self.module_proj is None:  # made exactly where prepared weights are
             return self._decode_fast(tokens, None)
         path = self.decode_paths.pick(len(tokens))
         started = time.perf_counter()
