@@ -159,15 +159,18 @@ def test_hot_load_of_a_base_then_a_delta(worker: WorkerProcess, model_dir: Path,
 
 def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: Path, store: SnapshotStore) -> None:
     """An ASYNC hot-load under load: no request fails or is cut short, and each completion's versions are
-    old ones then only the new one. When the swap lands is not ours to choose: a nano swap took ~5 s here
-    and 8 streams of 2000 tokens ~8-10 s, so it can land after them. Each attempt (a fresh base each) is
-    checked in full, and up to 3 are made until one completion spans the swap."""
+    old ones then only the new one. When the swap lands is not ours to choose (a nano swap took ~5 s on one
+    machine, longer than 8 streams of 2000 tokens on a faster one), so each of 8 clients keeps streaming,
+    back to back, until the worker reports the new snapshot current: whatever the two speeds, the streams
+    in flight when it lands span the swap."""
     import asyncio
     import time
 
     config, tokenizer = model_config(model_dir), load_tokenizer(model_dir)
     store.save_base("vllm-base-3", load_model(NANO, seed=78).state_dict(), config, tokenizer)
     url = f"{worker.url}/hot_load/v1/models/hot_load"
+    identity = "vllm-base-2"
+    store.save_base(identity, load_model(NANO, seed=77).state_dict(), config, tokenizer)
 
     async def stream_versions(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
         body = {"prompt": PROMPT, "max_tokens": 2000, "raw_output": True, "ignore_eos": True, "stream": True}
@@ -184,33 +187,41 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
                     started.set()
         return versions
 
-    async def run(identity: str) -> tuple[list[list[str]], httpx.Response]:
-        async with httpx.AsyncClient(timeout=600) as client:
-            events = [asyncio.Event() for _ in range(8)]  # the worker's --max-running-seqs
-            sampling = [asyncio.create_task(stream_versions(client, e)) for e in events]
-            for e in events:  # every stream is decoding when the hot-load is sent
-                await e.wait()
-            swap = await client.post(url, json={"identity": identity, "mode": "ASYNC"})
-            return [await t for t in sampling], swap
+    async def stream_until(client: httpx.AsyncClient, started: asyncio.Event, landed: asyncio.Event
+                           ) -> list[list[str]]:
+        completions = []
+        while not landed.is_set():  # a stream started before the swap landed may span it
+            completions.append(await stream_versions(client, started))
+        return completions
 
-    summaries = []
-    for attempt in range(3):
-        identity = f"vllm-base-2-{attempt}"
-        store.save_base(identity, load_model(NANO, seed=77 + 10 * attempt).state_dict(), config, tokenizer)
-        outs, swap = asyncio.run(run(identity))
-        assert swap.status_code == 200, swap.text
-        switched = 0
-        for versions in outs:
-            assert len(versions) == 2000  # no request failed or was cut short by the swap
-            # versions only ever move forward within a completion: old ones first, then the new one
-            first_new = versions.index(identity) if identity in versions else len(versions)
-            assert identity not in versions[:first_new]
-            assert set(versions[first_new:]) <= {identity}
-            switched += 0 < first_new < len(versions)
-        summaries.append([(v[0], v[-1], len(set(v))) for v in outs])
-        if switched:
-            break
-    assert switched >= 1, f"no completion spanned the swap in {len(summaries)} attempts: {summaries}"
+    async def run() -> list[list[str]]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            landed = asyncio.Event()
+            events = [asyncio.Event() for _ in range(8)]  # the worker's --max-running-seqs
+            async with asyncio.TaskGroup() as group:  # a failed stream fails the test, never hangs it
+                sampling = [group.create_task(stream_until(client, e, landed)) for e in events]
+                for e in events:  # every stream is decoding when the hot-load is sent
+                    await e.wait()
+                swap = await client.post(url, json={"identity": identity, "mode": "ASYNC"})
+                assert swap.status_code == 200, swap.text
+                deadline = time.monotonic() + 300
+                while (await client.get(url)).json()["current_snapshot_identity"] != identity:
+                    assert time.monotonic() < deadline, "ASYNC hot-load did not land"
+                    await asyncio.sleep(0.2)
+                landed.set()
+            return [versions for task in sampling for versions in task.result()]
+
+    outs = asyncio.run(run())
+    switched = 0
+    for versions in outs:
+        assert len(versions) == 2000  # no request failed or was cut short by the swap
+        # versions only ever move forward within a completion: old ones first, then the new one
+        first_new = versions.index(identity) if identity in versions else len(versions)
+        assert identity not in versions[:first_new]
+        assert set(versions[first_new:]) <= {identity}
+        switched += 0 < first_new < len(versions)
+    summary = [(v[0], v[-1], len(set(v))) for v in outs]
+    assert switched >= 1, f"no completion spanned the swap: {summary}"
 
     resp = httpx.post(url, json={"identity": "vllm-base-3", "mode": "SYNC"}, timeout=600)
     assert resp.status_code == 200, resp.text
