@@ -31,12 +31,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="KV cache memory bound, in positions over all rows (slots + 1); caps the context")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]|mps (auto: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", default="float32", help="float32|bfloat16: the served weights' dtype")
+    parser.add_argument("--batch-packs", type=int, default=1,
+                        help="copies of the weights packed for a recurring decode batch size (float32 CPU; 0: none)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from firetitan.heap import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates: a forward's large activations reuse heap memory
     import torch
 
     from firetitan.devices import check_dtype, resolve_device
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                                   max_waiting_requests=args.max_waiting_requests,
                                   max_choices_per_request=args.max_choices_per_request,
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
-                                  device=device, dtype=dtype, threads=threads)
+                                  device=device, dtype=dtype, threads=threads,
+                                  batch_packs=args.batch_packs)
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's

@@ -55,6 +55,7 @@ class DeploymentSettings:
     device: str = "cpu"  # resolved (never "auto"): where the weights, the KV cache and the forward live
     dtype: str = "float32"  # the served weights' dtype; hot-loaded snapshots are cast to it
     threads: int | None = None  # torch threads of the engine thread (the process's only OpenMP team); None: as is
+    batch_packs: int = 1  # batch-shaped weight copies for recurring decode batch sizes (float32 CPU); 0: none
 
 
 class DeploymentService:
@@ -63,13 +64,16 @@ class DeploymentService:
     def __init__(self, settings: DeploymentSettings, serving: Serving | None = None) -> None:
         if settings.max_cached_tokens < 2:
             raise ConfigError("--max-cached-tokens must be at least 2", field="max_cached_tokens")
+        if settings.batch_packs < 0:
+            raise ConfigError("--batch-packs must be 0 or more", field="batch_packs")
         self.settings = settings
         if serving is None:
             serving = embedded_serving(settings.base_model, max_running_seqs=settings.max_running_seqs,
                                        max_cached_tokens=settings.max_cached_tokens, seed=settings.seed,
                                        max_prefill_tokens=settings.max_prefill_tokens,
                                        max_kv_tokens=settings.max_kv_tokens, device=settings.device,
-                                       dtype=settings.dtype, threads=settings.threads)
+                                       dtype=settings.dtype, threads=settings.threads,
+                                       batch_packs=settings.batch_packs)
             log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from firetitan.models import load_model
-from firetitan.server.deployment.engine.path_choice import DecodePathChooser
+from firetitan.server.deployment.engine.ops import BatchPackedWeights, mkl_packing_works
+from firetitan.server.deployment.engine.path_choice import MODULES, PACKED, PREPARED, DecodePathChooser
 from firetitan.server.deployment.engine.runner import ModelRunner, grouped_decode_attention
 
 NANO = "firetitan/nano-qwen3"
@@ -43,14 +45,44 @@ def test_continuous_batch_matches_full_forward_with_joins_and_leaves() -> None:
     assert runner.cache.used_tokens == sum(len(s) for s in seqs)  # every fed position is cached once
 
 
+def test_a_kept_cache_serves_new_sequences_as_a_fresh_one() -> None:
+    """After an idle reset that keeps the storage, new (shorter) sequences in the same slots decode to the
+    full forward's logits: the previous sequences' keys and values past their lengths are masked."""
+    model = load_model(NANO)
+    runner = ModelRunner(model, max_slots=3)
+    runner.prefill(runner.cache.allocate(3), [[1, *range(100, 140)], [1, *range(200, 230)], [1, 9]])
+    for step in range(5):
+        runner.decode([7 + step, 8 + step, 9 + step])
+    storage = runner.cache.k[0]
+    runner.cache.reset(keep_storage=True)
+    assert runner.cache.k[0] is storage and runner.cache.active == 0
+    seqs = [[1, 5, 6], [1, 300, 301, 302, 303], [1, 44]]
+    logs = [[row] for row in runner.prefill(runner.cache.allocate(3), seqs)]
+    for step in range(6):
+        toks = [3 + step, 500 + step, 900 + step]
+        for seq, tok, log, row in zip(seqs, toks, logs, runner.decode(toks), strict=True):
+            seq.append(tok)
+            log.append(row)
+    for seq, log in zip(seqs, logs, strict=True):
+        ref = _full_logprobs(model, seq)[len(seq) - len(log):]
+        got = torch.log_softmax(torch.stack(log), dim=-1)
+        assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+    runner.cache.reset()  # a hard reset (after a failed step) drops the storage
+    assert runner.cache.k == [] and runner.cache.allocated_bytes == 0
+
+
 def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, paths: tuple[str, ...]
                   ) -> list[torch.Tensor]:
     """Logits of `steps` decode steps through each of `paths` from the same KV state (the cache is reset
     and refilled between them): "prepared" and "modules" are the two projection paths of the fast step
     (rotary table; "calls" is the modules path by calling the modules, as for models without prepared
-    weights), "reference" the step through the model's modules only."""
+    weights; "packed" runs weights MKL packed for this batch size), "reference" the step through the
+    model's modules only."""
     runs = []
+    packed = BatchPackedWeights.for_rows(runner.model, runner.layers, len(prompts)) if "packed" in paths else None
     for path in paths:
+        if packed is not None:
+            packed.refresh()  # as `BatchPacks.get` does: after a weight swap, pack the new weights
         runner.cache.reset()
         runner.prefill(runner.cache.allocate(len(prompts)), prompts)
         toks, rows = [3] * len(prompts), []
@@ -59,7 +91,8 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
                 if path == "reference":
                     logits = runner._decode_modules(toks)
                 else:
-                    proj = {"prepared": runner._projections(), "modules": runner.module_proj, "calls": None}[path]
+                    proj = {"prepared": runner._projections, "modules": lambda: runner.module_proj,
+                            "calls": lambda: None, "packed": lambda: packed}[path]()
                     logits = runner._decode_fast(toks, proj)
             rows.append(logits)
             toks = logits.argmax(-1).tolist()
@@ -94,7 +127,7 @@ def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatc
     fastest step was faster (here made unmistakable: the prepared path is slowed down)."""
     from firetitan.server.deployment.engine import runner as runner_module
 
-    runner = ModelRunner(load_model(NANO), max_slots=4)
+    runner = ModelRunner(load_model(NANO), max_slots=4, batch_packs=0)
     used: list[str] = []
     fast = runner._decode_fast
     clock = [0.0]
@@ -156,3 +189,78 @@ def test_bf16_decode_follows_the_bf16_full_forward() -> None:
         ref = _full_logprobs(model, seq)[len(seq) - len(log):]
         got = torch.log_softmax(torch.stack(log).float(), dim=-1)
         assert torch.allclose(got, ref, atol=0.02), (got - ref).abs().max()
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_works(torch.float32, torch.device("cpu")),
+                               reason="this torch build has no MKL packed GEMM")
+
+
+@needs_mkl
+def test_packed_decode_equals_the_reference_and_follows_a_weight_swap() -> None:
+    """Weights MKL packed for the batch size give the reference step's logits, also after a hot-load-like
+    write into the modules (the pack is rebuilt), and refuse a batch of another size."""
+    model = load_model(NANO)
+    runner = ModelRunner(model, max_slots=4)
+    prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
+    packed, reference = _decode_paths(runner, prompts, 6, ("packed", "reference"))
+    assert torch.allclose(packed, reference, atol=1e-5), (packed - reference).abs().max()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
+    swapped, reference_after = _decode_paths(runner, prompts, 6, ("packed", "reference"))
+    assert not torch.allclose(swapped, packed, atol=1e-3)
+    assert torch.allclose(swapped, reference_after, atol=1e-5), (swapped - reference_after).abs().max()
+    pack = BatchPackedWeights.for_rows(model, runner.layers, 3)
+    with pytest.raises(ValueError, match="packed for 3 rows were given 2"):
+        pack.lm_head(torch.zeros(2, 1, model.config.hidden_size))
+
+
+def _clocked_decode(runner: ModelRunner, monkeypatch, cost: dict[str, float]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Make each path's decode step take `cost[path]` seconds on the clock `decode` reads; returns the log
+    of paths used."""
+    from firetitan.server.deployment.engine import runner as runner_module
+
+    used: list[str] = []
+    fast = runner._decode_fast
+    clock = [0.0]
+
+    def timed(tokens, proj):  # type: ignore[no-untyped-def]
+        path = (PREPARED if proj is runner.proj else MODULES if proj is runner.module_proj
+                else PACKED if isinstance(proj, BatchPackedWeights) else "?")
+        used.append(path)
+        clock[0] += cost[path]
+        return fast(tokens, proj)
+
+    monkeypatch.setattr(runner, "_decode_fast", timed)
+    monkeypatch.setattr(runner_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    return used
+
+
+@needs_mkl
+def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Once a batch size has run `settle` steps in a row it is packed and timed against its bucket's
+    winner; the pack stays when it wins. A size whose pack loses frees it and is never packed again."""
+    runner = ModelRunner(load_model(NANO), max_slots=4)
+    assert runner.packs is not None
+    settle, trials = runner.packs.settle, runner.decode_paths.trials
+    used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.02})
+    runner.prefill(runner.cache.allocate(2), [[1, 5, 6], [1, 7]])
+    for _ in range(settle - 1):
+        runner.decode([3, 4])
+    assert PACKED not in used and runner.packs.built == 0  # not settled yet
+    for _ in range(2 * trials + 2):
+        runner.decode([3, 4])
+    assert runner.packs.built == 1
+    assert used[settle - 1: settle - 1 + 2 * trials] == [PACKED, MODULES] * trials  # against the bucket's winner
+    assert used[-2:] == [PACKED, PACKED]
+    assert runner.decode_paths.chosen[DecodePathChooser.exact(2)] == PACKED
+
+    slow = ModelRunner(load_model(NANO), max_slots=4)
+    assert slow.packs is not None
+    used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.04})
+    slow.prefill(slow.cache.allocate(2), [[1, 5, 6], [1, 7]])
+    for _ in range(settle + 4 * trials):
+        slow.decode([3, 4])
+    assert slow.decode_paths.chosen[DecodePathChooser.exact(2)] == MODULES
+    assert slow.packs.packs == {} and slow.packs.declined == {2} and slow.packs.built == 1
+    assert used[-trials:] == [MODULES] * trials

@@ -81,13 +81,14 @@ class Engine(InboxEngine):
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
                  seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, batch_packs: int = 1) -> None:
         super().__init__()
         self.threads = threads  # torch threads the engine thread takes (`torch_threads.own_pool`); None: as is
         self.model = model
         self.tokenizer = tokenizer
         self._decode_stream = stream_decoding(tokenizer)  # None: transformers' window decoding
-        self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens)
+        self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens,
+                                  batch_packs=batch_packs)
         self.scheduler = Scheduler(max_running_seqs, max_cached_tokens, max_prefill_tokens,
                                    eos_token_ids=eos_token_ids, max_positions=self.runner.max_positions,
                                    policy_version=policy_version)
@@ -132,7 +133,7 @@ class Engine(InboxEngine):
             decision = self.scheduler.schedule()
             if decision.empty:
                 if decision.freed:  # nothing left to run: the cache is simply empty
-                    self.runner.cache.reset()
+                    self.runner.cache.reset(keep_storage=True)
                 continue
             try:
                 output = self.runner.execute(decision)

@@ -129,7 +129,16 @@ class SlotKVCache:
         self.active = last
         return moved
 
-    def reset(self) -> None:
-        """Drop every sequence and the storage (used only when nothing is running)."""
-        self.k, self.v, self.capacity, self.active = [], [], 0, 0
+    def reset(self, keep_storage: bool = False) -> None:
+        """Drop every sequence (used only when nothing is running), and the storage unless `keep_storage`
+        and it is at the initial capacity.
+
+        Keeping it spares the next burst a fresh zero-filled allocation (SmolLM2, 64 slots: 767 MB; the
+        first prefill of a burst of 16 x 32-token prompts took 650 ms with it, 480-495 ms without). Its stale keys and values sit past every new
+        sequence's length, where decode's mask gives them weight 0; they are finite because a step whose
+        keys or values went non-finite fails (its logits do too), and a failed step drops the storage.
+        """
+        if not (keep_storage and self.capacity == self._initial):
+            self.k, self.v, self.capacity = [], [], 0
+        self.active = 0
         self.lengths = [0] * (self.num_slots + 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,30 @@ def onednn_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
     return bool(torch.all(out == 8))
 
 
+class MklPacked(NamedTuple):
+    """A weight packed by MKL for one exact row count, with a stand-in of the source's shape.
+
+    `_mkl_linear` reads the output width from `origin` and multiplies by it when the input's rows differ
+    from the pack's; the stand-in is a zero-stride view (no memory), so callers must match the rows.
+    """
+
+    packed: torch.Tensor
+    origin: torch.Tensor
+
+
+def mkl_packing_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch build can pack a float32 weight for MKL's batch-shaped GEMM here (CPU)."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return False
+    try:
+        weight = torch.arange(32, dtype=dtype).view(4, 8)
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 2)
+        out = torch.ops.mkl._mkl_linear(torch.ones(2, 8, dtype=dtype), packed, weight, None, 2)
+    except (RuntimeError, AttributeError):
+        return False
+    return bool(torch.equal(out, F.linear(torch.ones(2, 8, dtype=dtype), weight)))
+
+
 class ProjectionWeights:
     """Every projection of the decoder and the lm_head, laid out for the fastest matmul available.
 
@@ -99,11 +125,11 @@ class ProjectionWeights:
         self.model = model
         self.layers = layers
         self.packed = packed
-        self.qkv: list[torch.Tensor] = []
-        self.o: list[torch.Tensor] = []
-        self.gate_up: list[torch.Tensor] = []
-        self.down: list[torch.Tensor] = []
-        self.head: torch.Tensor | None = None
+        self.qkv: list[torch.Tensor | MklPacked] = []
+        self.o: list[torch.Tensor | MklPacked] = []
+        self.gate_up: list[torch.Tensor | MklPacked] = []
+        self.down: list[torch.Tensor | MklPacked] = []
+        self.head: torch.Tensor | MklPacked | None = None
         self.sizes: list[tuple[int, int, int]] = []
         self._key: list[tuple[int, int]] = []
 
@@ -141,7 +167,7 @@ class ProjectionWeights:
     def _current_key(self) -> list[tuple[int, int]]:
         return [(w.data_ptr(), w._version) for w in self._sources()]
 
-    def _layout(self, weight: torch.Tensor) -> torch.Tensor:
+    def _layout(self, weight: torch.Tensor) -> torch.Tensor | MklPacked:
         if self.packed:
             return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         return weight.detach()
@@ -165,7 +191,8 @@ class ProjectionWeights:
                        layer.self_attn.v_proj.weight.shape[0]) for layer in self.layers]
         self._key = key
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | MklPacked) -> torch.Tensor:
+        assert isinstance(weight, torch.Tensor)
         return _onednn_linear(x, weight) if self.packed else F.linear(x, weight)
 
     def qkv_proj(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +211,42 @@ class ProjectionWeights:
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         assert self.head is not None
         return self.linear(x, self.head)
+
+
+class BatchPackedWeights(ProjectionWeights):
+    """The prepared projections packed by MKL for exactly `rows` input rows (float32 on the CPU).
+
+    MKL's packed GEMM lays a weight out for one row count and then runs faster than oneDNN's prepacked
+    layout or plain BLAS at that count: on SmolLM2-135M (2 threads, every matmul of a step, weights cold)
+    37 / 48 / 71 ms at 16 / 32 / 64 rows against 40 / 55 / 90 ms for oneDNN. Other row counts would
+    need another pack (zero-padding the rows up to a pack's gave nothing: 48 rows through a 64-row pack
+    took as long as plain BLAS), so `batch_packs` keeps packs only for batch sizes that decode keeps
+    running at. Same weights, fused the same way and rebuilt the same way after a hot-load; results
+    differ from `F.linear` by float rounding only. Memory: one copy of every projection and the lm_head
+    (MKL reserves ~3x that in address space; only one copy is ever touched). Packing SmolLM2 took 0.14 s.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module], rows: int) -> None:
+        super().__init__(model, layers, packed=False)
+        self.rows = rows
+
+    @classmethod
+    def for_rows(cls, model: torch.nn.Module, layers: list[torch.nn.Module], rows: int) -> BatchPackedWeights:
+        packs = cls(model, layers, rows)
+        packs.refresh()
+        return packs
+
+    def _layout(self, weight: torch.Tensor) -> MklPacked:
+        weight = weight.detach()
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.rows)
+        return MklPacked(packed, weight.new_zeros(()).expand(weight.shape))
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | MklPacked) -> torch.Tensor:
+        assert isinstance(weight, MklPacked)
+        rows = x.numel() // x.shape[-1]
+        if rows != self.rows:  # MKL would multiply by the zero stand-in: never let it
+            raise ValueError(f"weights packed for {self.rows} rows were given {rows}")
+        return torch.ops.mkl._mkl_linear(x, weight.packed, weight.origin, None, self.rows)
 
 
 class ModuleProjections:

@@ -1,23 +1,29 @@
-"""Pick the faster of the decode step's two matmul paths, per batch size, by timing real steps.
+"""Pick the fastest of the decode step's matmul paths, per batch size, by timing real steps.
 
-The runner can run a decode step's projections two ways that differ only by float rounding: through
-its prepared weights (fused q/k/v and gate/up, prepacked for oneDNN) or through the model's own
-modules (plain BLAS). Which one is faster depends on the model, the batch and the machine, and not
-in a way a rule captures. Measured on this 2-core CPU (float32, ms per step, prepared / modules):
-SmolLM2-135M 38.4 / 31.7 at batch 1 and 40.9 / 35.0 at batch 3 (BLAS's matrix-vector kernels stream
-the weights faster), but 43 / 50 at batch 4 and 133 / 151 at batch 64; tiny-qwen3 1.4 / 1.0 at batch 1
-and 3.9 / 3.6 at batch 64 (oneDNN's per-call cost dominates small matrices); bfloat16 SmolLM2
-27 / 37 at batch 1 (the prepared weights win).
+The runner can run a decode step's projections several ways that differ only by float rounding:
+through its prepared weights (fused q/k/v and gate/up, prepacked for oneDNN), through the model's own
+modules (plain BLAS), and, for a batch size that keeps recurring, through weights MKL packed for
+exactly that many rows (`batch_packs`). Which one is faster depends on the model, the batch and the
+machine, and not in a way a rule captures. Measured on a 2-core CPU (float32, ms per step, prepared /
+modules): SmolLM2-135M 38.4 / 31.7 at batch 1 and 40.9 / 35.0 at batch 3 (BLAS's matrix-vector
+kernels stream the weights faster), but 43 / 50 at batch 4 and 133 / 151 at batch 64; tiny-qwen3
+1.4 / 1.0 at batch 1 and 3.9 / 3.6 at batch 64 (oneDNN's per-call cost dominates small matrices);
+bfloat16 SmolLM2 27 / 37 at batch 1 (the prepared weights win). On another 2-core CPU, SmolLM2's
+batch-64 step took 117 ms through a 64-row MKL pack against 138-156 ms for either other path.
 
-So the first steps of each batch-size bucket (1, 2-3, 4-7, ...) alternate between the paths, and
-once each has `trials` timings the faster minimum wins for that bucket for good. Bounded: one entry
-per bucket (at most 64 buckets), `trials` floats per path each.
+So the first steps under a key (a batch-size bucket 1, 2-3, 4-7, ...; or one exact batch size once it
+has a pack) alternate between that key's candidate paths, and once each has `trials` timings the
+faster minimum wins for that key for good. Bounded: one entry per bucket (at most 64) and per packed
+batch size (at most the number of KV slots), `trials` floats per path each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 PREPARED = "prepared"
 MODULES = "modules"
+PACKED = "packed"
 
 
 class DecodePathChooser:
@@ -25,33 +31,38 @@ class DecodePathChooser:
         if trials < 1:
             raise ValueError("trials must be at least 1")
         self.trials = trials
-        self._timings: dict[int, dict[str, list[float]]] = {}
-        self.chosen: dict[int, str] = {}  # bucket -> path, once decided (read by tests and benchmarks)
-
-    def _trials_of(self, bucket: int) -> dict[str, list[float]]:
-        return self._timings.setdefault(bucket, {PREPARED: [], MODULES: []})
+        self._timings: dict[Hashable, dict[str, list[float]]] = {}
+        self.chosen: dict[Hashable, str] = {}  # key -> path, once decided (read by tests and benchmarks)
 
     @staticmethod
-    def bucket(batch: int) -> int:
-        """1 for batch 1, 2 for 2-3, 3 for 4-7, ...: powers of two share a kernel regime."""
-        return max(1, batch).bit_length()
+    def bucket(batch: int) -> tuple[str, int]:
+        """The key of a batch size's bucket: 1, 2-3, 4-7, ... (powers of two share a kernel regime)."""
+        return ("bucket", max(1, batch).bit_length())
 
-    def pick(self, batch: int) -> str:
-        bucket = self.bucket(batch)
-        decided = self.chosen.get(bucket)
+    @staticmethod
+    def exact(batch: int) -> tuple[str, int]:
+        """The key of one batch size (used once that size has its own packed weights)."""
+        return ("batch", batch)
+
+    def pick(self, key: Hashable, paths: Sequence[str]) -> str:
+        """The decided path for `key`, else the candidate with the fewest timings (earliest listed on a tie):
+        alternating spreads any noise over all of them."""
+        decided = self.chosen.get(key)
         if decided is not None:
             return decided
-        timings = self._trials_of(bucket)
-        # The path with fewer timings goes next, prepared first: alternating spreads any noise over both.
-        return PREPARED if len(timings[PREPARED]) <= len(timings[MODULES]) else MODULES
+        timings = self._timings.setdefault(key, {path: [] for path in paths})
+        return min(timings, key=lambda p: len(timings[p]))
 
-    def record(self, batch: int, path: str, seconds: float) -> None:
-        bucket = self.bucket(batch)
-        if bucket in self.chosen:
-            return
-        timings = self._trials_of(bucket)
+    def record(self, key: Hashable, path: str, seconds: float) -> str | None:
+        """Add a timing; returns the path chosen for `key` when this timing decided it."""
+        timings = self._timings.get(key)
+        if key in self.chosen or timings is None:
+            return None
         timings[path].append(seconds)
-        if all(len(t) >= self.trials for t in timings.values()):
-            # Minimum, not mean: a step slowed by another process or a cache grow is not the kernel's speed.
-            self.chosen[bucket] = min(timings, key=lambda p: min(timings[p]))
-            del self._timings[bucket]
+        if any(len(t) < self.trials for t in timings.values()):
+            return None
+        # Minimum, not mean: a step slowed by another process or a cache grow is not the kernel's speed.
+        chosen = min(timings, key=lambda p: min(timings[p]))
+        self.chosen[key] = chosen
+        del self._timings[key]
+        return chosen

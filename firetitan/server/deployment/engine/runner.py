@@ -10,9 +10,16 @@ import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
+from firetitan.server.deployment.engine.batch_packs import BatchPacks
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
-from firetitan.server.deployment.engine.ops import ModuleProjections, ProjectionWeights, RopeTable, rms_norm
-from firetitan.server.deployment.engine.path_choice import PREPARED, DecodePathChooser
+from firetitan.server.deployment.engine.ops import (
+    ModuleProjections,
+    ProjectionWeights,
+    RopeTable,
+    mkl_packing_works,
+    rms_norm,
+)
+from firetitan.server.deployment.engine.path_choice import MODULES, PACKED, PREPARED, DecodePathChooser
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -59,8 +66,8 @@ class ModelRunner:
     the runner's own (decorated) methods write them.
     """
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None
-                 ) -> None:
+    def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None,
+                 batch_packs: int = 1) -> None:
         cfg = model.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -86,6 +93,10 @@ class ModelRunner:
                      if RopeTable.supports(rotary) else None)
         self.proj = ProjectionWeights.build(model, self.layers) if self.rope is not None else None
         self.module_proj = ModuleProjections(model, self.layers) if self.proj is not None else None
+        # Batch-shaped weights for recurring batch sizes, at most `batch_packs` of them (0: none).
+        self.packs = (BatchPacks(model, self.layers, max_packs=batch_packs)
+                      if batch_packs > 0 and self.proj is not None and mkl_packing_works(self.dtype, self.device)
+                      else None)
         self.decode_paths = DecodePathChooser()
 
     def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -200,17 +211,35 @@ class ModelRunner:
         Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
         Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
         tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
-        The projections run through the prepared weights or the model's own modules, whichever
-        `decode_paths` timed faster for this batch size (`path_choice`).
+        The projections run through the prepared weights, the model's own modules or, for a batch size
+        decode keeps running at, weights packed for that size (`batch_packs`): whichever `decode_paths`
+        timed fastest for this batch size (`path_choice`).
         """
         if self.rope is None:
             return self._decode_modules(tokens)
         if self.module_proj is None:  # made exactly where prepared weights are
             return self._decode_fast(tokens, None)
-        path = self.decode_paths.pick(len(tokens))
+        batch = len(tokens)
+        chooser = self.decode_paths
+        pack = None
+        if self.packs is not None:
+            self.packs.observe(batch)
+            pack = self.packs.get(batch)
+        key, paths = chooser.bucket(batch), (PREPARED, MODULES)
+        if pack is not None:  # the pack against the bucket's winner (both others until that is known)
+            best = chooser.chosen.get(key)
+            key, paths = chooser.exact(batch), (PACKED, *((best,) if best else paths))
+        path = chooser.pick(key, paths)
+        proj: ProjectionWeights | ModuleProjections | None
+        if path == PACKED:
+            proj = pack
+        else:
+            proj = self._projections() if path == PREPARED else self.module_proj
         started = time.perf_counter()
-        logits = self._decode_fast(tokens, self._projections() if path == PREPARED else self.module_proj)
-        self.decode_paths.record(len(tokens), path, time.perf_counter() - started)
+        logits = self._decode_fast(tokens, proj)
+        chosen = chooser.record(key, path, time.perf_counter() - started)
+        if self.packs is not None and pack is not None and chosen not in (None, PACKED):
+            self.packs.decline(batch)
         return logits
 
     def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections | None
