@@ -206,7 +206,8 @@ class ProjectionWeights:
     def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.linear(x, self.gate_up[index])
         half = gate_up.shape[-1] // 2
-        return self.linear(self.layers[index].mlp.act_fn(gate_up[..., :half]) * gate_up[..., half:], self.down[index])
+        # In place on the activation's fresh output: one allocation less (a prefill's are 12.6 MB each).
+        return self.linear(self.layers[index].mlp.act_fn(gate_up[..., :half]).mul_(gate_up[..., half:]), self.down[index])
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         assert self.head is not None

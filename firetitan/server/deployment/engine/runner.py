@@ -99,9 +99,20 @@ class ModelRunner:
                       else None)
         self.decode_paths = DecodePathChooser()
 
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor, proj: ProjectionWeights | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of `positions` [B, T]: from the rotary table ([B, 1, T, D], for `RopeTable.apply`)
+        where there are prepared weights (made only where the table is), else the model's module's."""
+        if proj is not None and self.rope is not None:
+            return self.rope.cos[positions].unsqueeze(1), self.rope.sin[positions].unsqueeze(1)
+        return self.inner.rotary_emb(hidden, positions)
+
     def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          proj: ProjectionWeights | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D]."""
+        """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D].
+
+        With `proj` (prepared weights) norms and rotary run as the decode step's fused ops (`cos`/`sin`
+        from `_rotary`): the same bits in float32, fewer tensor ops; without, the model's modules."""
         attn = self.layers[index].self_attn
         bsz, seq, _ = hidden.shape
         shape = (bsz, seq, -1, self.head_dim)
@@ -111,9 +122,12 @@ class ModelRunner:
             q, k, v = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
         q, k = q.reshape(shape), k.reshape(shape)
         if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = (rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)) if proj is not None else (
+                attn.q_norm(q), attn.k_norm(k))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.reshape(shape).transpose(1, 2)
+        if proj is not None and self.rope is not None:
+            return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
@@ -126,7 +140,7 @@ class ModelRunner:
             hidden = residual + layer.self_attn.o_proj(attn_out)
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = residual + proj.o_proj(index, attn_out)
-        return hidden + proj.mlp(index, layer.post_attention_layernorm(hidden))
+        return hidden + proj.mlp(index, rms_norm(layer.post_attention_layernorm, hidden))
 
     def _projections(self) -> ProjectionWeights | None:
         """The prepared projection weights, rebuilt first if a hot-load changed the model's."""
@@ -165,12 +179,13 @@ class ModelRunner:
         ids = ids.to(self.device)
         positions = torch.arange(longest, device=self.device).unsqueeze(0).expand(len(prompts), -1)
         hidden = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(hidden, positions)
         first, end = slots.start, slots.stop
         proj = self._projections()
+        cos, sin = self._rotary(hidden, positions, proj)
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, proj)
+            normed = rms_norm(layer.input_layernorm, hidden) if proj is not None else layer.input_layernorm(hidden)
+            q, k, v = self._attention_block(index, normed, cos, sin, proj)
             self.cache.k[index][first:end, :, :longest] = k
             self.cache.v[index][first:end, :, :longest] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
@@ -187,13 +202,14 @@ class ModelRunner:
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         hidden = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(hidden, positions)
         mask = (torch.arange(end, device=self.device).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)
                 ).view(1, 1, count, end)
         proj = self._projections()
+        cos, sin = self._rotary(hidden, positions, proj)
         for index, layer in enumerate(self.layers):
             residual = hidden
-            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, proj)
+            normed = rms_norm(layer.input_layernorm, hidden) if proj is not None else layer.input_layernorm(hidden)
+            q, k, v = self._attention_block(index, normed, cos, sin, proj)
             self.cache.k[index][slot, :, start:end] = k[0]
             self.cache.v[index][slot, :, start:end] = v[0]
             keys = self.cache.k[index][slot : slot + 1, :, :end]
