@@ -49,7 +49,7 @@ def test_record_reports_the_decision_once() -> None:
 def test_three_candidates_alternate_in_order_then_the_fastest_wins() -> None:
     chooser = DecodePathChooser(trials=2)
     key = chooser.exact(64)
-    paths = (PACKED, PREPARED, MODULES)
+    paths = (PREPARED, MODULES, PACKED)
     picked = _feed(chooser, key, paths, {PACKED: [0.11, 0.12], PREPARED: [0.14, 0.13], MODULES: [0.15, 0.14]})
     assert picked == list(paths) * 2
     assert chooser.chosen[key] == PACKED

@@ -244,7 +244,10 @@ class ModelRunner:
         key, paths = chooser.bucket(batch), (PREPARED, MODULES)
         if pack is not None:  # the pack against the bucket's winner (both others until that is known)
             best = chooser.chosen.get(key)
-            key, paths = chooser.exact(batch), (PACKED, *((best,) if best else paths))
+            # The pack goes last in each round: just written, it sits partly in the CPU's cache, and a
+            # step through it right away read its weights faster than later ones would (at batch 1 that
+            # made a slower pack win its trials); a step through the other weights evicts it first.
+            key, paths = chooser.exact(batch), ((best,) if best else paths) + (PACKED,)
         path = chooser.pick(key, paths)
         proj: ProjectionWeights | ModuleProjections | None
         if path == PACKED:
