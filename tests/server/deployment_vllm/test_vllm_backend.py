@@ -162,7 +162,10 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
     old ones then only the new one. When the swap lands is not ours to choose (a nano swap took ~5 s on one
     machine, longer than 8 streams of 2000 tokens on a faster one), so each of 8 clients keeps streaming,
     back to back, until the worker reports the new snapshot current: whatever the two speeds, the streams
-    in flight when it lands span the swap."""
+    in flight when it lands span the swap. The clients ask for different lengths (2000, 1900, ... 1300
+    tokens), so their streams never all end together: with equal lengths they did, the hot-load's
+    preparation (starved of CPU while 8 streams ran on 2 cores) finished in that shared gap, and every
+    stream held one version only (1 run in 3)."""
     import asyncio
     import time
 
@@ -172,8 +175,8 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
     identity = "vllm-base-2"
     store.save_base(identity, load_model(NANO, seed=77).state_dict(), config, tokenizer)
 
-    async def stream_versions(client: httpx.AsyncClient, started: asyncio.Event) -> list[str]:
-        body = {"prompt": PROMPT, "max_tokens": 2000, "raw_output": True, "ignore_eos": True, "stream": True}
+    async def stream_versions(client: httpx.AsyncClient, started: asyncio.Event, tokens: int) -> list[str]:
+        body = {"prompt": PROMPT, "max_tokens": tokens, "raw_output": True, "ignore_eos": True, "stream": True}
         versions: list[str] = []
         async with client.stream("POST", f"{worker.url}/inference/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -187,19 +190,20 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
                     started.set()
         return versions
 
-    async def stream_until(client: httpx.AsyncClient, started: asyncio.Event, landed: asyncio.Event
-                           ) -> list[list[str]]:
+    async def stream_until(client: httpx.AsyncClient, started: asyncio.Event, landed: asyncio.Event, tokens: int
+                           ) -> list[tuple[int, list[str]]]:
         completions = []
         while not landed.is_set():  # a stream started before the swap landed may span it
-            completions.append(await stream_versions(client, started))
+            completions.append((tokens, await stream_versions(client, started, tokens)))
         return completions
 
-    async def run() -> list[list[str]]:
+    async def run() -> list[tuple[int, list[str]]]:
         async with httpx.AsyncClient(timeout=600) as client:
             landed = asyncio.Event()
             events = [asyncio.Event() for _ in range(8)]  # the worker's --max-running-seqs
             async with asyncio.TaskGroup() as group:  # a failed stream fails the test, never hangs it
-                sampling = [group.create_task(stream_until(client, e, landed)) for e in events]
+                sampling = [group.create_task(stream_until(client, e, landed, 2000 - 100 * i))
+                            for i, e in enumerate(events)]
                 for e in events:  # every stream is decoding when the hot-load is sent
                     await e.wait()
                 swap = await client.post(url, json={"identity": identity, "mode": "ASYNC"})
@@ -213,14 +217,14 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
 
     outs = asyncio.run(run())
     switched = 0
-    for versions in outs:
-        assert len(versions) == 2000  # no request failed or was cut short by the swap
+    for tokens, versions in outs:
+        assert len(versions) == tokens  # no request failed or was cut short by the swap
         # versions only ever move forward within a completion: old ones first, then the new one
         first_new = versions.index(identity) if identity in versions else len(versions)
         assert identity not in versions[:first_new]
         assert set(versions[first_new:]) <= {identity}
         switched += 0 < first_new < len(versions)
-    summary = [(v[0], v[-1], len(set(v))) for v in outs]
+    summary = [(v[0], v[-1], len(set(v))) for _, v in outs]
     assert switched >= 1, f"no completion spanned the swap: {summary}"
 
     resp = httpx.post(url, json={"identity": "vllm-base-3", "mode": "SYNC"}, timeout=600)
