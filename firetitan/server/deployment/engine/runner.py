@@ -109,13 +109,16 @@ class ModelRunner:
 
     def _attention_block(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          proj: ProjectionWeights | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K, V for `hidden` [B, T, H] after head norms and rotary embedding: [B, heads, T, D].
+        """Q, K, V for the layer's input `hidden` [B, T, H] (normed here) after head norms and rotary
+        embedding: [B, heads, T, D].
 
         With `proj` (prepared weights) norms and rotary run as the decode step's fused ops (`cos`/`sin`
         from `_rotary`): the same bits in float32, fewer tensor ops; without, the model's modules."""
-        attn = self.layers[index].self_attn
+        layer = self.layers[index]
+        attn = layer.self_attn
         bsz, seq, _ = hidden.shape
         shape = (bsz, seq, -1, self.head_dim)
+        hidden = rms_norm(layer.input_layernorm, hidden) if proj is not None else layer.input_layernorm(hidden)
         if proj is not None:
             q, k, v = proj.qkv_proj(index, hidden)
         else:
@@ -182,10 +185,9 @@ class ModelRunner:
         first, end = slots.start, slots.stop
         proj = self._projections()
         cos, sin = self._rotary(hidden, positions, proj)
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             residual = hidden
-            normed = rms_norm(layer.input_layernorm, hidden) if proj is not None else layer.input_layernorm(hidden)
-            q, k, v = self._attention_block(index, normed, cos, sin, proj)
+            q, k, v = self._attention_block(index, hidden, cos, sin, proj)
             self.cache.k[index][first:end, :, :longest] = k
             self.cache.v[index][first:end, :, :longest] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
@@ -206,10 +208,9 @@ class ModelRunner:
                 ).view(1, 1, count, end)
         proj = self._projections()
         cos, sin = self._rotary(hidden, positions, proj)
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             residual = hidden
-            normed = rms_norm(layer.input_layernorm, hidden) if proj is not None else layer.input_layernorm(hidden)
-            q, k, v = self._attention_block(index, normed, cos, sin, proj)
+            q, k, v = self._attention_block(index, hidden, cos, sin, proj)
             self.cache.k[index][slot, :, start:end] = k[0]
             self.cache.v[index][slot, :, start:end] = v[0]
             keys = self.cache.k[index][slot : slot + 1, :, :end]
@@ -328,9 +329,9 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(hidden, pos.unsqueeze(1))
         rows = torch.arange(bsz, device=self.device)
         mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(bsz, 1, 1, span)
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             residual = hidden
-            q, k, v = self._attention_block(index, layer.input_layernorm(hidden), cos, sin, None)
+            q, k, v = self._attention_block(index, hidden, cos, sin, None)
             cache.k[index][rows, :, pos] = k[:, :, 0]
             cache.v[index][rows, :, pos] = v[:, :, 0]
             keys = cache.k[index][:bsz, :, :span]
