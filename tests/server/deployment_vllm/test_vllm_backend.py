@@ -159,14 +159,13 @@ def test_hot_load_of_a_base_then_a_delta(worker: WorkerProcess, model_dir: Path,
 
 def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: Path, store: SnapshotStore) -> None:
     """An ASYNC hot-load under load: no request fails or is cut short, and each completion's versions are
-    old ones then only the new one. When the swap lands is not ours to choose (a nano swap took ~5 s on one
-    machine, longer than 8 streams of 2000 tokens on a faster one), so each of 8 clients keeps streaming,
-    back to back, until the worker reports the new snapshot current: whatever the two speeds, the streams
-    in flight when it lands span the swap. The clients ask for different lengths (2000, 1900, ... 1300
-    tokens), so their streams never all end together: with equal lengths they did, the hot-load's
-    preparation (starved of CPU while 8 streams ran on 2 cores) finished in that shared gap, and every
-    stream held one version only (1 run in 3)."""
+    old ones then only the new one. The hot-load is sent as soon as vLLM's own metrics show all 8 streams
+    running, not when their first chunks reach the client: the relay can trail vLLM's engine by seconds
+    (22 s on one run), and a swap sent that late found vLLM idle, so every stream held one version only.
+    Each of the 8 clients (2000, 1900, ... 1300 tokens) keeps streaming back to back until the worker
+    reports the new snapshot current, so however long the swap takes, streams are in flight when it lands."""
     import asyncio
+    import re
     import time
 
     config, tokenizer = model_config(model_dir), load_tokenizer(model_dir)
@@ -174,8 +173,9 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
     url = f"{worker.url}/hot_load/v1/models/hot_load"
     identity = "vllm-base-2"
     store.save_base(identity, load_model(NANO, seed=77).state_dict(), config, tokenizer)
+    vllm_metrics = f"{worker.ready['vllm_url']}/metrics"
 
-    async def stream_versions(client: httpx.AsyncClient, started: asyncio.Event, tokens: int) -> list[str]:
+    async def stream_versions(client: httpx.AsyncClient, tokens: int) -> list[str]:
         body = {"prompt": PROMPT, "max_tokens": tokens, "raw_output": True, "ignore_eos": True, "stream": True}
         versions: list[str] = []
         async with client.stream("POST", f"{worker.url}/inference/v1/completions", json=body) as resp:
@@ -187,25 +187,27 @@ def test_async_hot_load_under_load_then_sync(worker: WorkerProcess, model_dir: P
                     for choice in chunk["choices"]:
                         if "raw_output" in choice:  # complete, on the choice's final chunk
                             versions += choice["raw_output"]["policy_versions"]
-                    started.set()
         return versions
 
-    async def stream_until(client: httpx.AsyncClient, started: asyncio.Event, landed: asyncio.Event, tokens: int
-                           ) -> list[tuple[int, list[str]]]:
+    async def stream_until(client: httpx.AsyncClient, landed: asyncio.Event, tokens: int) -> list[tuple[int, list[str]]]:
         completions = []
         while not landed.is_set():  # a stream started before the swap landed may span it
-            completions.append((tokens, await stream_versions(client, started, tokens)))
+            completions.append((tokens, await stream_versions(client, tokens)))
         return completions
+
+    async def vllm_running(client: httpx.AsyncClient) -> float:
+        text = (await client.get(vllm_metrics)).text
+        return sum(float(m) for m in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
 
     async def run() -> list[tuple[int, list[str]]]:
         async with httpx.AsyncClient(timeout=600) as client:
             landed = asyncio.Event()
-            events = [asyncio.Event() for _ in range(8)]  # the worker's --max-running-seqs
             async with asyncio.TaskGroup() as group:  # a failed stream fails the test, never hangs it
-                sampling = [group.create_task(stream_until(client, e, landed, 2000 - 100 * i))
-                            for i, e in enumerate(events)]
-                for e in events:  # every stream is decoding when the hot-load is sent
-                    await e.wait()
+                sampling = [group.create_task(stream_until(client, landed, 2000 - 100 * i)) for i in range(8)]
+                deadline = time.monotonic() + 300
+                while await vllm_running(client) < 8:  # the worker's --max-running-seqs: all 8 decoding
+                    assert time.monotonic() < deadline, "the 8 streams never ran together in vLLM"
+                    await asyncio.sleep(0.02)
                 swap = await client.post(url, json={"identity": identity, "mode": "ASYNC"})
                 assert swap.status_code == 200, swap.text
                 deadline = time.monotonic() + 300

@@ -35,7 +35,9 @@ from firetitan.server.deployment.hotload import HotLoadState, PreparedWeights, S
 log = get_logger("firetitan.deployment.vllm")
 
 _QUIET_S = 0.05  # a paused engine emits nothing new: this long without a chunk means none is in flight
-_QUIET_MAX_S = 2.0
+# The relay can trail vLLM by seconds (8 nano streams on 2 cores: up to ~20 s behind vLLM's engine), and
+# every chunk still on its way was sampled on the old weights: the swap waits for it rather than tag it new.
+_QUIET_MAX_S = 60.0
 _RELOAD_TIMEOUT_S = 600.0
 
 
@@ -94,13 +96,14 @@ async def _post(session: aiohttp.ClientSession, url: str, path: str, **kwargs: o
                                  status_code=502)
 
 
-async def wait_quiet(last_chunk_at: Callable[[], float]) -> None:
-    """Wait until no stream chunk has arrived for `_QUIET_S` (bounded by `_QUIET_MAX_S`)."""
-    deadline = time.monotonic() + _QUIET_MAX_S
-    while time.monotonic() < deadline:
-        idle = time.monotonic() - last_chunk_at()
-        if idle >= _QUIET_S:
-            return
+async def wait_quiet(last_chunk_at: Callable[[], float], limit: float = _QUIET_MAX_S) -> None:
+    """Wait until no stream chunk has arrived for `_QUIET_S`. Chunks still arriving after `limit` seconds of
+    pause mean vLLM did not stop: raise, since flipping the version then would tag old tokens as new."""
+    deadline = time.monotonic() + limit
+    while (idle := time.monotonic() - last_chunk_at()) < _QUIET_S:
+        if time.monotonic() >= deadline:
+            raise APIStatusError(f"vLLM streams did not go quiet within {limit:.0f} s of its pause; the swap "
+                                 "was not made", status_code=502)
         await asyncio.sleep(_QUIET_S - idle)
 
 
