@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help="float32|bfloat16: the served weights' dtype")
     parser.add_argument("--batch-packs", type=int, default=1,
                         help="copies of the weights packed for a recurring decode batch size (float32 CPU; 0: none)")
+    parser.add_argument("--small-batch-kernel", choices=("on", "off"), default="on",
+                        help="offer decode batches of 1-7 the native row-blocked kernel (float32 CPU; built "
+                             "with gcc on first use, cached)")
     return parser.parse_args(argv)
 
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                                   max_choices_per_request=args.max_choices_per_request,
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
                                   device=device, dtype=dtype, threads=threads,
-                                  batch_packs=args.batch_packs)
+                                  batch_packs=args.batch_packs,
+                                  small_batch_kernel=args.small_batch_kernel == "on")
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's

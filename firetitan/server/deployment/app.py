@@ -56,6 +56,7 @@ class DeploymentSettings:
     dtype: str = "float32"  # the served weights' dtype; hot-loaded snapshots are cast to it
     threads: int | None = None  # torch threads of the engine thread (the process's only OpenMP team); None: as is
     batch_packs: int = 1  # batch-shaped weight copies for recurring decode batch sizes (float32 CPU); 0: none
+    small_batch_kernel: bool = True  # the native kernel for decode batches of 1-7 (float32 CPU, needs gcc)
 
 
 class DeploymentService:
@@ -73,7 +74,8 @@ class DeploymentService:
                                        max_prefill_tokens=settings.max_prefill_tokens,
                                        max_kv_tokens=settings.max_kv_tokens, device=settings.device,
                                        dtype=settings.dtype, threads=settings.threads,
-                                       batch_packs=settings.batch_packs)
+                                       batch_packs=settings.batch_packs,
+                                       small_batch_kernel=settings.small_batch_kernel)
             log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model

@@ -7,8 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from firetitan.models import load_model
-from firetitan.server.deployment.engine.ops import BatchPackedWeights, mkl_packing_works
-from firetitan.server.deployment.engine.path_choice import MODULES, PACKED, PREPARED, DecodePathChooser
+from firetitan.server.deployment.engine.native import row_blocked_kernel
+from firetitan.server.deployment.engine.ops import BatchPackedWeights, RowBlockedWeights, mkl_packing_works
+from firetitan.server.deployment.engine.path_choice import (
+    MODULES,
+    PACKED,
+    PREPARED,
+    ROW_BLOCKED,
+    DecodePathChooser,
+)
 from firetitan.server.deployment.engine.runner import ModelRunner, grouped_decode_attention
 
 NANO = "firetitan/nano-qwen3"
@@ -76,8 +83,8 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
     """Logits of `steps` decode steps through each of `paths` from the same KV state (the cache is reset
     and refilled between them): "prepared" and "modules" are the two projection paths of the fast step
     (rotary table; "calls" is the modules path by calling the modules, as for models without prepared
-    weights; "packed" runs weights MKL packed for this batch size), "reference" the step through the
-    model's modules only."""
+    weights; "packed" runs weights MKL packed for this batch size, "row_blocked" the native small-batch
+    kernel's weights), "reference" the step through the model's modules only."""
     runs = []
     packed = BatchPackedWeights.for_rows(runner.model, runner.layers, len(prompts)) if "packed" in paths else None
     for path in paths:
@@ -92,7 +99,10 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
                     logits = runner._decode_modules(toks)
                 else:
                     proj = {"prepared": runner._projections, "modules": lambda: runner.module_proj,
-                            "calls": lambda: None, "packed": lambda: packed}[path]()
+                            "calls": lambda: None, "packed": lambda: packed,
+                            "row_blocked": lambda: runner.row_blocked}[path]()
+                    if path == "row_blocked":
+                        proj.refresh()  # as `decode` does before using them
                     logits = runner._decode_fast(toks, proj)
             rows.append(logits)
             toks = logits.argmax(-1).tolist()
@@ -127,7 +137,7 @@ def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatc
     fastest step was faster (here made unmistakable: the prepared path is slowed down)."""
     from firetitan.server.deployment.engine import runner as runner_module
 
-    runner = ModelRunner(load_model(NANO), max_slots=4, batch_packs=0)
+    runner = ModelRunner(load_model(NANO), max_slots=4, batch_packs=0, small_batch_kernel=False)
     used: list[str] = []
     fast = runner._decode_fast
     clock = [0.0]
@@ -226,7 +236,8 @@ def _clocked_decode(runner: ModelRunner, monkeypatch, cost: dict[str, float]) ->
 
     def timed(tokens, proj):  # type: ignore[no-untyped-def]
         path = (PREPARED if proj is runner.proj else MODULES if proj is runner.module_proj
-                else PACKED if isinstance(proj, BatchPackedWeights) else "?")
+                else PACKED if isinstance(proj, BatchPackedWeights)
+                else ROW_BLOCKED if isinstance(proj, RowBlockedWeights) else "?")
         used.append(path)
         clock[0] += cost[path]
         return fast(tokens, proj)
@@ -240,7 +251,7 @@ def _clocked_decode(runner: ModelRunner, monkeypatch, cost: dict[str, float]) ->
 def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Once a batch size has run `settle` steps in a row it is packed and timed against its bucket's
     winner; the pack stays when it wins. A size whose pack loses frees it and is never packed again."""
-    runner = ModelRunner(load_model(NANO), max_slots=4)
+    runner = ModelRunner(load_model(NANO), max_slots=4, small_batch_kernel=False)
     assert runner.packs is not None
     settle, trials = runner.packs.settle, runner.decode_paths.trials
     used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.02})
@@ -256,7 +267,7 @@ def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypa
     assert used[-2:] == [PACKED, PACKED]
     assert runner.decode_paths.chosen[DecodePathChooser.exact(2)] == PACKED
 
-    slow = ModelRunner(load_model(NANO), max_slots=4)
+    slow = ModelRunner(load_model(NANO), max_slots=4, small_batch_kernel=False)
     assert slow.packs is not None
     used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.04})
     slow.prefill(slow.cache.allocate(2), [[1, 5, 6], [1, 7]])
@@ -265,3 +276,55 @@ def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypa
     assert slow.decode_paths.chosen[DecodePathChooser.exact(2)] == MODULES
     assert slow.packs.packs == {} and slow.packs.declined == {2} and slow.packs.built == 1
     assert used[-trials:] == [MODULES] * trials
+
+
+def test_row_blocked_decode_equals_the_reference_and_follows_a_weight_swap() -> None:
+    """The native small-batch kernel's weights give the reference step's logits at batch 1 and 3, also
+    after a hot-load-like write into the modules (they are rebuilt)."""
+    model = load_model(NANO)
+    runner = ModelRunner(model, max_slots=4)
+    assert (runner.row_blocked is not None) == (row_blocked_kernel() is not None)
+    assert runner.row_blocked is not None, "gcc builds the kernel on every machine this suite runs on"
+    for prompts in ([[1, 5, 6, 7]], [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]):
+        blocked, reference = _decode_paths(runner, prompts, 6, ("row_blocked", "reference"))
+        assert torch.allclose(blocked, reference, atol=1e-5), (blocked - reference).abs().max()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
+    swapped, reference_after = _decode_paths(runner, prompts, 6, ("row_blocked", "reference"))
+    assert not torch.allclose(swapped, blocked, atol=1e-3)
+    assert torch.allclose(swapped, reference_after, atol=1e-5), (swapped - reference_after).abs().max()
+
+
+def test_row_blocked_weights_serve_small_batches_only_and_are_freed_when_never_chosen(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Batches of 1-7 time the kernel's weights beside the two other paths and keep the fastest; batch 8's
+    bucket (8-15) never offers them. Once every bucket they serve chose another path, they are freed."""
+    runner = ModelRunner(load_model(NANO), max_slots=8, batch_packs=0)
+    assert runner.row_blocked is not None
+    trials = runner.decode_paths.trials
+    used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.02})
+    runner.prefill(runner.cache.allocate(2), [[1, 5, 6], [1, 7]])
+    for _ in range(3 * trials + 2):
+        runner.decode([3, 4])
+    assert used[: 3 * trials] == [PREPARED, MODULES, ROW_BLOCKED] * trials
+    assert used[3 * trials:] == [ROW_BLOCKED] * 2
+    assert runner.decode_paths.chosen[DecodePathChooser.bucket(2)] == ROW_BLOCKED
+    runner.cache.reset()
+    runner.prefill(runner.cache.allocate(8), [[1, 2 + i] for i in range(8)])
+    used.clear()
+    for _ in range(2 * trials):
+        runner.decode([3] * 8)
+    assert set(used) == {PREPARED, MODULES}
+
+    slow = ModelRunner(load_model(NANO), max_slots=8, batch_packs=0)
+    used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.04})
+    for batch in (1, 2, 4):  # the buckets 1, 2-3 and 4-7
+        slow.cache.reset()
+        slow.prefill(slow.cache.allocate(batch), [[1, 2 + i] for i in range(batch)])
+        assert slow.row_blocked is not None  # still wanted by a bucket not decided yet
+        for _ in range(3 * trials):
+            slow.decode([3] * batch)
+        assert slow.decode_paths.chosen[DecodePathChooser.bucket(batch)] == MODULES
+    assert slow.row_blocked is None
+    slow.decode([3] * 4)  # decided buckets keep working without them
+    assert used[-1] == MODULES

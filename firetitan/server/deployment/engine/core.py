@@ -81,14 +81,14 @@ class Engine(InboxEngine):
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
                  seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None,
-                 threads: int | None = None, batch_packs: int = 1) -> None:
+                 threads: int | None = None, batch_packs: int = 1, small_batch_kernel: bool = True) -> None:
         super().__init__()
         self.threads = threads  # torch threads the engine thread takes (`torch_threads.own_pool`); None: as is
         self.model = model
         self.tokenizer = tokenizer
         self._decode_stream = stream_decoding(tokenizer)  # None: transformers' window decoding
         self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens,
-                                  batch_packs=batch_packs)
+                                  batch_packs=batch_packs, small_batch_kernel=small_batch_kernel)
         self.scheduler = Scheduler(max_running_seqs, max_cached_tokens, max_prefill_tokens,
                                    eos_token_ids=eos_token_ids, max_positions=self.runner.max_positions,
                                    policy_version=policy_version)

@@ -12,14 +12,22 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.batch_packs import BatchPacks
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
+from firetitan.server.deployment.engine.native import row_blocked_kernel
 from firetitan.server.deployment.engine.ops import (
     ModuleProjections,
     ProjectionWeights,
     RopeTable,
+    RowBlockedWeights,
     mkl_packing_works,
     rms_norm,
 )
-from firetitan.server.deployment.engine.path_choice import MODULES, PACKED, PREPARED, DecodePathChooser
+from firetitan.server.deployment.engine.path_choice import (
+    MODULES,
+    PACKED,
+    PREPARED,
+    ROW_BLOCKED,
+    DecodePathChooser,
+)
 from firetitan.server.deployment.engine.request import EngineRequest, TokenOut
 from firetitan.server.deployment.engine.sampler import sample
 from firetitan.server.deployment.engine.scheduler import RunnerOutput, StepDecision
@@ -67,7 +75,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None,
-                 batch_packs: int = 1) -> None:
+                 batch_packs: int = 1, small_batch_kernel: bool = True) -> None:
         cfg = model.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -97,6 +105,11 @@ class ModelRunner:
         self.packs = (BatchPacks(model, self.layers, max_packs=batch_packs)
                       if batch_packs > 0 and self.proj is not None and mkl_packing_works(self.dtype, self.device)
                       else None)
+        # Row-blocked weights for the native small-batch kernel (float32 CPU, where it compiles), offered
+        # to the path choice for batches of up to `kernel.max_rows`; freed once every such batch size
+        # chose another path.
+        kernel = row_blocked_kernel() if small_batch_kernel and self.proj is not None else None
+        self.row_blocked = RowBlockedWeights.for_kernel(model, self.layers, kernel) if kernel is not None else None
         self.decode_paths = DecodePathChooser()
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor, proj: ProjectionWeights | None
@@ -243,6 +256,9 @@ class ModelRunner:
             self.packs.observe(batch)
             pack = self.packs.get(batch)
         key, paths = chooser.bucket(batch), (PREPARED, MODULES)
+        small = self.row_blocked
+        if small is not None and batch <= chooser.whole_buckets_up_to(small.max_rows):
+            paths += (ROW_BLOCKED,)
         if pack is not None:  # the pack against the bucket's winner (both others until that is known)
             best = chooser.chosen.get(key)
             # The pack goes last in each round: just written, it sits partly in the CPU's cache, and a
@@ -253,6 +269,10 @@ class ModelRunner:
         proj: ProjectionWeights | ModuleProjections | None
         if path == PACKED:
             proj = pack
+        elif path == ROW_BLOCKED:
+            assert small is not None
+            small.refresh()
+            proj = small
         else:
             proj = self._projections() if path == PREPARED else self.module_proj
         started = time.perf_counter()
@@ -260,7 +280,17 @@ class ModelRunner:
         chosen = chooser.record(key, path, time.perf_counter() - started)
         if self.packs is not None and pack is not None and chosen not in (None, PACKED):
             self.packs.decline(batch)
+        if small is not None and chosen is not None and chosen != ROW_BLOCKED:
+            self._drop_unchosen_row_blocked(small.max_rows)
         return logits
+
+    def _drop_unchosen_row_blocked(self, max_rows: int) -> None:
+        """Free the row-blocked weights once every batch-size bucket they serve has chosen another path."""
+        chooser = self.decode_paths
+        chosen = chooser.chosen
+        buckets = {chooser.bucket(b) for b in range(1, chooser.whole_buckets_up_to(max_rows) + 1)}
+        if all(chosen.get(key) not in (None, ROW_BLOCKED) for key in buckets):
+            self.row_blocked = None
 
     def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections | None
                      ) -> torch.Tensor:
