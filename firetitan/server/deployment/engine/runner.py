@@ -241,9 +241,10 @@ class ModelRunner:
         Token i is written at position `lengths[i]` of slot i; attention covers each slot's own prefix.
         Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
         tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
-        The projections run through the prepared weights, the model's own modules or, for a batch size
-        decode keeps running at, weights packed for that size (`batch_packs`): whichever `decode_paths`
-        timed fastest for this batch size (`path_choice`).
+        The projections run through the prepared weights, the model's own modules, for a batch size
+        decode keeps running at weights packed for that size (`batch_packs`), or at batches of 1-7 the
+        native kernel's row-blocked weights (`native`): whichever `decode_paths` timed fastest for this
+        batch size (`path_choice`).
         """
         if self.rope is None:
             return self._decode_modules(tokens)
