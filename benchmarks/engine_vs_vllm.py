@@ -16,6 +16,9 @@ the real limit is a little lower); each tok/s is reported as a fraction of it. A
 bound by memory instead: every step reads all matmul weights (4 bytes each in fp32, 2 in bf16) for `c`
 tokens, so the roofline at concurrency `c` is `min(compute limit, c * read bandwidth / weight bytes)`, with the read
 bandwidth measured here too (a 1 GiB reduction at `--threads`); `fraction_of_roofline` is against that.
+Every request also prefills its prompt, so `limit_with_prompt_tok_s` counts those FLOPs too (the layers
+over every prompt position, the lm_head only at the last): the rate a closed loop of fresh requests could
+reach, and `fraction_of_limit_with_prompt` is against that.
 
     .venv/bin/python benchmarks/engine_vs_vllm.py [--model firetitan/tiny-qwen3 | DIR] [--concurrency 1,32,128]
         [--max-tokens 64] [--repeats 3] [--threads 2] [--dtype float32|bfloat16]
@@ -70,9 +73,10 @@ def model_dir(name: str, scratch: Path) -> Path:
     return export_model(name, scratch / name.replace("/", "_")).resolve()
 
 
-def matmul_params(directory: Path) -> tuple[int, int]:
-    """(parameters in matmuls per token, vocab size): every 2-D weight but the embedding, + lm_head if tied."""
-    total, embed, vocab, has_head = 0, 0, 0, False
+def matmul_params(directory: Path) -> tuple[int, int, int]:
+    """(parameters in matmuls per token, vocab size, lm_head parameters): every 2-D weight but the
+    embedding, + the lm_head (the embedding again if tied)."""
+    total, embed, vocab, head = 0, 0, 0, 0
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         for key in f.keys():
             shape = f.get_slice(key).get_shape()
@@ -81,9 +85,18 @@ def matmul_params(directory: Path) -> tuple[int, int]:
             if key.endswith("embed_tokens.weight"):
                 embed, vocab = shape[0] * shape[1], shape[0]
                 continue
-            has_head = has_head or key == "lm_head.weight"
+            if key == "lm_head.weight":
+                head = shape[0] * shape[1]
             total += shape[0] * shape[1]
-    return total + (0 if has_head else embed), vocab
+    return total + (0 if head else embed), vocab, head or embed
+
+
+def flops_per_generated_token(params: int, head: int, prompt_tokens: int, max_tokens: int) -> float:
+    """All matmul FLOPs of one request over its generated tokens: the prefill runs the layers over every
+    prompt position and the lm_head at the last one (the first new token), then `max_tokens - 1` decode
+    steps run everything."""
+    body = params - head
+    return 2 * ((prompt_tokens + max_tokens - 1) * body + max_tokens * head) / max_tokens
 
 
 def measure_gflops(threads: int, size: int = 1024, seconds: float = 2.0, dtype: torch.dtype = torch.float32
@@ -231,7 +244,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in args.concurrency.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="engine-vs-vllm-"))
     directory = model_dir(args.model, scratch)
-    params, vocab = matmul_params(directory)
+    params, vocab, head = matmul_params(directory)
     dtype = getattr(torch, args.dtype)
     weight_bytes = dtype.itemsize
     gflops_before = measure_gflops(args.threads, dtype=dtype)
@@ -279,6 +292,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gflops_after = measure_gflops(args.threads, dtype=dtype)
     gflops = max(gflops_before, gflops_after)
     limit_tok_s = gflops * 1e9 / (2 * params)
+    # The same limit with the prompts' prefill counted: what a closed loop of fresh requests can reach.
+    limit_with_prompt = gflops * 1e9 / flops_per_generated_token(params, head, args.prompt_tokens, args.max_tokens)
     read_gbs_after = measure_read_gbs(args.threads)
     read_gbs = max(read_gbs_before, read_gbs_after)
     for row in table:
@@ -287,6 +302,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in servers:
             row[name]["fraction_of_limit"] = round(row[name]["median"] / limit_tok_s, 3)
             row[name]["fraction_of_roofline"] = round(row[name]["median"] / roofline, 3)
+            row[name]["fraction_of_limit_with_prompt"] = round(row[name]["median"] / limit_with_prompt, 3)
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
@@ -294,6 +310,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "matmul_gflops": round(gflops, 1),
         "matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
+        "limit_with_prompt_tok_s": round(limit_with_prompt, 1),
         "read_gb_s": round(read_gbs, 1), "read_gb_s_before_after": [round(read_gbs_before, 1), round(read_gbs_after, 1)],
         "results": table, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_before_and_after": args.load_before + list(os.getloadavg()),
@@ -346,7 +363,9 @@ def main() -> None:
               f"vllm {row['vllm']['median']:8.1f} (±{row['vllm']['spread_pct']}%, "
               f"{row['vllm']['fraction_of_limit']:.0%})  ratio {row['ratio_firetitan_over_vllm']['median']}  "
               f"roofline {row['roofline_tok_s']}: {row['firetitan']['fraction_of_roofline']:.0%} / "
-              f"{row['vllm']['fraction_of_roofline']:.0%}")
+              f"{row['vllm']['fraction_of_roofline']:.0%}  with prompts {report['limit_with_prompt_tok_s']}: "
+              f"{row['firetitan']['fraction_of_limit_with_prompt']:.0%} / "
+              f"{row['vllm']['fraction_of_limit_with_prompt']:.0%}")
 
 
 if __name__ == "__main__":
