@@ -211,15 +211,8 @@ def test_packed_decode_equals_the_reference_and_follows_a_weight_swap() -> None:
     write into the modules (the pack is rebuilt), and refuse a batch of another size."""
     model = load_model(NANO)
     runner = ModelRunner(model, max_slots=4)
-    prompts = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
-    packed, reference = _decode_paths(runner, prompts, 6, ("packed", "reference"))
-    assert torch.allclose(packed, reference, atol=1e-5), (packed - reference).abs().max()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
-    swapped, reference_after = _decode_paths(runner, prompts, 6, ("packed", "reference"))
-    assert not torch.allclose(swapped, packed, atol=1e-3)
-    assert torch.allclose(swapped, reference_after, atol=1e-5), (swapped - reference_after).abs().max()
+    _matches_the_reference_before_and_after_a_swap(runner, [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]],
+                                                   "packed")
     pack = BatchPackedWeights.for_rows(model, runner.layers, 3)
     with pytest.raises(ValueError, match="packed for 3 rows were given 2"):
         pack.lm_head(torch.zeros(2, 1, model.config.hidden_size))
@@ -278,22 +271,29 @@ def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypa
     assert used[-trials:] == [MODULES] * trials
 
 
+
+def _matches_the_reference_before_and_after_a_swap(runner: ModelRunner, prompts: list[list[int]], path: str) -> None:
+    """`path`'s decode logits equal the reference step's (1e-5), also after a hot-load-like write of new
+    weights into the modules, which must change them (the path's weights are rebuilt)."""
+    got, reference = _decode_paths(runner, prompts, 6, (path, "reference"))
+    assert torch.allclose(got, reference, atol=1e-5), (got - reference).abs().max()
+    gen = torch.Generator().manual_seed(1)
+    model = runner.model
+    with torch.no_grad():
+        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
+    swapped, reference_after = _decode_paths(runner, prompts, 6, (path, "reference"))
+    assert not torch.allclose(swapped, got, atol=1e-3)
+    assert torch.allclose(swapped, reference_after, atol=1e-5), (swapped - reference_after).abs().max()
+
+
 def test_row_blocked_decode_equals_the_reference_and_follows_a_weight_swap() -> None:
     """The native small-batch kernel's weights give the reference step's logits at batch 1 and 3, also
     after a hot-load-like write into the modules (they are rebuilt)."""
-    model = load_model(NANO)
-    runner = ModelRunner(model, max_slots=4)
+    runner = ModelRunner(load_model(NANO), max_slots=4)
     assert (runner.row_blocked is not None) == (row_blocked_kernel() is not None)
     assert runner.row_blocked is not None, "gcc builds the kernel on every machine this suite runs on"
     for prompts in ([[1, 5, 6, 7]], [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]):
-        blocked, reference = _decode_paths(runner, prompts, 6, ("row_blocked", "reference"))
-        assert torch.allclose(blocked, reference, atol=1e-5), (blocked - reference).abs().max()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        model.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()})
-    swapped, reference_after = _decode_paths(runner, prompts, 6, ("row_blocked", "reference"))
-    assert not torch.allclose(swapped, blocked, atol=1e-3)
-    assert torch.allclose(swapped, reference_after, atol=1e-5), (swapped - reference_after).abs().max()
+        _matches_the_reference_before_and_after_a_swap(runner, prompts, "row_blocked")
 
 
 def test_row_blocked_weights_serve_small_batches_only_and_are_freed_when_never_chosen(monkeypatch) -> None:  # type: ignore[no-untyped-def]
