@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
 
-from firetitan.server.deployment.engine.native import RowBlocked, RowBlockedKernel, row_block
+from firetitan.server.deployment.engine.native import (
+    RowBlocked,
+    RowBlockedKernel,
+    row_block,
+    row_blocked_kernel,
+)
 
 # Rotary types whose angles depend on the position only (not on the longest sequence seen), so one table
 # computed at start serves every step. Others ("dynamic", "longrope") keep calling the model's module.
@@ -159,12 +164,16 @@ class ProjectionWeights:
         if not cls.supports(model, layers):
             return None
         weight = model.lm_head.weight
-        fused = cls(model, layers, allow_packing and onednn_packing_works(weight.dtype, weight.device))
+        return cls(model, layers, allow_packing and onednn_packing_works(weight.dtype, weight.device))._first_build()
+
+    def _first_build(self) -> Self | None:
+        """Build the copies now; None where the weights keep no version counter (inference tensors), so a
+        hot-load's change to them could not be seen."""
         try:
-            fused.refresh()
-        except RuntimeError:  # inference tensors keep no version counter: a change could not be seen
+            self.refresh()
+        except RuntimeError:
             return None
-        return fused
+        return self
 
     def _sources(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [self.model.lm_head.weight]
@@ -276,21 +285,22 @@ class RowBlockedWeights(ProjectionWeights):
     def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module], kernel: RowBlockedKernel) -> None:
         super().__init__(model, layers, packed=False)
         self.kernel = kernel
-        self.max_rows = kernel.max_rows
+
+    @property
+    def max_rows(self) -> int:
+        return self.kernel.max_rows
 
     @classmethod
-    def for_kernel(cls, model: torch.nn.Module, layers: list[torch.nn.Module], kernel: RowBlockedKernel
-                   ) -> RowBlockedWeights | None:
-        weight = getattr(getattr(model, "lm_head", None), "weight", None)
-        if (not cls.supports(model, layers) or weight is None or weight.dtype != torch.float32
-                or weight.device.type != "cpu"):
+    def for_model(cls, model: torch.nn.Module, layers: list[torch.nn.Module]) -> RowBlockedWeights | None:
+        """The row-blocked copies for a float32 CPU model the prepared weights support; None elsewhere, and
+        where the kernel cannot be built (checked last: only then is the compiler run)."""
+        if not cls.supports(model, layers):
             return None
-        blocked = cls(model, layers, kernel)
-        try:
-            blocked.refresh()
-        except RuntimeError:  # inference tensors keep no version counter: a change could not be seen
+        weight = model.lm_head.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
-        return blocked
+        kernel = row_blocked_kernel()
+        return None if kernel is None else cls(model, layers, kernel)._first_build()
 
     def _layout(self, weight: torch.Tensor) -> RowBlocked:
         return row_block(weight)

@@ -12,7 +12,6 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.batch_packs import BatchPacks
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
-from firetitan.server.deployment.engine.native import row_blocked_kernel
 from firetitan.server.deployment.engine.ops import (
     ModuleProjections,
     ProjectionWeights,
@@ -108,8 +107,8 @@ class ModelRunner:
         # Row-blocked weights for the native small-batch kernel (float32 CPU, where it compiles), offered
         # to the path choice for batches of up to `kernel.max_rows`; freed once every such batch size
         # chose another path.
-        kernel = row_blocked_kernel() if small_batch_kernel and self.proj is not None else None
-        self.row_blocked = RowBlockedWeights.for_kernel(model, self.layers, kernel) if kernel is not None else None
+        self.row_blocked = (RowBlockedWeights.for_model(model, self.layers)
+                            if small_batch_kernel and self.proj is not None else None)
         self.decode_paths = DecodePathChooser()
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor, proj: ProjectionWeights | None
