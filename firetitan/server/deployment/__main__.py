@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small-batch-kernel", choices=("on", "off"), default="on",
                         help="offer decode batches of 1-7 the native row-blocked kernel (float32 CPU; built "
                              "with gcc on first use, cached)")
+    parser.add_argument("--fused-decode", choices=("on", "off"), default="on",
+                        help="run the decode step's attention, norms and residual adds as native fused calls "
+                             "(float32 CPU; built with gcc on first use, cached)")
     return parser.parse_args(argv)
 
 
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from firetitan.devices import check_dtype, resolve_device
     from firetitan.logging import configure_logging
     from firetitan.server.deployment.app import DeploymentSettings, build_app
+    from firetitan.server.deployment.engine import DecodeOptions
 
     configure_logging(args.log_level, capture_stdlib=True)
     device = resolve_device(args.device, field="--device")  # fails here, before serving, if absent
@@ -68,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
                                   max_choices_per_request=args.max_choices_per_request,
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
                                   device=device, dtype=dtype, threads=threads,
-                                  batch_packs=args.batch_packs,
-                                  small_batch_kernel=args.small_batch_kernel == "on")
+                                  decode=DecodeOptions(batch_packs=args.batch_packs,
+                                                       small_batch_kernel=args.small_batch_kernel == "on",
+                                                       fused_decode=args.fused_decode == "on"))
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))
     # Everything is shut down by now (engine thread joined, app cleaned up). Skip the interpreter's

@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from firetitan.server.deployment.completions import (
     parse_completion,
     usage,
 )
-from firetitan.server.deployment.engine import EngineRequest, StepOutput
+from firetitan.server.deployment.engine import DecodeOptions, EngineRequest, StepOutput
 from firetitan.server.deployment.hotload import HotLoadState, ReplicaHotLoader, SnapshotLoader
 from firetitan.server.deployment.schemas import MAX_SEED, CompletionBody, HotLoadRequest
 from firetitan.server.health import HEALTH_DETAIL
@@ -55,8 +55,7 @@ class DeploymentSettings:
     device: str = "cpu"  # resolved (never "auto"): where the weights, the KV cache and the forward live
     dtype: str = "float32"  # the served weights' dtype; hot-loaded snapshots are cast to it
     threads: int | None = None  # torch threads of the engine thread (the process's only OpenMP team); None: as is
-    batch_packs: int = 1  # batch-shaped weight copies for recurring decode batch sizes (float32 CPU); 0: none
-    small_batch_kernel: bool = True  # the native kernel for decode batches of 1-7 (float32 CPU, needs gcc)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)  # batch packs, native kernels (float32 CPU)
 
 
 class DeploymentService:
@@ -65,7 +64,7 @@ class DeploymentService:
     def __init__(self, settings: DeploymentSettings, serving: Serving | None = None) -> None:
         if settings.max_cached_tokens < 2:
             raise ConfigError("--max-cached-tokens must be at least 2", field="max_cached_tokens")
-        if settings.batch_packs < 0:
+        if settings.decode.batch_packs < 0:
             raise ConfigError("--batch-packs must be 0 or more", field="batch_packs")
         self.settings = settings
         if serving is None:
@@ -74,8 +73,7 @@ class DeploymentService:
                                        max_prefill_tokens=settings.max_prefill_tokens,
                                        max_kv_tokens=settings.max_kv_tokens, device=settings.device,
                                        dtype=settings.dtype, threads=settings.threads,
-                                       batch_packs=settings.batch_packs,
-                                       small_batch_kernel=settings.small_batch_kernel)
+                                       decode=settings.decode)
             log.info("model_loaded", base_model=settings.base_model, device=settings.device, dtype=settings.dtype)
         self.serving = serving
         self.model = serving.model

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from firetitan.server.deployment.engine import Engine, EngineRequest, EngineStats, StepOutput, WeightSwap
+from firetitan.server.deployment.engine import (
+    DecodeOptions,
+    Engine,
+    EngineRequest,
+    EngineStats,
+    StepOutput,
+    WeightSwap,
+)
 from firetitan.server.deployment.engine.runner import kv_row_positions
 
 if TYPE_CHECKING:
@@ -117,12 +124,11 @@ class StartupWeights(Mapping[str, torch.Tensor]):
 
 def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_tokens: int, seed: int,
                      max_prefill_tokens: int, max_kv_tokens: int | None = None, device: str = "cpu",
-                     dtype: str = "float32", threads: int | None = None, batch_packs: int = 1,
-                     small_batch_kernel: bool = True) -> Serving:
+                     dtype: str = "float32", threads: int | None = None,
+                     decode: DecodeOptions = DecodeOptions()) -> Serving:
     """The built-in torch engine over a model loaded in this process, in `dtype` on `device` (resolved);
-    its thread takes `threads` torch threads (None: leaves the count as it finds it) and holds at most
-    `batch_packs` batch-shaped copies of the weights (`engine.batch_packs`); `small_batch_kernel` offers
-    small decode batches the native kernel's row-blocked weights (`engine.native`)."""
+    its thread takes `threads` torch threads (None: leaves the count as it finds it) and runs its decode
+    step as `decode` allows (batch packs, native kernels: `engine.runner.DecodeOptions`)."""
     from firetitan.models import load_model, load_tokenizer
 
     model = load_model(base_model, dtype=dtype).to(device)
@@ -133,7 +139,7 @@ def embedded_serving(base_model: str, *, max_running_seqs: int, max_cached_token
         return Engine(model, tokenizer, emit=emit, policy_version=base_model, max_running_seqs=max_running_seqs,
                       max_cached_tokens=max_cached_tokens, eos_token_ids=eos, seed=seed,
                       max_prefill_tokens=max_prefill_tokens, max_kv_tokens=max_kv_tokens, threads=threads,
-                      batch_packs=batch_packs, small_batch_kernel=small_batch_kernel)
+                      decode=decode)
 
     cfg = model.config
     context = kv_row_positions(int(cfg.max_position_embeddings), max_running_seqs, max_kv_tokens)

@@ -16,7 +16,7 @@ from firetitan.server.deployment.engine.path_choice import (
     ROW_BLOCKED,
     DecodePathChooser,
 )
-from firetitan.server.deployment.engine.runner import ModelRunner, grouped_decode_attention
+from firetitan.server.deployment.engine.runner import DecodeOptions, ModelRunner, grouped_decode_attention
 
 NANO = "firetitan/nano-qwen3"
 
@@ -137,7 +137,7 @@ def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatc
     fastest step was faster (here made unmistakable: the prepared path is slowed down)."""
     from firetitan.server.deployment.engine import runner as runner_module
 
-    runner = ModelRunner(load_model(NANO), max_slots=4, batch_packs=0, small_batch_kernel=False)
+    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(batch_packs=0, small_batch_kernel=False))
     used: list[str] = []
     fast = runner._decode_fast
     clock = [0.0]
@@ -244,7 +244,7 @@ def _clocked_decode(runner: ModelRunner, monkeypatch, cost: dict[str, float]) ->
 def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Once a batch size has run `settle` steps in a row it is packed and timed against its bucket's
     winner; the pack stays when it wins. A size whose pack loses frees it and is never packed again."""
-    runner = ModelRunner(load_model(NANO), max_slots=4, small_batch_kernel=False)
+    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(small_batch_kernel=False))
     assert runner.packs is not None
     settle, trials = runner.packs.settle, runner.decode_paths.trials
     used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.02})
@@ -260,7 +260,7 @@ def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypa
     assert used[-2:] == [PACKED, PACKED]
     assert runner.decode_paths.chosen[DecodePathChooser.exact(2)] == PACKED
 
-    slow = ModelRunner(load_model(NANO), max_slots=4, small_batch_kernel=False)
+    slow = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(small_batch_kernel=False))
     assert slow.packs is not None
     used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.04})
     slow.prefill(slow.cache.allocate(2), [[1, 5, 6], [1, 7]])
@@ -299,7 +299,7 @@ def test_row_blocked_decode_equals_the_reference_and_follows_a_weight_swap() -> 
 def test_row_blocked_weights_serve_small_batches_only_and_are_freed_when_never_chosen(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Batches of 1-7 time the kernel's weights beside the two other paths and keep the fastest; batch 8's
     bucket (8-15) never offers them. Once every bucket they serve chose another path, they are freed."""
-    runner = ModelRunner(load_model(NANO), max_slots=8, batch_packs=0)
+    runner = ModelRunner(load_model(NANO), max_slots=8, options=DecodeOptions(batch_packs=0))
     assert runner.row_blocked is not None
     trials = runner.decode_paths.trials
     used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.02})
@@ -316,7 +316,7 @@ def test_row_blocked_weights_serve_small_batches_only_and_are_freed_when_never_c
         runner.decode([3] * 8)
     assert set(used) == {PREPARED, MODULES}
 
-    slow = ModelRunner(load_model(NANO), max_slots=8, batch_packs=0)
+    slow = ModelRunner(load_model(NANO), max_slots=8, options=DecodeOptions(batch_packs=0))
     used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.04})
     for batch in (1, 2, 4):  # the buckets 1, 2-3 and 4-7
         slow.cache.reset()

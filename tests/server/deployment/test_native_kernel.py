@@ -55,18 +55,20 @@ def test_refuses_what_it_cannot_compute() -> None:
 
 
 def test_a_fresh_cache_builds_once_and_without_a_compiler_it_is_unavailable(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """In a new process: an empty cache directory gets one library; with no compiler the kernel is None
-    (the decode step keeps its other paths), not an error, and the log says why."""
+    """In a new process: an empty cache directory gets one library per kernel; with no compiler each is
+    None (the decode step keeps its torch paths), not an error, and the log says why."""
     script = ("from firetitan.server.deployment.engine.native import row_blocked_kernel as k; "
-              "print(k() is not None)")
+              "from firetitan.server.deployment.engine.decode_glue import decode_glue as g; "
+              "print(k() is not None, g() is not None)")
     cache = tmp_path / "kernels"
     env = {**os.environ, "FIRETITAN_KERNEL_DIR": str(cache)}
     assert shutil.which("gcc") is not None
     built = subprocess.run([sys.executable, "-c", script], env={**env, "CC": "gcc"}, capture_output=True,
                            text=True, timeout=300)
-    assert built.stdout.strip() == "True", built.stderr[-2000:]
+    assert built.stdout.strip() == "True True", built.stderr[-2000:]
     assert len(list(cache.glob("row_blocked-*.so"))) == 1
+    assert len(list(cache.glob("decode_glue-*.so"))) == 1
     missing = subprocess.run([sys.executable, "-c", script], env={**env, "CC": "no-such-cc"},
                              capture_output=True, text=True, timeout=300)
-    assert missing.stdout.strip() == "False", missing.stderr[-2000:]
+    assert missing.stdout.strip() == "False False", missing.stderr[-2000:]
     assert "no C compiler" in missing.stdout + missing.stderr

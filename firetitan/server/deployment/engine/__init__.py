@@ -8,6 +8,7 @@ from firetitan.server.deployment.engine.request import (
     StepOutput,
     TokenOut,
 )
+from firetitan.server.deployment.engine.runner import DecodeOptions
 
-__all__ = ["PREFILL_QUEUE_BUCKETS", "Engine", "EngineRequest", "EngineStats", "RequestState", "SamplingOptions",
+__all__ = ["PREFILL_QUEUE_BUCKETS", "DecodeOptions", "Engine", "EngineRequest", "EngineStats", "RequestState", "SamplingOptions",
            "StepOutput", "TokenOut", "WeightSwap"]

@@ -14,7 +14,7 @@ from firetitan.logging import get_logger
 from firetitan.server.deployment.detokenize import Decoder, IncrementalText, stream_decoding
 from firetitan.server.deployment.engine.inbox import Abort, InboxEngine, Submit, Swap
 from firetitan.server.deployment.engine.request import EngineRequest, RequestState, StepOutput
-from firetitan.server.deployment.engine.runner import ModelRunner
+from firetitan.server.deployment.engine.runner import DecodeOptions, ModelRunner
 from firetitan.server.deployment.engine.scheduler import Scheduler, StepDecision
 from firetitan.server.deployment.weight_copy import copy_weights
 from firetitan.torch_threads import own_pool
@@ -81,14 +81,14 @@ class Engine(InboxEngine):
     def __init__(self, model: torch.nn.Module, tokenizer: Decoder, *, emit: Emit, policy_version: str,
                  max_running_seqs: int = 64, max_cached_tokens: int = 65536, eos_token_ids: Iterable[int] = (),
                  seed: int = 0, max_prefill_tokens: int = 4096, max_kv_tokens: int | None = None,
-                 threads: int | None = None, batch_packs: int = 1, small_batch_kernel: bool = True) -> None:
+                 threads: int | None = None, decode: DecodeOptions = DecodeOptions()) -> None:
         super().__init__()
         self.threads = threads  # torch threads the engine thread takes (`torch_threads.own_pool`); None: as is
         self.model = model
         self.tokenizer = tokenizer
         self._decode_stream = stream_decoding(tokenizer)  # None: transformers' window decoding
         self.runner = ModelRunner(model, max_running_seqs, seed=seed, max_kv_tokens=max_kv_tokens,
-                                  batch_packs=batch_packs, small_batch_kernel=small_batch_kernel)
+                                  options=decode)
         self.scheduler = Scheduler(max_running_seqs, max_cached_tokens, max_prefill_tokens,
                                    eos_token_ids=eos_token_ids, max_positions=self.runner.max_positions,
                                    policy_version=policy_version)

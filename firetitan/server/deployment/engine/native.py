@@ -1,11 +1,12 @@
-"""The decode step's one native kernel: a small-batch float32 matmul over row-blocked weights.
+"""The decode step's native kernels: how they are built and loaded, and the small-batch float32 matmul
+over row-blocked weights.
 
-`kernels/row_blocked.c` is compiled on first use with the machine's C compiler (`-O3 -march=native
--fopenmp`, ~0.2 s) into a cache directory and loaded with ctypes; nothing is compiled at install time
-and torch's headers are not needed. The file name carries a hash of the source, the flags, the compiler
-and the CPU's feature flags, so a cache shared between machines never loads code built for another
-CPU. Without a compiler, or where the build or the probe below fails, `row_blocked_kernel()` is None
-and the decode step keeps its other paths (one log line says why).
+A kernel `kernels/<name>.c` is compiled on first use with the machine's C compiler (`-O3 -march=native
+-fopenmp`, ~0.2 s) into a cache directory and loaded with ctypes (`load_kernel`); nothing is compiled at
+install time and torch's headers are not needed. The file name carries a hash of the source, the flags,
+the compiler and the CPU's feature flags, so a cache shared between machines never loads code built for
+another CPU. Without a compiler, or where the build or a kernel's probe against torch fails, its loader
+returns None and the decode step keeps its torch ops (one log line says why).
 
 Bounded: one file per (source, compiler, CPU) in the cache directory, written atomically.
 """
@@ -33,7 +34,7 @@ log = get_logger("firetitan.deployment.native")
 
 KERNEL_DIR_ENV = "FIRETITAN_KERNEL_DIR"
 BLOCK = 16  # output rows per block: one 16-float vector
-_SOURCE = Path(__file__).with_name("kernels") / "row_blocked.c"
+_SOURCES = Path(__file__).with_name("kernels")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 120.0
 
@@ -96,13 +97,41 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
                        timeout=_COMPILE_TIMEOUT_S)
         os.replace(built, target)  # atomic: a worker starting beside us sees the whole file or none
+
+
+@functools.cache
+def load_kernel(name: str) -> ctypes.CDLL | None:
+    """`kernels/<name>.c` compiled for this machine, built once per cache directory; None where it
+    cannot be (logged with the reason)."""
+    if platform.system() != "Linux":  # the build uses gcc's flags and the ELF loader
+        log.info("native_kernel_unavailable", kernel=name, reason=f"not built on {platform.system()}")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "gcc"))
+    if compiler is None:
+        log.info("native_kernel_unavailable", kernel=name, reason="no C compiler (gcc) on PATH")
+        return None
+    source = _SOURCES / f"{name}.c"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([source.read_text(), " ".join(_FLAGS), version, _cpu_flags(),
+                                        platform.machine()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"{name}-{key}.so"
+        if not target.exists():
+            _build(compiler, source, target)
+            log.info("native_kernel_built", path=str(target))
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None)
+        reason = (detail.decode(errors="replace") if isinstance(detail, bytes) else str(exc))[-500:]
+        log.info("native_kernel_unavailable", kernel=name, reason=reason)
+        return None
 
 
 def _probe(kernel: RowBlockedKernel) -> bool:
@@ -119,29 +148,13 @@ def _probe(kernel: RowBlockedKernel) -> bool:
 
 @functools.cache
 def row_blocked_kernel() -> RowBlockedKernel | None:
-    """The compiled kernel for this machine, built once per cache directory; None where it cannot be."""
-    if platform.system() != "Linux":  # the build uses gcc's flags and the ELF loader
-        log.info("native_kernel_unavailable", reason=f"not built on {platform.system()}")
+    """The compiled small-batch matmul for this machine; None where it cannot be built or miscomputes."""
+    library = load_kernel("row_blocked")
+    if library is None:
         return None
-    compiler = shutil.which(os.environ.get("CC", "gcc"))
-    if compiler is None:
-        log.info("native_kernel_unavailable", reason="no C compiler (gcc) on PATH")
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags(),
-                                        platform.machine()]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"row_blocked-{key}.so"
-        if not target.exists():
-            _build(compiler, target)
-            log.info("native_kernel_built", path=str(target))
-        kernel = RowBlockedKernel(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None)
-        reason = (detail.decode(errors="replace") if isinstance(detail, bytes) else str(exc))[-500:]
-        log.info("native_kernel_unavailable", reason=reason)
-        return None
+    kernel = RowBlockedKernel(library)
     if not _probe(kernel):
-        log.warning("native_kernel_unavailable", reason="its products differ from torch's on this machine")
+        log.warning("native_kernel_unavailable", kernel="row_blocked",
+                    reason="its products differ from torch's on this machine")
         return None
     return kernel

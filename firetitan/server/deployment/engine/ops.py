@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Self
 
 import torch
@@ -222,8 +223,13 @@ class ProjectionWeights:
     def o_proj(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.o[index])
 
-    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, index: int, x: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        """The MLP of layer `index`; `gate` computes `act(gate) * up` from the fused gate/up output (the
+        native glue's), else the module's `act_fn` does."""
         gate_up = self.linear(x, self.gate_up[index])
+        if gate is not None:
+            return self.linear(gate(gate_up), self.down[index])
         half = gate_up.shape[-1] // 2
         # In place on the activation's fresh output: one allocation less (a prefill's are 12.6 MB each).
         return self.linear(self.layers[index].mlp.act_fn(gate_up[..., :half]).mul_(gate_up[..., half:]), self.down[index])
@@ -330,7 +336,9 @@ class ModuleProjections:
     def o_proj(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.layers[index].self_attn.o_proj.weight)
 
-    def mlp(self, index: int, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, index: int, x: torch.Tensor, gate: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        """As `ProjectionWeights.mlp`; there is no fused gate/up output here, so `gate` is not used."""
         mlp = self.layers[index].mlp
         return F.linear(mlp.act_fn(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
                         mlp.down_proj.weight)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.batch_packs import BatchPacks
+from firetitan.server.deployment.engine.decode_glue import DecodeGlue, decode_glue
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
 from firetitan.server.deployment.engine.ops import (
     ModuleProjections,
@@ -50,6 +53,25 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.to(q.dtype).view(bsz, heads, 1, dim)
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode step may run; each option applies to float32 models on the CPU and does nothing
+    elsewhere. The defaults are the fastest measured (docs/deployment.md)."""
+
+    batch_packs: int = 1  # weight copies MKL-packed for a recurring batch size, at most this many (0: none)
+    small_batch_kernel: bool = True  # offer batches of 1-7 the native row-blocked matmul (`native`)
+    fused_decode: bool = True  # attention, norms and residual adds as native calls (`decode_glue`)
+
+
+def _norm_eps(module: torch.nn.Module | None) -> float | None:
+    """The epsilon of an RMSNorm of the usual form (a float32 `weight`, `variance_epsilon`), else None."""
+    eps = getattr(module, "variance_epsilon", None)
+    weight = getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 1:
+        return None
+    return float(eps)
+
+
 def kv_row_positions(max_positions: int, max_slots: int, max_kv_tokens: int | None) -> int:
     """The longest sequence served: the model's context, or less so that every KV row (the slots and the
     staging row) at that length fits in `max_kv_tokens` positions (the KV memory bound)."""
@@ -74,7 +96,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, max_slots: int, seed: int = 0, max_kv_tokens: int | None = None,
-                 batch_packs: int = 1, small_batch_kernel: bool = True) -> None:
+                 options: DecodeOptions = DecodeOptions()) -> None:
         cfg = model.config
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
@@ -100,16 +122,40 @@ class ModelRunner:
                      if RopeTable.supports(rotary) else None)
         self.proj = ProjectionWeights.build(model, self.layers) if self.rope is not None else None
         self.module_proj = ModuleProjections(model, self.layers) if self.proj is not None else None
-        # Batch-shaped weights for recurring batch sizes, at most `batch_packs` of them (0: none).
-        self.packs = (BatchPacks(model, self.layers, max_packs=batch_packs)
-                      if batch_packs > 0 and self.proj is not None and mkl_packing_works(self.dtype, self.device)
+        # Batch-shaped weights for recurring batch sizes, at most `options.batch_packs` of them (0: none).
+        self.packs = (BatchPacks(model, self.layers, max_packs=options.batch_packs)
+                      if options.batch_packs > 0 and self.proj is not None and mkl_packing_works(self.dtype, self.device)
                       else None)
         # Row-blocked weights for the native small-batch kernel (float32 CPU, where it compiles), offered
         # to the path choice for batches of up to `kernel.max_rows`; freed once every such batch size
         # chose another path.
         self.row_blocked = (RowBlockedWeights.for_model(model, self.layers)
-                            if small_batch_kernel and self.proj is not None else None)
+                            if options.small_batch_kernel and self.proj is not None else None)
         self.decode_paths = DecodePathChooser()
+        # The decode step's attention, norms and residual adds as native fused calls (float32 CPU models
+        # of the usual shape, where the glue compiles); None keeps the torch ops.
+        self.glue = decode_glue() if options.fused_decode and self._glue_fits() else None
+        # Its gated SiLU between the MLP matmuls of prefill and decode, where every layer's act_fn is SiLU.
+        self.gate = (self.glue.silu_mul if self.glue is not None and all(
+            isinstance(layer.mlp.act_fn, (torch.nn.SiLU, SiLUActivation)) for layer in self.layers) else None)
+
+    def _glue_fits(self) -> bool:
+        """Whether `DecodeGlue` computes this model's decode step: float32 on the CPU with prepared weights
+        (bias-free projections of the usual names) and a rotary table, RMSNorms of the usual form, and
+        q/k head norms, where present, with one epsilon."""
+        if self.proj is None or self.rope is None or self.dtype != torch.float32 or self.device.type != "cpu":
+            return False
+        if self.head_dim % 2 or self.num_heads % self.kv_heads:
+            return False
+        norms = [self.inner.norm]
+        for layer in self.layers:
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+            attn = layer.self_attn
+            if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+                if _norm_eps(getattr(attn, "q_norm", None)) != _norm_eps(getattr(attn, "k_norm", None)):
+                    return False
+                norms += [attn.q_norm, attn.k_norm]
+        return all(_norm_eps(n) is not None for n in norms)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor, proj: ProjectionWeights | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +201,7 @@ class ModelRunner:
             hidden = residual + layer.self_attn.o_proj(attn_out)
             return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = residual + proj.o_proj(index, attn_out)
-        return hidden + proj.mlp(index, rms_norm(layer.post_attention_layernorm, hidden))
+        return hidden + proj.mlp(index, rms_norm(layer.post_attention_layernorm, hidden), self.gate)
 
     def _projections(self) -> ProjectionWeights | None:
         """The prepared projection weights, rebuilt first if a hot-load changed the model's."""
@@ -295,7 +341,10 @@ class ModelRunner:
     def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections | None
                      ) -> torch.Tensor:
         """`decode` with the rotary table; projections through `proj`, or by calling the modules if None
-        (models `ProjectionWeights` does not take)."""
+        (models `ProjectionWeights` does not take). With the native glue (`self.glue`) the work between the
+        matmuls runs there (`_decode_glued`), else as the torch ops below."""
+        if self.glue is not None and proj is not None:
+            return self._decode_glued(tokens, proj, self.glue)
         bsz = len(tokens)
         cache = self.cache
         lengths = cache.lengths[:bsz]
@@ -344,6 +393,40 @@ class ModelRunner:
             cache.lengths[slot] += 1
         normed = rms_norm(self.inner.norm, hidden)
         return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu().squeeze(1)
+
+    def _decode_glued(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections, glue: DecodeGlue
+                      ) -> torch.Tensor:
+        """`_decode_fast` with everything between the matmuls in native calls: per layer one attention call
+        (head norms, rotary, KV write, attention over each sequence's own positions) and two norm calls
+        that also add the residual, instead of ~45 tensor ops. Same math; float rounding differs."""
+        bsz = len(tokens)
+        cache = self.cache
+        lengths = cache.lengths[:bsz]
+        cache.ensure_capacity(max(lengths) + 1)
+        rope = self.rope
+        assert rope is not None
+        pos = torch.tensor(lengths, dtype=torch.long)
+        hidden = self.inner.embed_tokens(torch.tensor(tokens, dtype=torch.long))  # [B, H], a fresh tensor
+        x = torch.empty_like(hidden)
+        attn_out = torch.empty(bsz, self.num_heads * self.head_dim)
+        layers = self.layers
+        first = layers[0].input_layernorm
+        glue.add_rms_norm(hidden, None, first.weight, first.variance_epsilon, x)
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            q, k, v = proj.qkv_proj(index, x)
+            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            glue.attention(q, k, v, None if q_norm is None else q_norm.weight,
+                           None if k_norm is None else k_norm.weight,
+                           0.0 if q_norm is None else q_norm.variance_epsilon, rope.cos, rope.sin, pos,
+                           cache.k[index], cache.v[index], attn_out)
+            post = layer.post_attention_layernorm
+            glue.add_rms_norm(hidden, proj.o_proj(index, attn_out), post.weight, post.variance_epsilon, x)
+            after = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.inner.norm
+            glue.add_rms_norm(hidden, proj.mlp(index, x, self.gate), after.weight, after.variance_epsilon, x)
+        for slot in range(bsz):
+            cache.lengths[slot] += 1
+        return proj.lm_head(x).float().cpu()
 
     @torch.inference_mode()
     def _decode_modules(self, tokens: Sequence[int]) -> torch.Tensor:
