@@ -15,10 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from firetitan.logging import get_logger
-from firetitan.server.deployment.engine.native import load_kernel
-
-log = get_logger("firetitan.deployment.native")
+from firetitan.server.deployment.engine.native import checked_kernel
 
 _P = ctypes.c_void_p
 
@@ -166,11 +163,4 @@ def _probe(glue: DecodeGlue) -> bool:
 @functools.cache
 def decode_glue() -> DecodeGlue | None:
     """The compiled glue for this machine; None where it cannot be built or disagrees with torch."""
-    library = load_kernel("decode_glue")
-    if library is None:
-        return None
-    glue = DecodeGlue(library)
-    if not _probe(glue):
-        log.warning("native_kernel_unavailable", kernel="decode_glue", reason="its results differ from torch's here")
-        return None
-    return glue
+    return checked_kernel("decode_glue", DecodeGlue, _probe)

@@ -21,8 +21,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import platformdirs
 import torch
@@ -37,6 +38,8 @@ BLOCK = 16  # output rows per block: one 16-float vector
 _SOURCES = Path(__file__).with_name("kernels")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 120.0
+
+K = TypeVar("K")
 
 
 class RowBlocked(NamedTuple):
@@ -146,15 +149,20 @@ def _probe(kernel: RowBlockedKernel) -> bool:
     return True
 
 
+def checked_kernel(name: str, wrap: Callable[[ctypes.CDLL], K], probe: Callable[[K], bool]) -> K | None:
+    """`load_kernel(name)` wrapped by `wrap`, if `probe` finds it agrees with torch on this machine; else None
+    (logged): the decode step then keeps its torch ops."""
+    library = load_kernel(name)
+    if library is None:
+        return None
+    kernel = wrap(library)
+    if not probe(kernel):
+        log.warning("native_kernel_unavailable", kernel=name, reason="its results differ from torch's on this machine")
+        return None
+    return kernel
+
+
 @functools.cache
 def row_blocked_kernel() -> RowBlockedKernel | None:
     """The compiled small-batch matmul for this machine; None where it cannot be built or miscomputes."""
-    library = load_kernel("row_blocked")
-    if library is None:
-        return None
-    kernel = RowBlockedKernel(library)
-    if not _probe(kernel):
-        log.warning("native_kernel_unavailable", kernel="row_blocked",
-                    reason="its products differ from torch's on this machine")
-        return None
-    return kernel
+    return checked_kernel("row_blocked", RowBlockedKernel, _probe)

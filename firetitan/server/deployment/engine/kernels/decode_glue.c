@@ -11,6 +11,7 @@
  * float rounding only (another summation order, a polynomial exp within 2 ulp).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -203,42 +204,41 @@ int ft_decode_attention(const float *q, long ldq, const float *k, long ldk, cons
     const long span_pad = (longest + 15) / 16 * 16;
     const float scale = 1.0f / sqrtf((float)dim);
     const long tasks = (long)batch * kv_heads;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+    if (threads < 1) threads = 1;
+    /* Scratch for every thread up front, so a failed allocation returns before anything is written.
+     * Per thread: one head's scores [span_pad], the group's queries [group][dim], one rotary scratch row. */
+    const long per_thread = (span_pad + group * dim + dim + 15) / 16 * 16;
+    float *scratch = aligned_alloc(64, threads * per_thread * sizeof(float));
+    if (!scratch) return -2;
+#pragma omp parallel num_threads(threads)
     {
-        /* per thread: one head's scores [span_pad], the group's queries [group][dim], one rotary scratch row */
-        float *scratch = aligned_alloc(64, ((span_pad + group * dim + dim + 15) / 16 * 16) * sizeof(float));
-        if (!scratch) {
-            failed = 1;
-        } else {
-            float *scores = scratch, *qs = scores + span_pad, *tmp = qs + group * dim;
+        float *scores = scratch + omp_get_thread_num() * per_thread, *qs = scores + span_pad, *tmp = qs + group * dim;
 #pragma omp for schedule(static)
-            for (long task = 0; task < tasks; task++) {
-                const int b = (int)(task / kv_heads), kvh = (int)(task % kv_heads);
-                const long p = pos[b], span = p + 1;
-                const float *cos_row = cos_table + p * dim, *sin_row = sin_table + p * dim;
-                float *keys = k_cache + ((long)b * kv_heads + kvh) * capacity * dim;
-                float *values = v_cache + ((long)b * kv_heads + kvh) * capacity * dim;
-                /* The new key (normed, rotated) and value go into the cache first: the token attends to itself. */
-                float *knew = keys + p * dim;
-                memcpy(knew, k + b * ldk + (long)kvh * dim, dim * sizeof(float));
-                if (k_norm) rms_norm_row(knew, k_norm, knew, dim, eps);
-                rope(knew, cos_row, sin_row, dim, tmp);
-                memcpy(values + p * dim, v + b * ldv + (long)kvh * dim, dim * sizeof(float));
-                for (int g = 0; g < group; g++) {
-                    float *qh = qs + g * dim;
-                    memcpy(qh, q + b * ldq + (long)(kvh * group + g) * dim, dim * sizeof(float));
-                    if (q_norm) rms_norm_row(qh, q_norm, qh, dim, eps);
-                    rope(qh, cos_row, sin_row, dim, tmp);
-                }
-                for (int g = 0; g < group; g++)
-                    head_attention(qs + g * dim, keys, values, span, dim, scale, scores,
-                                   out + (long)b * heads * dim + (long)(kvh * group + g) * dim);
+        for (long task = 0; task < tasks; task++) {
+            const int b = (int)(task / kv_heads), kvh = (int)(task % kv_heads);
+            const long p = pos[b], span = p + 1;
+            const float *cos_row = cos_table + p * dim, *sin_row = sin_table + p * dim;
+            float *keys = k_cache + ((long)b * kv_heads + kvh) * capacity * dim;
+            float *values = v_cache + ((long)b * kv_heads + kvh) * capacity * dim;
+            /* The new key (normed, rotated) and value go into the cache first: the token attends to itself. */
+            float *knew = keys + p * dim;
+            memcpy(knew, k + b * ldk + (long)kvh * dim, dim * sizeof(float));
+            if (k_norm) rms_norm_row(knew, k_norm, knew, dim, eps);
+            rope(knew, cos_row, sin_row, dim, tmp);
+            memcpy(values + p * dim, v + b * ldv + (long)kvh * dim, dim * sizeof(float));
+            for (int g = 0; g < group; g++) {
+                float *qh = qs + g * dim;
+                memcpy(qh, q + b * ldq + (long)(kvh * group + g) * dim, dim * sizeof(float));
+                if (q_norm) rms_norm_row(qh, q_norm, qh, dim, eps);
+                rope(qh, cos_row, sin_row, dim, tmp);
             }
-            free(scratch);
+            for (int g = 0; g < group; g++)
+                head_attention(qs + g * dim, keys, values, span, dim, scale, scores,
+                               out + (long)b * heads * dim + (long)(kvh * group + g) * dim);
         }
     }
-    return failed ? -2 : 0;
+    free(scratch);
+    return 0;
 }
 
 /* out[r] = silu(gate_up[r][:inter]) * gate_up[r][inter:], silu(g) = g / (1 + exp(-g)), per row of
