@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import SiLUActivation
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.batch_packs import BatchPacks
-from firetitan.server.deployment.engine.decode_glue import DecodeGlue, decode_glue
+from firetitan.server.deployment.engine.decode_glue import decode_glue
+from firetitan.server.deployment.engine.glued_decode import decode_glued, glue_fits, silu_gate
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
 from firetitan.server.deployment.engine.ops import (
     ModuleProjections,
@@ -61,15 +61,6 @@ class DecodeOptions:
     batch_packs: int = 1  # weight copies MKL-packed for a recurring batch size, at most this many (0: none)
     small_batch_kernel: bool = True  # offer batches of 1-7 the native row-blocked matmul (`native`)
     fused_decode: bool = True  # attention, norms and residual adds as native calls (`decode_glue`)
-
-
-def _norm_eps(module: torch.nn.Module | None) -> float | None:
-    """The epsilon of an RMSNorm of the usual form (a float32 `weight`, `variance_epsilon`), else None."""
-    eps = getattr(module, "variance_epsilon", None)
-    weight = getattr(module, "weight", None)
-    if eps is None or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 1:
-        return None
-    return float(eps)
 
 
 def kv_row_positions(max_positions: int, max_slots: int, max_kv_tokens: int | None) -> int:
@@ -134,28 +125,9 @@ class ModelRunner:
         self.decode_paths = DecodePathChooser()
         # The decode step's attention, norms and residual adds as native fused calls (float32 CPU models
         # of the usual shape, where the glue compiles); None keeps the torch ops.
-        self.glue = decode_glue() if options.fused_decode and self._glue_fits() else None
+        self.glue = decode_glue() if options.fused_decode and glue_fits(self) else None
         # Its gated SiLU between the MLP matmuls of prefill and decode, where every layer's act_fn is SiLU.
-        self.gate = (self.glue.silu_mul if self.glue is not None and all(
-            isinstance(layer.mlp.act_fn, (torch.nn.SiLU, SiLUActivation)) for layer in self.layers) else None)
-
-    def _glue_fits(self) -> bool:
-        """Whether `DecodeGlue` computes this model's decode step: float32 on the CPU with prepared weights
-        (bias-free projections of the usual names) and a rotary table, RMSNorms of the usual form, and
-        q/k head norms, where present, with one epsilon."""
-        if self.proj is None or self.rope is None or self.dtype != torch.float32 or self.device.type != "cpu":
-            return False
-        if self.head_dim % 2 or self.num_heads % self.kv_heads:
-            return False
-        norms = [self.inner.norm]
-        for layer in self.layers:
-            norms += [layer.input_layernorm, layer.post_attention_layernorm]
-            attn = layer.self_attn
-            if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-                if _norm_eps(getattr(attn, "q_norm", None)) != _norm_eps(getattr(attn, "k_norm", None)):
-                    return False
-                norms += [attn.q_norm, attn.k_norm]
-        return all(_norm_eps(n) is not None for n in norms)
+        self.gate = silu_gate(self.glue, self.layers)
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor, proj: ProjectionWeights | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,9 +314,9 @@ class ModelRunner:
                      ) -> torch.Tensor:
         """`decode` with the rotary table; projections through `proj`, or by calling the modules if None
         (models `ProjectionWeights` does not take). With the native glue (`self.glue`) the work between the
-        matmuls runs there (`_decode_glued`), else as the torch ops below."""
+        matmuls runs there (`glued_decode.decode_glued`), else as the torch ops below."""
         if self.glue is not None and proj is not None:
-            return self._decode_glued(tokens, proj, self.glue)
+            return decode_glued(self, tokens, proj, self.glue)
         bsz = len(tokens)
         cache = self.cache
         lengths = cache.lengths[:bsz]
@@ -393,40 +365,6 @@ class ModelRunner:
             cache.lengths[slot] += 1
         normed = rms_norm(self.inner.norm, hidden)
         return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu().squeeze(1)
-
-    def _decode_glued(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections, glue: DecodeGlue
-                      ) -> torch.Tensor:
-        """`_decode_fast` with everything between the matmuls in native calls: per layer one attention call
-        (head norms, rotary, KV write, attention over each sequence's own positions) and two norm calls
-        that also add the residual, instead of ~45 tensor ops. Same math; float rounding differs."""
-        bsz = len(tokens)
-        cache = self.cache
-        lengths = cache.lengths[:bsz]
-        cache.ensure_capacity(max(lengths) + 1)
-        rope = self.rope
-        assert rope is not None
-        pos = torch.tensor(lengths, dtype=torch.long)
-        hidden = self.inner.embed_tokens(torch.tensor(tokens, dtype=torch.long))  # [B, H], a fresh tensor
-        x = torch.empty_like(hidden)
-        attn_out = torch.empty(bsz, self.num_heads * self.head_dim)
-        layers = self.layers
-        first = layers[0].input_layernorm
-        glue.add_rms_norm(hidden, None, first.weight, first.variance_epsilon, x)
-        for index, layer in enumerate(layers):
-            attn = layer.self_attn
-            q, k, v = proj.qkv_proj(index, x)
-            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-            glue.attention(q, k, v, None if q_norm is None else q_norm.weight,
-                           None if k_norm is None else k_norm.weight,
-                           0.0 if q_norm is None else q_norm.variance_epsilon, rope.cos, rope.sin, pos,
-                           cache.k[index], cache.v[index], attn_out)
-            post = layer.post_attention_layernorm
-            glue.add_rms_norm(hidden, proj.o_proj(index, attn_out), post.weight, post.variance_epsilon, x)
-            after = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.inner.norm
-            glue.add_rms_norm(hidden, proj.mlp(index, x, self.gate), after.weight, after.variance_epsilon, x)
-        for slot in range(bsz):
-            cache.lengths[slot] += 1
-        return proj.lm_head(x).float().cpu()
 
     @torch.inference_mode()
     def _decode_modules(self, tokens: Sequence[int]) -> torch.Tensor:
