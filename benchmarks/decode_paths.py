@@ -2,8 +2,7 @@
 
 In process, one model, the same KV state for every path (`--position`-token prompts, default 32, the
 step repeated at that position): the prepared weights (oneDNN-prepacked on the CPU), the model's own
-modules (BLAS), the native small-batch kernel's row-blocked weights (batches of 1-8, where gcc builds
-it) and weights MKL-packed for exactly that batch (float32 CPU); each with the torch ops between the
+modules (BLAS), the native matmul's row-blocked weights (where gcc builds it) and weights MKL-packed for exactly that batch (float32 CPU); each with the torch ops between the
 matmuls and, as `<path>+fused`, with the native fused glue (`engine/decode_glue.py`). The paths are timed
 in alternating rounds, so machine noise hits them alike; each reports the median and best step over
 `--rounds` x `--steps` steps, and its ratio to the prepared weights' median (torch ops). The matmul
@@ -60,7 +59,7 @@ def measure(model: torch.nn.Module, batch: int, rounds: int, steps: int, positio
     runner.prefill(runner.cache.allocate(batch), prompts)
     glue = runner.glue
     paths: dict[str, Any] = {"prepared": runner._projections(), "modules": runner.module_proj}
-    if runner.row_blocked is not None and batch <= runner.row_blocked.max_rows:
+    if runner.row_blocked is not None:
         paths["row_blocked"] = runner.row_blocked
     if mkl_packing_works(runner.dtype, runner.device):
         paths["mkl_packed"] = BatchPackedWeights.for_rows(model, runner.layers, batch)

@@ -33,9 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help="float32|bfloat16: the served weights' dtype")
     parser.add_argument("--batch-packs", type=int, default=1,
                         help="copies of the weights packed for a recurring decode batch size (float32 CPU; 0: none)")
-    parser.add_argument("--small-batch-kernel", choices=("on", "off"), default="on",
-                        help="offer decode batches of 1-7 the native row-blocked kernel (float32 CPU; built "
-                             "with gcc on first use, cached)")
+    # --small-batch-kernel: its name while the kernel served decode batches of 1-7 only; still accepted.
+    parser.add_argument("--native-matmul", "--small-batch-kernel", dest="native_matmul", choices=("on", "off"),
+                        default="on", help="offer decode and prefill the native row-blocked matmul (float32 CPU; "
+                                           "built with gcc on first use, cached)")
     parser.add_argument("--fused-decode", choices=("on", "off"), default="on",
                         help="run the decode step's attention, norms and residual adds as native fused calls "
                              "(float32 CPU; built with gcc on first use, cached)")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                                   max_prefill_tokens=args.max_prefill_tokens, max_kv_tokens=args.max_kv_tokens,
                                   device=device, dtype=dtype, threads=threads,
                                   decode=DecodeOptions(batch_packs=args.batch_packs,
-                                                       small_batch_kernel=args.small_batch_kernel == "on",
+                                                       native_matmul=args.native_matmul == "on",
                                                        fused_decode=args.fused_decode == "on"))
     torch.set_grad_enabled(False)  # a serving process never trains (the engine thread also runs under no_grad)
     asyncio.run(serve_app(build_app(settings), args.host, args.port, args.ready_file))

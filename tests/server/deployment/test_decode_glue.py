@@ -45,6 +45,38 @@ def test_attention_equals_torch_and_writes_only_the_new_rows(heads: int, kv_head
         assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "norms"), [(9, 3, 64, False), (4, 2, 128, True)])
+def test_prefill_rows_attend_causally_within_their_own_slot(heads: int, kv_heads: int, dim: int, norms: bool) -> None:
+    """Rows naming their slots (a prefill): prompts of 40 and 3 positions in slots 3 and 0, and a chunk at
+    positions 20-24 of slot 1 over its cached prefix, in one call, equal the torch reference, which
+    writes every row's K/V before any row attends; a row never sees a later position or another slot."""
+    glue = _glue()
+    gen = torch.Generator().manual_seed(dim)
+    capacity = 64
+    slots = torch.tensor([3] * 40 + [0] * 3 + [1] * 5)
+    positions = torch.cat([torch.arange(40), torch.arange(3), torch.arange(20, 25)])
+    rows = slots.shape[0]
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    q_norm = torch.rand(dim, generator=gen) + 0.5 if norms else None
+    k_norm = torch.rand(dim, generator=gen) + 0.5 if norms else None
+    cos, sin = torch.randn(capacity, dim, generator=gen), torch.randn(capacity, dim, generator=gen)
+    caches = [torch.randn(4, kv_heads, capacity, dim, generator=gen) for _ in range(2)]
+    mine = [c.clone() for c in caches]
+    out = torch.empty(rows, heads * dim)
+    glue.attention(q, k, v, q_norm, k_norm, 1e-6, cos, sin, positions, mine[0], mine[1], out, slots=slots)
+    want = reference_attention(q, k, v, q_norm, k_norm, 1e-6, cos, sin, positions, *caches, slots=slots)
+    assert torch.allclose(out, want, atol=2e-5, rtol=1e-4), (out - want).abs().max()
+    for got, ref in zip(mine, caches, strict=True):
+        assert torch.allclose(got, ref, atol=1e-6, rtol=1e-5), (got - ref).abs().max()
+    # Causal: the first row of the 40-token prompt sees only itself, so its output is its own value row.
+    own_value = v[0, :dim]
+    assert torch.allclose(out[0, :dim], own_value, atol=1e-5)
+    with pytest.raises(ValueError, match="slot past the cache"):
+        glue.attention(q, k, v, None, None, 1e-6, cos, sin, positions, mine[0], mine[1], out,
+                       slots=torch.where(slots == 3, 4, slots))
+
+
 def test_attention_refuses_a_position_past_the_cache_or_mismatched_shapes() -> None:
     glue = _glue()
     q, k, v = torch.randn(2, 4 * 8), torch.randn(2, 2 * 8), torch.randn(2, 2 * 8)

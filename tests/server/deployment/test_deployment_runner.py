@@ -16,7 +16,12 @@ from firetitan.server.deployment.engine.path_choice import (
     ROW_BLOCKED,
     DecodePathChooser,
 )
-from firetitan.server.deployment.engine.runner import DecodeOptions, ModelRunner, grouped_decode_attention
+from firetitan.server.deployment.engine.runner import (
+    PREFILL_ROWS_SHARING_A_KEY,
+    DecodeOptions,
+    ModelRunner,
+    grouped_decode_attention,
+)
 
 NANO = "firetitan/nano-qwen3"
 
@@ -83,8 +88,8 @@ def _decode_paths(runner: ModelRunner, prompts: list[list[int]], steps: int, pat
     """Logits of `steps` decode steps through each of `paths` from the same KV state (the cache is reset
     and refilled between them): "prepared" and "modules" are the two projection paths of the fast step
     (rotary table; "calls" is the modules path by calling the modules, as for models without prepared
-    weights; "packed" runs weights MKL packed for this batch size, "row_blocked" the native small-batch
-    kernel's weights), "reference" the step through the model's modules only."""
+    weights; "packed" runs weights MKL packed for this batch size, "row_blocked" the native matmul's
+    weights), "reference" the step through the model's modules only."""
     runs = []
     packed = BatchPackedWeights.for_rows(runner.model, runner.layers, len(prompts)) if "packed" in paths else None
     for path in paths:
@@ -137,7 +142,7 @@ def test_decode_times_both_paths_then_keeps_the_faster_per_batch_size(monkeypatc
     fastest step was faster (here made unmistakable: the prepared path is slowed down)."""
     from firetitan.server.deployment.engine import runner as runner_module
 
-    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(batch_packs=0, small_batch_kernel=False))
+    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(batch_packs=0, native_matmul=False))
     used: list[str] = []
     fast = runner._decode_fast
     clock = [0.0]
@@ -244,7 +249,7 @@ def _clocked_decode(runner: ModelRunner, monkeypatch, cost: dict[str, float]) ->
 def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Once a batch size has run `settle` steps in a row it is packed and timed against its bucket's
     winner; the pack stays when it wins. A size whose pack loses frees it and is never packed again."""
-    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(small_batch_kernel=False))
+    runner = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(native_matmul=False))
     assert runner.packs is not None
     settle, trials = runner.packs.settle, runner.decode_paths.trials
     used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.02})
@@ -260,7 +265,7 @@ def test_a_settled_batch_size_gets_packed_weights_kept_only_when_faster(monkeypa
     assert used[-2:] == [PACKED, PACKED]
     assert runner.decode_paths.chosen[DecodePathChooser.exact(2)] == PACKED
 
-    slow = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(small_batch_kernel=False))
+    slow = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(native_matmul=False))
     assert slow.packs is not None
     used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, PACKED: 0.04})
     slow.prefill(slow.cache.allocate(2), [[1, 5, 6], [1, 7]])
@@ -287,44 +292,91 @@ def _matches_the_reference_before_and_after_a_swap(runner: ModelRunner, prompts:
 
 
 def test_row_blocked_decode_equals_the_reference_and_follows_a_weight_swap() -> None:
-    """The native small-batch kernel's weights give the reference step's logits at batch 1 and 3, also
-    after a hot-load-like write into the modules (they are rebuilt)."""
-    runner = ModelRunner(load_model(NANO), max_slots=4)
+    """The native matmul's weights give the reference step's logits at batch 1, 3 and 11 (a whole and a
+    partial tile of 8 rows), also after a hot-load-like write into the modules (they are rebuilt)."""
+    runner = ModelRunner(load_model(NANO), max_slots=12)
     assert (runner.row_blocked is not None) == (row_blocked_kernel() is not None)
     assert runner.row_blocked is not None, "gcc builds the kernel on every machine this suite runs on"
-    for prompts in ([[1, 5, 6, 7]], [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]):
+    three = [[1, 5, 6, 7], [1, 300, 301], [1, *range(40, 50)]]
+    eleven = [[1, 7 * i + 2, 9 * i + 5][: 2 + i % 2] for i in range(11)]
+    for prompts in ([[1, 5, 6, 7]], three, eleven):
         _matches_the_reference_before_and_after_a_swap(runner, prompts, "row_blocked")
 
 
-def test_row_blocked_weights_serve_small_batches_only_and_are_freed_when_never_chosen(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Batches of 1-7 time the kernel's weights beside the two other paths and keep the fastest; batch 8's
-    bucket (8-15) never offers them. Once every bucket they serve chose another path, they are freed."""
-    runner = ModelRunner(load_model(NANO), max_slots=8, options=DecodeOptions(batch_packs=0))
+def test_row_blocked_weights_are_offered_at_every_batch_size(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every batch-size bucket times the native matmul's weights beside the two other paths and keeps the
+    fastest, small batches and large alike; where another path wins, that bucket keeps it."""
+    runner = ModelRunner(load_model(NANO), max_slots=9, options=DecodeOptions(batch_packs=0))
     assert runner.row_blocked is not None
     trials = runner.decode_paths.trials
     used = _clocked_decode(runner, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.02})
-    runner.prefill(runner.cache.allocate(2), [[1, 5, 6], [1, 7]])
-    for _ in range(3 * trials + 2):
-        runner.decode([3, 4])
-    assert used[: 3 * trials] == [PREPARED, MODULES, ROW_BLOCKED] * trials
-    assert used[3 * trials:] == [ROW_BLOCKED] * 2
-    assert runner.decode_paths.chosen[DecodePathChooser.bucket(2)] == ROW_BLOCKED
-    runner.cache.reset()
-    runner.prefill(runner.cache.allocate(8), [[1, 2 + i] for i in range(8)])
-    used.clear()
-    for _ in range(2 * trials):
-        runner.decode([3] * 8)
-    assert set(used) == {PREPARED, MODULES}
+    for batch in (2, 9):  # the buckets 2-3 and 8-15
+        runner.cache.reset()
+        runner.prefill(runner.cache.allocate(batch), [[1, 2 + i] for i in range(batch)])
+        used.clear()
+        for _ in range(3 * trials + 2):
+            runner.decode([3] * batch)
+        assert used[: 3 * trials] == [PREPARED, MODULES, ROW_BLOCKED] * trials
+        assert used[3 * trials:] == [ROW_BLOCKED] * 2
+        assert runner.decode_paths.chosen[DecodePathChooser.bucket(batch)] == ROW_BLOCKED
 
-    slow = ModelRunner(load_model(NANO), max_slots=8, options=DecodeOptions(batch_packs=0))
+    slow = ModelRunner(load_model(NANO), max_slots=4, options=DecodeOptions(batch_packs=0))
     used = _clocked_decode(slow, monkeypatch, {PREPARED: 0.05, MODULES: 0.03, ROW_BLOCKED: 0.04})
-    for batch in (1, 2, 4):  # the buckets 1, 2-3 and 4-7
-        slow.cache.reset()
-        slow.prefill(slow.cache.allocate(batch), [[1, 2 + i] for i in range(batch)])
-        assert slow.row_blocked is not None  # still wanted by a bucket not decided yet
-        for _ in range(3 * trials):
-            slow.decode([3] * batch)
-        assert slow.decode_paths.chosen[DecodePathChooser.bucket(batch)] == MODULES
-    assert slow.row_blocked is None
-    slow.decode([3] * 4)  # decided buckets keep working without them
+    slow.prefill(slow.cache.allocate(4), [[1, 2 + i] for i in range(4)])
+    for _ in range(3 * trials + 1):
+        slow.decode([3] * 4)
+    assert slow.decode_paths.chosen[DecodePathChooser.bucket(4)] == MODULES
     assert used[-1] == MODULES
+
+
+def _clocked_prefill(runner: ModelRunner, monkeypatch, cost: dict[str, float]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Make each prefill take `cost[path]` seconds on the clock the runner reads (each reading advances it
+    by the cost of the path last chosen); returns the log of the prefills' paths."""
+    from firetitan.server.deployment.engine import runner as runner_module
+
+    used: list[str] = []
+    choose = runner._prefill_projections
+    clock = [0.0]
+
+    def chosen(rows: int):  # type: ignore[no-untyped-def]
+        key, path, proj = choose(rows)
+        used.append(path)
+        return key, path, proj
+
+    def perf_counter() -> float:
+        clock[0] += cost[used[-1]] if used else 0.0
+        return clock[0]
+
+    monkeypatch.setattr(runner, "_prefill_projections", chosen)
+    monkeypatch.setattr(runner_module, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    return used
+
+
+def test_prefill_times_both_weights_then_keeps_the_faster_and_both_give_the_model_logits(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A prefill's token rows pick their bucket's weights as decode's batch sizes do: the prepared and the
+    row-blocked weights alternate for `trials` prefills each, then the faster per row stays; a prefill of
+    another size starts its own trials. Both give the model's own last-position logits (1e-5)."""
+    model = load_model(NANO)
+    runner = ModelRunner(model, max_slots=4, options=DecodeOptions(batch_packs=0))
+    assert runner.row_blocked is not None
+    used = _clocked_prefill(runner, monkeypatch, {PREPARED: 0.05, ROW_BLOCKED: 0.02})
+    prompts = [[1, 5, 6, 7], [1, 300, 301]]  # 7 token rows (the glue runs them unpadded)
+    assert runner.glue is not None, "gcc builds the glue on every machine this suite runs on"
+    with torch.no_grad():
+        reference = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    trials = runner.prefill_paths.trials
+    for _ in range(2 * trials + 1):
+        runner.cache.reset()
+        got = runner.prefill(runner.cache.allocate(2), prompts)
+        assert torch.allclose(got, reference, atol=1e-5), (used[-1], (got - reference).abs().max())
+    assert used == [PREPARED, ROW_BLOCKED] * trials + [ROW_BLOCKED]
+    assert runner.prefill_paths.chosen == {DecodePathChooser.bucket(7): ROW_BLOCKED}
+    runner.cache.reset()
+    runner.prefill(runner.cache.allocate(3), [[1, *range(40, 50)]] * 3)  # 33 rows: another bucket
+    assert used[-1] == PREPARED
+    # From PREFILL_ROWS_SHARING_A_KEY rows up, every size shares one key: 160 and then 300 rows alternate.
+    for count, length in ((4, 40), (3, 100)):
+        runner.cache.reset()
+        runner.prefill(runner.cache.allocate(count), [[1, *range(2, length + 1)]] * count)
+    assert used[-2:] == [PREPARED, ROW_BLOCKED]
+    assert PREFILL_ROWS_SHARING_A_KEY <= 160

@@ -69,12 +69,3 @@ def test_a_decided_bucket_stays_decided_and_others_start_fresh() -> None:
 def test_trials_must_be_positive() -> None:
     with pytest.raises(ValueError, match="trials"):
         DecodePathChooser(trials=0)
-
-
-def test_whole_buckets_up_to_a_row_limit() -> None:
-    """A path limited to n rows may only join buckets it covers whole: 8 rows -> batches 1-7 (8 opens 8-15)."""
-    assert [DecodePathChooser.whole_buckets_up_to(n) for n in (1, 2, 3, 6, 7, 8, 15, 16)] == [1, 1, 3, 3, 7, 7, 15, 15]
-    for limit in range(1, 40):
-        top = DecodePathChooser.whole_buckets_up_to(limit)
-        assert top <= limit
-        assert DecodePathChooser.bucket(top + 1) != DecodePathChooser.bucket(top)  # the next bucket starts after it

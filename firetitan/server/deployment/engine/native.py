@@ -1,5 +1,5 @@
-"""The decode step's native kernels: how they are built and loaded, and the small-batch float32 matmul
-over row-blocked weights.
+"""The engine's native kernels: how they are built and loaded, and the float32 matmul over row-blocked
+weights.
 
 A kernel `kernels/<name>.c` is compiled on first use with the machine's C compiler (`-O3 -march=native
 -fopenmp`, ~0.2 s) into a cache directory and loaded with ctypes (`load_kernel`); nothing is compiled at
@@ -58,14 +58,13 @@ def row_block(weight: torch.Tensor) -> RowBlocked:
 
 
 class RowBlockedKernel:
-    """`matmul(x, w)` = `x @ w.T` for a float32 `x` of at most `max_rows` rows, `w` from `row_block`."""
+    """`matmul(x, w)` = `x @ w.T` for a float32 `x` of any number of rows, `w` from `row_block`."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.ft_row_blocked_matmul
         self._fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                             ctypes.c_int, ctypes.c_int]
+                             ctypes.c_long, ctypes.c_int]
         self._fn.restype = ctypes.c_int
-        self.max_rows = int(library.ft_max_rows())
 
     def matmul(self, x: torch.Tensor, weight: RowBlocked) -> torch.Tensor:
         blocks = weight.blocks
@@ -73,8 +72,8 @@ class RowBlockedKernel:
         if x.dtype != torch.float32 or x.shape[-1] != k:
             raise ValueError(f"row-blocked matmul takes float32 [..., {k}], got {x.dtype} {tuple(x.shape)}")
         rows = x.numel() // k
-        if not 1 <= rows <= self.max_rows:
-            raise ValueError(f"row-blocked matmul takes 1 to {self.max_rows} rows, got {rows}")
+        if rows < 1:
+            raise ValueError("row-blocked matmul takes at least one row, got none")
         flat = x.reshape(rows, k).contiguous()
         out = torch.empty(rows, blocks.shape[0] * BLOCK, dtype=torch.float32)
         # ctypes drops the GIL for the call; torch's threads run the blocks (see the C file).
@@ -138,14 +137,17 @@ def load_kernel(name: str) -> ctypes.CDLL | None:
 
 
 def _probe(kernel: RowBlockedKernel) -> bool:
-    """The kernel's product equals torch's for every row count, odd and padded shapes included."""
+    """The kernel's product equals torch's for every tile shape: 1 to 19 rows (whole and partial tiles of 8)
+    times weights of 3, 5 and 7 blocks (column groups of 3 with none, 2 and 1 left over), odd widths
+    and padded rows included."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(37, 29, generator=gen)
-    blocked = row_block(weight)
-    for rows in range(1, kernel.max_rows + 1):
-        x = torch.randn(rows, 29, generator=gen)
-        if not torch.allclose(kernel.matmul(x, blocked), x @ weight.T, atol=1e-4, rtol=1e-4):
-            return False
+    for out_features in (37, 70, 100):
+        weight = torch.randn(out_features, 29, generator=gen)
+        blocked = row_block(weight)
+        for rows in range(1, 20):
+            x = torch.randn(rows, 29, generator=gen)
+            if not torch.allclose(kernel.matmul(x, blocked), x @ weight.T, atol=1e-4, rtol=1e-4):
+                return False
     return True
 
 
@@ -164,5 +166,5 @@ def checked_kernel(name: str, wrap: Callable[[ctypes.CDLL], K], probe: Callable[
 
 @functools.cache
 def row_blocked_kernel() -> RowBlockedKernel | None:
-    """The compiled small-batch matmul for this machine; None where it cannot be built or miscomputes."""
+    """The compiled row-blocked matmul for this machine; None where it cannot be built or miscomputes."""
     return checked_kernel("row_blocked", RowBlockedKernel, _probe)

@@ -276,25 +276,21 @@ class BatchPackedWeights(ProjectionWeights):
 
 
 class RowBlockedWeights(ProjectionWeights):
-    """The prepared projections row-blocked for the native small-batch kernel (`native`, float32 CPU).
+    """The prepared projections row-blocked for the native matmul (`native`, float32 CPU).
 
-    Each weight is stored as blocks of 16 output rows with their columns interleaved, so a decode step
-    at a small batch reads every weight as one sequential stream, once for all its rows. Measured on
-    SmolLM2-135M (2 threads, every matmul of a step, weights cold): 16.2-16.9 ms at batch 1, 2 and 4
-    against 24.0 / 24.7 / 19.5 ms through oneDNN's prepacked weights (33 against 22 GB/s at batch 1 on a
-    machine whose reduction reads 30-49 GB/s). Up to `kernel.max_rows` rows (8); the decode step's path
-    choice (`path_choice`) decides per batch size whether it is the fastest. Same fused weights, rebuilt
-    the same way after a hot-load; results differ from `F.linear` by float rounding only.
-    Memory: one copy of every projection and the lm_head (SmolLM2 float32: +538 MB).
+    Each weight is stored as blocks of 16 output rows with their columns interleaved, so every block is
+    one sequential stream, read once per tile of 8 input rows x 3 blocks (`kernels/row_blocked.c`).
+    Measured on SmolLM2-135M (2 threads, every matmul of a step, weights cold, best of 12): 12 ms at 1-2
+    rows, 25 ms at 16 and 85 ms at 64, against 26-27 / 36 / 104 ms through oneDNN's prepacked weights;
+    ~200 GFLOP/s from 64 rows up, the machine's matmul limit. Any number of rows; the path choices of
+    decode (per batch size) and prefill (per token rows) decide whether it is the fastest here. Same
+    fused weights, rebuilt the same way after a hot-load; results differ from `F.linear` by float
+    rounding only. Memory: one copy of every projection and the lm_head (SmolLM2 float32: +538 MB).
     """
 
     def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module], kernel: RowBlockedKernel) -> None:
         super().__init__(model, layers, packed=False)
         self.kernel = kernel
-
-    @property
-    def max_rows(self) -> int:
-        return self.kernel.max_rows
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, layers: list[torch.nn.Module]) -> RowBlockedWeights | None:

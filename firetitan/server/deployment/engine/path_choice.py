@@ -1,10 +1,11 @@
-"""Pick the fastest of the decode step's matmul paths, per batch size, by timing real steps.
+"""Pick the fastest of the decode step's (and prefill's) matmul paths, per batch size, by timing real steps.
 
 The runner can run a decode step's projections several ways that differ only by float rounding:
 through its prepared weights (fused q/k/v and gate/up, prepacked for oneDNN), through the model's own
-modules (plain BLAS), and, for a batch size that keeps recurring, through weights MKL packed for
-exactly that many rows (`batch_packs`), and, for batches of up to 7, through the native small-batch
-kernel's row-blocked weights (`ops.RowBlockedWeights`). Which one is faster depends on the model, the batch and the
+modules (plain BLAS), for a batch size that keeps recurring through weights MKL packed for exactly
+that many rows (`batch_packs`), and through the native matmul's row-blocked weights
+(`ops.RowBlockedWeights`). A prefill picks between the prepared and the row-blocked weights the same
+way, keyed by the bucket of its token rows and timed per row. Which one is faster depends on the model, the batch and the
 machine, and not in a way a rule captures. Measured on a 2-core CPU (float32, ms per step, prepared /
 modules): SmolLM2-135M 38.4 / 31.7 at batch 1 and 40.9 / 35.0 at batch 3 (BLAS's matrix-vector
 kernels stream the weights faster), but 43 / 50 at batch 4 and 133 / 151 at batch 64; tiny-qwen3
@@ -40,13 +41,6 @@ class DecodePathChooser:
     def bucket(batch: int) -> tuple[str, int]:
         """The key of a batch size's bucket: 1, 2-3, 4-7, ... (powers of two share a kernel regime)."""
         return ("bucket", max(1, batch).bit_length())
-
-    @staticmethod
-    def whole_buckets_up_to(limit: int) -> int:
-        """The largest batch size whose whole bucket lies within 1..`limit` (8 -> 7): a path that serves
-        at most `limit` rows may only be a candidate of those buckets, since a decided bucket's path
-        serves every size in it."""
-        return (1 << ((limit + 1).bit_length() - 1)) - 1
 
     @staticmethod
     def exact(batch: int) -> tuple[str, int]:

@@ -13,7 +13,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from firetitan.errors import ConfigError
 from firetitan.server.deployment.engine.batch_packs import BatchPacks
 from firetitan.server.deployment.engine.decode_glue import decode_glue
-from firetitan.server.deployment.engine.glued_decode import decode_glued, glue_fits, silu_gate
+from firetitan.server.deployment.engine.glued_decode import decode_glued, glue_fits, prefill_glued, silu_gate
 from firetitan.server.deployment.engine.kv_cache import SlotKVCache
 from firetitan.server.deployment.engine.ops import (
     ModuleProjections,
@@ -53,13 +53,19 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     return out.to(q.dtype).view(bsz, heads, 1, dim)
 
 
+# From this many token rows up, prefills share one path choice: both matmul paths run at their large-matrix
+# speed there (measured: 190-219 GFLOP/s from 256 to 2,016 rows), so the choice is made after 6 prefills of
+# any such size instead of 6 per power of two (a 64-request burst's ~2,000-row prefill comes once a burst).
+PREFILL_ROWS_SHARING_A_KEY = 128
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How the decode step may run; each option applies to float32 models on the CPU and does nothing
     elsewhere. The defaults are the fastest measured (docs/deployment.md)."""
 
     batch_packs: int = 1  # weight copies MKL-packed for a recurring batch size, at most this many (0: none)
-    small_batch_kernel: bool = True  # offer batches of 1-7 the native row-blocked matmul (`native`)
+    native_matmul: bool = True  # offer decode and prefill the native row-blocked matmul (`native`)
     fused_decode: bool = True  # attention, norms and residual adds as native calls (`decode_glue`)
 
 
@@ -117,12 +123,12 @@ class ModelRunner:
         self.packs = (BatchPacks(model, self.layers, max_packs=options.batch_packs)
                       if options.batch_packs > 0 and self.proj is not None and mkl_packing_works(self.dtype, self.device)
                       else None)
-        # Row-blocked weights for the native small-batch kernel (float32 CPU, where it compiles), offered
-        # to the path choice for batches of up to `kernel.max_rows`; freed once every such batch size
-        # chose another path.
+        # Row-blocked weights for the native matmul (float32 CPU, where it compiles), offered to the path
+        # choices of decode (every batch size) and prefill.
         self.row_blocked = (RowBlockedWeights.for_model(model, self.layers)
-                            if options.small_batch_kernel and self.proj is not None else None)
+                            if options.native_matmul and self.proj is not None else None)
         self.decode_paths = DecodePathChooser()
+        self.prefill_paths = DecodePathChooser()  # keyed by the bucket of a prefill's token rows
         # The decode step's attention, norms and residual adds as native fused calls (float32 CPU models
         # of the usual shape, where the glue compiles); None keeps the torch ops.
         self.glue = decode_glue() if options.fused_decode and glue_fits(self) else None
@@ -181,31 +187,62 @@ class ModelRunner:
             self.proj.refresh()
         return self.proj
 
-    def _logits(self, hidden: torch.Tensor, *, modules: bool = False) -> torch.Tensor:
-        """Logits of `hidden` (float32, on the CPU: sampling uses seeded CPU generators); `modules` runs
-        the model's own lm_head (the reference path) instead of the prepared weights, which every
-        caller's forward (`_prefill_hidden`, `_prefill_chunk`) has just refreshed."""
-        proj = None if modules else self.proj
+    def _logits(self, hidden: torch.Tensor, proj: ProjectionWeights | None) -> torch.Tensor:
+        """Logits of `hidden` (float32, on the CPU: sampling uses seeded CPU generators) through the weights
+        `proj` the forward that made `hidden` ran on (and refreshed), or the model's own lm_head if None."""
         normed = self.inner.norm(hidden)
         return (proj.lm_head(normed) if proj is not None else self.model.lm_head(normed)).float().cpu()
 
     @torch.inference_mode()
     def prefill(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Run the prompts in fresh contiguous `slots`; returns last-position logits [B, V]."""
-        hidden = self._prefill_hidden(slots, prompts)
+        hidden, proj = self._prefill_hidden(slots, prompts)
         last = torch.tensor([len(p) for p in prompts], device=self.device) - 1
-        return self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1)).squeeze(1)
+        return self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1), proj).squeeze(1)
 
-    def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Fill the KV rows of `slots` with the prompts; returns the final hidden states [B, T, H].
+    def _prefill_projections(self, rows: int) -> tuple[tuple[str, int] | None, str, ProjectionWeights | None]:
+        """The weights a prefill of `rows` token rows runs on: the prepared or the row-blocked ones, as
+        `prefill_paths` timed faster per row for rows of this size (alternating until each has its
+        trials; from `PREFILL_ROWS_SHARING_A_KEY` rows up one key); returns the key and path to record
+        the timing under (key None: nothing to choose)."""
+        small = self.row_blocked
+        if small is None or self.proj is None:
+            return None, PREPARED, self._projections()
+        key = self.prefill_paths.bucket(min(rows, PREFILL_ROWS_SHARING_A_KEY))
+        path = self.prefill_paths.pick(key, (PREPARED, ROW_BLOCKED))
+        if path == ROW_BLOCKED:
+            small.refresh()
+            return key, path, small
+        return key, path, self._projections()
 
-        Prompts are right-padded to the longest: with a causal mask the padding sits after every real
-        token, so it never changes them; its keys are written past each sequence's length and are
-        masked out (then overwritten) by decode.
+    def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]
+                        ) -> tuple[torch.Tensor, ProjectionWeights | None]:
+        """Fill the KV rows of `slots` with the prompts; returns the final hidden states [B, T, H] and the
+        weights they were computed with. With the native glue the prompts run unpadded
+        (`glued_decode.prefill_glued`); else through `_prefill_padded`.
         """
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        self.cache.ensure_capacity(longest + 1)
+        self.cache.ensure_capacity(max(lengths) + 1)
+        glued = self.glue is not None
+        rows = sum(lengths) if glued else len(prompts) * max(lengths)
+        key, path, proj = self._prefill_projections(rows)
+        started = time.perf_counter()
+        if glued and proj is not None:
+            hidden = prefill_glued(self, prompts, slots, [0] * len(prompts), proj, self.glue)
+        else:
+            hidden = self._prefill_padded(slots, prompts, proj)
+        for slot, length in zip(slots, lengths, strict=True):
+            self.cache.lengths[slot] = length
+        if key is not None:
+            self.prefill_paths.record(key, path, (time.perf_counter() - started) / rows)
+        return hidden, proj
+
+    def _prefill_padded(self, slots: range, prompts: Sequence[Sequence[int]], proj: ProjectionWeights | None
+                        ) -> torch.Tensor:
+        """`_prefill_hidden` in torch ops. Prompts are right-padded to the longest: with a causal mask the
+        padding sits after every real token, so it never changes them; its keys are written past each
+        sequence's length and are masked out (then overwritten) by decode."""
+        longest = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), longest), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
@@ -213,7 +250,6 @@ class ModelRunner:
         positions = torch.arange(longest, device=self.device).unsqueeze(0).expand(len(prompts), -1)
         hidden = self.inner.embed_tokens(ids)
         first, end = slots.start, slots.stop
-        proj = self._projections()
         cos, sin = self._rotary(hidden, positions, proj)
         for index in range(len(self.layers)):
             residual = hidden
@@ -222,21 +258,36 @@ class ModelRunner:
             self.cache.v[index][first:end, :, :longest] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.num_heads)
             hidden = self._layer_tail(index, residual, out, proj)
-        for slot, length in zip(slots, lengths, strict=True):
-            self.cache.lengths[slot] = length
         return hidden
 
-    def _prefill_chunk(self, slot: int, tokens: Sequence[int], start: int) -> torch.Tensor:
-        """Prompt positions [start, start + len(tokens)) into `slot`, attending to the cached prefix."""
+    def _prefill_chunk(self, slot: int, tokens: Sequence[int], start: int
+                       ) -> tuple[torch.Tensor, ProjectionWeights | None]:
+        """Prompt positions [start, start + len(tokens)) into `slot`, attending to the cached prefix; returns
+        the hidden states and the weights they were computed with (as `_prefill_hidden`)."""
         count = len(tokens)
         end = start + count
         self.cache.ensure_capacity(end + 1)
+        key, path, proj = self._prefill_projections(count)
+        started = time.perf_counter()
+        if self.glue is not None and proj is not None:
+            hidden = prefill_glued(self, [tokens], [slot], [start], proj, self.glue)
+        else:
+            hidden = self._prefill_chunk_torch(slot, tokens, start, proj)
+        self.cache.lengths[slot] = end
+        if key is not None:
+            self.prefill_paths.record(key, path, (time.perf_counter() - started) / count)
+        return hidden, proj
+
+    def _prefill_chunk_torch(self, slot: int, tokens: Sequence[int], start: int, proj: ProjectionWeights | None
+                             ) -> torch.Tensor:
+        """`_prefill_chunk` in torch ops: SDPA over the cached prefix with an explicit causal mask."""
+        count = len(tokens)
+        end = start + count
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         hidden = self.inner.embed_tokens(ids)
         mask = (torch.arange(end, device=self.device).unsqueeze(0) <= positions.squeeze(0).unsqueeze(1)
                 ).view(1, 1, count, end)
-        proj = self._projections()
         cos, sin = self._rotary(hidden, positions, proj)
         for index in range(len(self.layers)):
             residual = hidden
@@ -248,7 +299,6 @@ class ModelRunner:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.num_heads)
             hidden = self._layer_tail(index, residual, out, proj)
-        self.cache.lengths[slot] = end
         return hidden
 
     @torch.inference_mode()
@@ -259,9 +309,9 @@ class ModelRunner:
         Per-step overhead, not arithmetic, bounds a small model here, so the step is written with few
         tensor ops: fused norms, one rotary-table lookup per step, one `index_copy_` per KV write.
         The projections run through the prepared weights, the model's own modules, for a batch size
-        decode keeps running at weights packed for that size (`batch_packs`), or at batches of 1-7 the
-        native kernel's row-blocked weights (`native`): whichever `decode_paths` timed fastest for this
-        batch size (`path_choice`).
+        decode keeps running at weights packed for that size (`batch_packs`), or the native kernel's
+        row-blocked weights (`native`): whichever `decode_paths` timed fastest for this batch size
+        (`path_choice`).
         """
         if self.rope is None:
             return self._decode_modules(tokens)
@@ -275,7 +325,7 @@ class ModelRunner:
             pack = self.packs.get(batch)
         key, paths = chooser.bucket(batch), (PREPARED, MODULES)
         small = self.row_blocked
-        if small is not None and batch <= chooser.whole_buckets_up_to(small.max_rows):
+        if small is not None:
             paths += (ROW_BLOCKED,)
         if pack is not None:  # the pack against the bucket's winner (both others until that is known)
             best = chooser.chosen.get(key)
@@ -298,17 +348,7 @@ class ModelRunner:
         chosen = chooser.record(key, path, time.perf_counter() - started)
         if self.packs is not None and pack is not None and chosen not in (None, PACKED):
             self.packs.decline(batch)
-        if small is not None and chosen is not None and chosen != ROW_BLOCKED:
-            self._drop_unchosen_row_blocked(small.max_rows)
         return logits
-
-    def _drop_unchosen_row_blocked(self, max_rows: int) -> None:
-        """Free the row-blocked weights once every batch-size bucket they serve has chosen another path."""
-        chooser = self.decode_paths
-        chosen = chooser.chosen
-        buckets = {chooser.bucket(b) for b in range(1, chooser.whole_buckets_up_to(max_rows) + 1)}
-        if all(chosen.get(key) not in (None, ROW_BLOCKED) for key in buckets):
-            self.row_blocked = None
 
     def _decode_fast(self, tokens: Sequence[int], proj: ProjectionWeights | ModuleProjections | None
                      ) -> torch.Tensor:
@@ -392,7 +432,7 @@ class ModelRunner:
             hidden = self._layer_tail(index, residual, out, None)
         for slot in range(bsz):
             cache.lengths[slot] += 1
-        return self._logits(hidden, modules=True).squeeze(1)
+        return self._logits(hidden, None).squeeze(1)
 
     @torch.inference_mode()
     def execute(self, decision: StepDecision) -> RunnerOutput:
@@ -410,12 +450,13 @@ class ModelRunner:
         if decision.prefill:
             prompts = [r.prompt for r in decision.prefill]
             slots = cache.allocate(len(prompts))
-            hidden = self._prefill_hidden(slots, prompts)
+            hidden, proj = self._prefill_hidden(slots, prompts)
             last = torch.tensor([len(p) for p in prompts], device=self.device) - 1
-            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1)).squeeze(1))
+            prompt_logits.extend(self._logits(hidden[torch.arange(len(prompts), device=self.device), last].unsqueeze(1),
+                                              proj).squeeze(1))
             for row, request in enumerate(decision.prefill):
                 if request.options.echo:
-                    rows = self._logits(hidden[row : row + 1, : len(request.prompt)])[0]
+                    rows = self._logits(hidden[row : row + 1, : len(request.prompt)], proj)[0]
                     echoes.append(_prompt_logprobs(request, rows, decision.policy_version))
                 else:
                     echoes.append(None)
@@ -431,12 +472,12 @@ class ModelRunner:
         chunk = decision.chunk
         if chunk is not None:
             prompt = chunk.request.prompt
-            hidden = self._prefill_chunk(cache.staging, prompt[chunk.start : chunk.end], chunk.start)
+            hidden, proj = self._prefill_chunk(cache.staging, prompt[chunk.start : chunk.end], chunk.start)
             if chunk.last:  # the prompt is whole: it moves to the next live slot and samples its first token
                 slot = cache.allocate(1).start
                 cache.copy_prefix(cache.staging, slot, len(prompt))
                 cache.lengths[cache.staging] = 0
-                prompt_logits.append(self._logits(hidden[:, -1:])[0, 0])
+                prompt_logits.append(self._logits(hidden[:, -1:], proj)[0, 0])
         if prompt_logits:
             logits.append(torch.stack(prompt_logits))
         batch = decision.batch

@@ -1,7 +1,7 @@
-/* The decode step's work between its matmuls, float32, as two calls per need instead of dozens of
- * tensor ops: RMSNorm fused with the residual add before it, and one layer's attention for one new
- * token per sequence (head norms, rotary embedding, the KV-cache write, softmax attention over the
- * sequence's own prefix, every query head of a KV group reading the group's keys once).
+/* The work between a forward's matmuls, float32, as one call per need instead of dozens of tensor ops:
+ * RMSNorm fused with the residual add before it, and one layer's attention for a set of token rows
+ * (head norms, rotary embedding, the KV-cache write, softmax attention over each row's own prefix in its
+ * sequence's KV row): one new token per sequence in a decode step, every prompt position in a prefill.
  *
  * Eager torch spends ~45 ops per layer on this (a few microseconds of dispatch each, plus an SDPA
  * call that pads every sequence to the longest and masks); here each sequence attends to exactly its
@@ -68,9 +68,12 @@ static void rms_norm_row(const float *x, const float *restrict w, float *out, lo
 }
 
 /* hidden[r] += delta[r] (when delta is not NULL), then out[r] = RMSNorm(hidden[r]) * weight, per row.
- * All rows contiguous [rows][dim]. */
+ * All rows contiguous [rows][dim]. Rows are split across `threads` when there are enough of them to pay
+ * for the team (a prefill's). */
 void ft_add_rms_norm(float *restrict hidden, const float *restrict delta, const float *restrict weight,
-                     float *restrict out, long rows, long dim, float eps) {
+                     float *restrict out, long rows, long dim, float eps, int threads) {
+    const int team = rows * dim >= 1L << 16 && threads > 1 ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
     for (long r = 0; r < rows; r++) {
         float *h = hidden + r * dim;
         if (delta) {
@@ -180,25 +183,30 @@ static void head_attention(const float *q, const float *keys, const float *value
     for (long d = 0; d < dim; d++) out[d] *= inv;
 }
 
-/* One decode layer's attention.
+/* One layer's attention for `batch` token rows.
  *
- * q/k/v: row b of sequence b at q + b * ldq (heads * dim floats), k + b * ldk, v + b * ldv (kv_heads * dim).
+ * q/k/v: token row b at q + b * ldq (heads * dim floats), k + b * ldk, v + b * ldv (kv_heads * dim).
  * q_norm / k_norm: RMSNorm weights over dim applied per head before the rotary embedding, or NULL.
- * cos / sin: rotary tables [table_rows][dim] (sin first half negated); pos[b]: the new token's position.
- * k_cache / v_cache: [slots][kv_heads][capacity][dim]; the new K/V row is written at pos[b] of slot b and
- * attention covers positions 0..pos[b] of it. out: [batch][heads * dim]. Scale 1/sqrt(dim).
+ * cos / sin: rotary tables [table_rows][dim] (sin first half negated); pos[b]: row b's position.
+ * slot[b]: the KV row (sequence) row b belongs to, < num_slots; NULL means row b is slot b (decode).
+ * k_cache / v_cache: [num_slots][kv_heads][capacity][dim]. Every row's K/V is written at pos[b] of its
+ * slot first; then each row attends to positions 0..pos[b] of its slot, so the rows of one prompt (a
+ * prefill) see each other's keys causally. out: [batch][heads * dim]. Scale 1/sqrt(dim).
  * Query head h reads KV head h / (heads / kv_heads), as repeat_kv lays them out.
  * Returns 0; -1 for bad shapes, -2 when scratch memory cannot be had.
  */
 int ft_decode_attention(const float *q, long ldq, const float *k, long ldk, const float *v, long ldv,
                         const float *q_norm, const float *k_norm, float eps, const float *cos_table,
-                        const float *sin_table, long table_rows, const long *pos, float *k_cache, float *v_cache, long capacity,
-                        float *out, int batch, int heads, int kv_heads, int dim, int threads) {
+                        const float *sin_table, long table_rows, const long *pos, const long *slot, long num_slots,
+                        float *k_cache, float *v_cache, long capacity,
+                        float *out, long batch, int heads, int kv_heads, int dim, int threads) {
     if (batch < 1 || kv_heads < 1 || heads % kv_heads != 0 || dim < 2 || dim % 2 != 0) return -1;
+    if (!slot && batch > num_slots) return -1;
     const int group = heads / kv_heads;
     long longest = 0;
-    for (int b = 0; b < batch; b++) {
+    for (long b = 0; b < batch; b++) {
         if (pos[b] < 0 || pos[b] >= capacity || pos[b] >= table_rows) return -1;
+        if (slot && (slot[b] < 0 || slot[b] >= num_slots)) return -1;
         if (pos[b] + 1 > longest) longest = pos[b] + 1;
     }
     const long span_pad = (longest + 15) / 16 * 16;
@@ -213,19 +221,24 @@ int ft_decode_attention(const float *q, long ldq, const float *k, long ldk, cons
 #pragma omp parallel num_threads(threads)
     {
         float *scores = scratch + omp_get_thread_num() * per_thread, *qs = scores + span_pad, *tmp = qs + group * dim;
+        /* Every row's key (normed, rotated) and value go into the cache first: a token attends to itself
+         * and, in a prefill, to the rows before it. The loop's closing barrier orders the two phases. */
 #pragma omp for schedule(static)
         for (long task = 0; task < tasks; task++) {
-            const int b = (int)(task / kv_heads), kvh = (int)(task % kv_heads);
-            const long p = pos[b], span = p + 1;
-            const float *cos_row = cos_table + p * dim, *sin_row = sin_table + p * dim;
-            float *keys = k_cache + ((long)b * kv_heads + kvh) * capacity * dim;
-            float *values = v_cache + ((long)b * kv_heads + kvh) * capacity * dim;
-            /* The new key (normed, rotated) and value go into the cache first: the token attends to itself. */
-            float *knew = keys + p * dim;
-            memcpy(knew, k + b * ldk + (long)kvh * dim, dim * sizeof(float));
+            const long b = task / kv_heads, kvh = task % kv_heads, p = pos[b];
+            const long row = ((slot ? slot[b] : b) * kv_heads + kvh) * capacity + p;
+            float *knew = k_cache + row * dim;
+            memcpy(knew, k + b * ldk + kvh * dim, dim * sizeof(float));
             if (k_norm) rms_norm_row(knew, k_norm, knew, dim, eps);
-            rope(knew, cos_row, sin_row, dim, tmp);
-            memcpy(values + p * dim, v + b * ldv + (long)kvh * dim, dim * sizeof(float));
+            rope(knew, cos_table + p * dim, sin_table + p * dim, dim, tmp);
+            memcpy(v_cache + row * dim, v + b * ldv + kvh * dim, dim * sizeof(float));
+        }
+#pragma omp for schedule(static)
+        for (long task = 0; task < tasks; task++) {
+            const long b = task / kv_heads, kvh = task % kv_heads, p = pos[b], span = p + 1;
+            const float *cos_row = cos_table + p * dim, *sin_row = sin_table + p * dim;
+            const long first_row = ((slot ? slot[b] : b) * kv_heads + kvh) * capacity;
+            const float *keys = k_cache + first_row * dim, *values = v_cache + first_row * dim;
             for (int g = 0; g < group; g++) {
                 float *qh = qs + g * dim;
                 memcpy(qh, q + b * ldq + (long)(kvh * group + g) * dim, dim * sizeof(float));
