@@ -71,3 +71,28 @@ def test_the_burst_ends_at_its_window_and_a_busy_engine_never_waits(monkeypatch:
     engine._drain_inbox(block=False)
     assert engine.handled == ["first", "late", "queued"]
     assert blocking_gets == []  # it never waited for more
+
+
+def test_an_engine_starting_on_lone_requests_waits_again_once_a_burst_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start from idle that found one message makes the next start take only what is queued (a client in
+    a loop never pays the gap); a start that finds several makes the one after it gather again."""
+    monkeypatch.setattr(inbox, "BURST_GAP_S", 0.01)
+    monkeypatch.setattr(inbox, "BURST_WINDOW_S", 0.02)
+    engine = _Recording()
+    engine.abort("lone")
+    engine._drain_inbox(block=True)  # waits out its short window: nothing more comes
+    monkeypatch.setattr(inbox, "BURST_GAP_S", 0.5)
+    monkeypatch.setattr(inbox, "BURST_WINDOW_S", 5.0)
+    engine.abort("b")
+    sender = _send_later(engine, ["c"], 0.3)
+    engine._drain_inbox(block=True)
+    assert engine.handled == ["lone", "b"]  # did not wait for c
+    sender.join()
+    engine.abort("d")
+    engine._drain_inbox(block=True)  # c and d were both queued: a burst
+    assert engine.handled == ["lone", "b", "c", "d"]
+    engine.abort("e")
+    sender = _send_later(engine, ["f"], 0.05)
+    engine._drain_inbox(block=True)
+    sender.join()
+    assert engine.handled[-2:] == ["e", "f"]  # waiting again
