@@ -124,7 +124,8 @@ static float softmax_numerators(float *s, long span, float top) {
  * Head sizes of 2, 4 or 8 vectors (dim 32, 64, 128) keep the query and the output sum in registers. */
 #define DEFINE_HEAD_ATTENTION(ND)                                                                       \
     static void head_attention_##ND(const float *q, const float *keys, const float *values, long span,  \
-                                    float scale, float *s, float *out) {                                \
+                                    float scale, float *s, float *out, const float *pf_k,               \
+                                    const float *pf_v, long pf_span) {                                  \
         v16 qv[ND], o[ND];                                                                              \
         for (int j = 0; j < ND; j++) {                                                                  \
             memcpy(&qv[j], q + 16 * j, sizeof(v16));                                                    \
@@ -133,6 +134,8 @@ static float softmax_numerators(float *s, long span, float top) {
         }                                                                                               \
         float top = -INFINITY;                                                                          \
         for (long t = 0; t < span; t++) {                                                               \
+            if (t < pf_span)                                                                            \
+                for (int j = 0; j < ND; j++) __builtin_prefetch(pf_k + (t * ND + j) * 16, 0, 2);        \
             v16 acc = {0};                                                                              \
             for (int j = 0; j < ND; j++) {                                                              \
                 v16 kv;                                                                                 \
@@ -144,6 +147,8 @@ static float softmax_numerators(float *s, long span, float top) {
         }                                                                                               \
         const float inv = 1.0f / softmax_numerators(s, span, top);                                      \
         for (long t = 0; t < span; t++) {                                                               \
+            if (t < pf_span)                                                                            \
+                for (int j = 0; j < ND; j++) __builtin_prefetch(pf_v + (t * ND + j) * 16, 0, 2);        \
             const float w = s[t];                                                                       \
             for (int j = 0; j < ND; j++) {                                                              \
                 v16 vv;                                                                                 \
@@ -162,11 +167,11 @@ DEFINE_HEAD_ATTENTION(4)
 DEFINE_HEAD_ATTENTION(8)
 
 static void head_attention(const float *q, const float *keys, const float *values, long span, long dim,
-                           float scale, float *s, float *out) {
+                           float scale, float *s, float *out, const float *pf_k, const float *pf_v, long pf_span) {
     switch (dim) {
-    case 32: head_attention_2(q, keys, values, span, scale, s, out); return;
-    case 64: head_attention_4(q, keys, values, span, scale, s, out); return;
-    case 128: head_attention_8(q, keys, values, span, scale, s, out); return;
+    case 32: head_attention_2(q, keys, values, span, scale, s, out, pf_k, pf_v, pf_span); return;
+    case 64: head_attention_4(q, keys, values, span, scale, s, out, pf_k, pf_v, pf_span); return;
+    case 128: head_attention_8(q, keys, values, span, scale, s, out, pf_k, pf_v, pf_span); return;
     }
     float top = -INFINITY;
     for (long t = 0; t < span; t++) {
@@ -245,9 +250,21 @@ int ft_decode_attention(const float *q, long ldq, const float *k, long ldk, cons
                 if (q_norm) rms_norm_row(qh, q_norm, qh, dim, eps);
                 rope(qh, cos_row, sin_row, dim, tmp);
             }
+            /* While the first head reads this task's keys and values, ask for the next task's (same rows of
+             * the next KV row): the short streams of a cold cache then overlap with this task's math. */
+            const float *pf_k = keys, *pf_v = values;
+            long pf_span = 0;
+            if (task + 1 < tasks) {
+                const long nb = (task + 1) / kv_heads, nkvh = (task + 1) % kv_heads;
+                const long next_row = ((slot ? slot[nb] : nb) * kv_heads + nkvh) * capacity;
+                pf_k = k_cache + next_row * dim;
+                pf_v = v_cache + next_row * dim;
+                pf_span = pos[nb] + 1;
+            }
             for (int g = 0; g < group; g++)
                 head_attention(qs + g * dim, keys, values, span, dim, scale, scores,
-                               out + (long)b * heads * dim + (long)(kvh * group + g) * dim);
+                               out + (long)b * heads * dim + (long)(kvh * group + g) * dim,
+                               pf_k, pf_v, g == 0 ? pf_span : 0);
         }
     }
     free(scratch);
