@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -187,8 +187,8 @@ class ModelRunner:
         `prefill_paths` timed faster per row for rows of this size (alternating until each has its
         trials; from `PREFILL_ROWS_SHARING_A_KEY` rows up one key); returns the key and path to record
         the timing under (key None: nothing to choose)."""
-        small = self.row_blocked
-        if small is None or self.proj is None:
+        small = self.row_blocked  # made only where prepared weights are
+        if small is None:
             return None, PREPARED, self._projections()
         key = self.prefill_paths.bucket(min(rows, PREFILL_ROWS_SHARING_A_KEY))
         path = self.prefill_paths.pick(key, (PREPARED, ROW_BLOCKED))
@@ -196,6 +196,17 @@ class ModelRunner:
             small.refresh()
             return key, path, small
         return key, path, self._projections()
+
+    def _timed_prefill(self, rows: int, forward: Callable[[ProjectionWeights | None], torch.Tensor]
+                       ) -> tuple[torch.Tensor, ProjectionWeights | None]:
+        """`forward` on the weights `_prefill_projections` picks for `rows` token rows, its time per row
+        recorded for that choice; returns its hidden states and the weights."""
+        key, path, proj = self._prefill_projections(rows)
+        started = time.perf_counter()
+        hidden = forward(proj)
+        if key is not None:
+            self.prefill_paths.record(key, path, (time.perf_counter() - started) / rows)
+        return hidden, proj
 
     def _prefill_hidden(self, slots: range, prompts: Sequence[Sequence[int]]
                         ) -> tuple[torch.Tensor, ProjectionWeights | None]:
@@ -205,19 +216,17 @@ class ModelRunner:
         """
         lengths = [len(p) for p in prompts]
         self.cache.ensure_capacity(max(lengths) + 1)
-        glued = self.glue is not None
-        rows = sum(lengths) if glued else len(prompts) * max(lengths)
-        key, path, proj = self._prefill_projections(rows)
-        started = time.perf_counter()
-        if glued and proj is not None:
-            hidden = prefill_glued(self, prompts, slots, [0] * len(prompts), proj, self.glue)
-        else:
-            hidden = self._prefill_padded(slots, prompts, proj)
+        glue = self.glue
+
+        def forward(proj: ProjectionWeights | None) -> torch.Tensor:
+            if glue is not None and proj is not None:
+                return prefill_glued(self, prompts, slots, [0] * len(prompts), proj, glue)
+            return self._prefill_padded(slots, prompts, proj)
+
+        result = self._timed_prefill(sum(lengths) if glue is not None else len(prompts) * max(lengths), forward)
         for slot, length in zip(slots, lengths, strict=True):
             self.cache.lengths[slot] = length
-        if key is not None:
-            self.prefill_paths.record(key, path, (time.perf_counter() - started) / rows)
-        return hidden, proj
+        return result
 
     def _prefill_padded(self, slots: range, prompts: Sequence[Sequence[int]], proj: ProjectionWeights | None
                         ) -> torch.Tensor:
@@ -249,16 +258,16 @@ class ModelRunner:
         count = len(tokens)
         end = start + count
         self.cache.ensure_capacity(end + 1)
-        key, path, proj = self._prefill_projections(count)
-        started = time.perf_counter()
-        if self.glue is not None and proj is not None:
-            hidden = prefill_glued(self, [tokens], [slot], [start], proj, self.glue)
-        else:
-            hidden = self._prefill_chunk_torch(slot, tokens, start, proj)
+        glue = self.glue
+
+        def forward(proj: ProjectionWeights | None) -> torch.Tensor:
+            if glue is not None and proj is not None:
+                return prefill_glued(self, [tokens], [slot], [start], proj, glue)
+            return self._prefill_chunk_torch(slot, tokens, start, proj)
+
+        result = self._timed_prefill(count, forward)
         self.cache.lengths[slot] = end
-        if key is not None:
-            self.prefill_paths.record(key, path, (time.perf_counter() - started) / count)
-        return hidden, proj
+        return result
 
     def _prefill_chunk_torch(self, slot: int, tokens: Sequence[int], start: int, proj: ProjectionWeights | None
                              ) -> torch.Tensor:
